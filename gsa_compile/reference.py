@@ -1,0 +1,125 @@
+"""The truth: a float64, token-by-token GSA recurrence in plain torch (differentiable).
+
+Per kv head and token t (q_t is a query head of that kv head's group):
+
+    Hk_t = Hk_{t-1} * exp(g_t)[None, :] + k_t s_t^T          [K, M]
+    Hv_t = exp(g_t)[:, None] * Hv_{t-1} + s_t v_t^T          [M, V]
+    p_t  = softmax_M(scale * Hk_t^T q_t)
+    o_t  = Hv_t^T p_t
+
+GQA: query head i reads kv head i // (HQ // H). Both states depend only on k, v, s, g, so they
+live per kv head and are shared exactly by the query heads of a group; only the softmax input
+(q) differs. Hence `final_state` is (hk [N, H, K, M], hv [N, H, M, V]), per kv head.
+
+ABC (g is None): s holds slot logits. Per sequence, z_t = logcumsumexp(s_{1..t}); the gate is
+g_t = z_{t-1} - z_t with g_1 = 0 (fla's convention: an initial state shares the first token's
+weight), and the written slot weights are exp(s_t - z_t). Hk_t is then the softmax(s)-weighted
+average of k over time, as in ABC.
+"""
+from __future__ import annotations
+
+import torch
+
+from .spec import GateLayout, validate_inputs
+
+
+def expand_gate(g, s, layout: GateLayout, cu_seqlens=None):
+    """Return (log gate [B,T,H,M], slot weights [B,T,H,M]) in s's dtype for any gate layout."""
+    B, T, H, M = s.shape
+    if layout is GateLayout.SLOT:
+        return g.to(s.dtype), s
+    if layout is GateLayout.HEAD:
+        return g.to(s.dtype)[..., None].expand(B, T, H, M), s
+    if layout is GateLayout.DECAY_HEAD:
+        return g.to(s.dtype)[None, None, :, None].expand(B, T, H, M), s
+    if layout is GateLayout.DECAY_SLOT:
+        return g.to(s.dtype)[None, None].expand(B, T, H, M), s
+    # ABC: log-normaliser per sequence
+    gates, weights = [], []
+    for seq in _sequence_slices(B, T, cu_seqlens):
+        logits = s[seq]
+        z = torch.logcumsumexp(logits, dim=1)
+        gates.append(torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1] - z[:, 1:]], dim=1))
+        weights.append(torch.exp(logits - z))
+    return torch.cat(gates, dim=0 if cu_seqlens is None else 1), torch.cat(weights, dim=0 if cu_seqlens is None else 1)
+
+
+def _sequence_slices(B, T, cu_seqlens):
+    """Index expressions selecting each sequence of a [B, T, ...] tensor."""
+    if cu_seqlens is None:
+        return [(slice(b, b + 1), slice(0, T)) for b in range(B)]
+    bounds = cu_seqlens.tolist()
+    return [(slice(0, 1), slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _initial(initial_state, n, H, K, M, V, like):
+    if initial_state is None:
+        return like.new_zeros(H, K, M), like.new_zeros(H, M, V)
+    return initial_state[0][n].to(like.dtype), initial_state[1][n].to(like.dtype)
+
+
+def recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False,
+                  cu_seqlens=None):
+    """Float64 token-by-token GSA. Returns (o [B,T,HQ,V] float64, final_state or None)."""
+    p = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, require_float=False)
+    f64 = torch.float64
+    q, k, v, s = (x.to(f64) for x in (q, k, v, s))
+    gate, weight = expand_gate(None if g is None else g.to(f64), s, p.layout, cu_seqlens)
+    outputs, final_hk, final_hv = [], [], []
+    for n, (bsel, tsel) in enumerate(_sequence_slices(p.B, p.T, cu_seqlens)):
+        hk, hv = _initial(initial_state, n, p.H, p.K, p.M, p.V, q)
+        o_seq = []
+        for t in range(tsel.start, tsel.stop):
+            b = bsel.start
+            decay = torch.exp(gate[b, t])  # [H, M]
+            hk = hk * decay[:, None, :] + k[b, t][:, :, None] * weight[b, t][:, None, :]
+            hv = hv * decay[:, :, None] + weight[b, t][:, :, None] * v[b, t][:, None, :]
+            q_t = q[b, t].view(p.H, p.group, p.K)
+            probs = torch.softmax(p.scale * torch.einsum("hgk,hkm->hgm", q_t, hk), dim=-1)
+            o_seq.append(torch.einsum("hgm,hmv->hgv", probs, hv).reshape(p.HQ, p.V))
+        outputs.append(torch.stack(o_seq, dim=0))
+        final_hk.append(hk)
+        final_hv.append(hv)
+    o = torch.stack(outputs, 0) if cu_seqlens is None else torch.cat(outputs, 0)[None]
+    final = (torch.stack(final_hk), torch.stack(final_hv)) if output_final_state else None
+    return o, final
+
+
+def parallel_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False,
+                 cu_seqlens=None):
+    """The same function in its quadratic form with cumulative gates (an independent check).
+
+    With Gc_t = sum_{i<=t} g_i per slot and D[t, j, m] = exp(Gc_t[m] - Gc_j[m]) for j <= t:
+        logits_t = scale * (sum_j D[t,j] * s_j * (q_t . k_j) + exp(Gc_t) * (Hk_0^T q_t))
+        o_t      = sum_j (sum_m p_t[m] D[t,j,m] s_j[m]) v_j + Hv_0^T (p_t * exp(Gc_t))
+    """
+    p = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, require_float=False)
+    f64 = torch.float64
+    q, k, v, s = (x.to(f64) for x in (q, k, v, s))
+    gate, weight = expand_gate(None if g is None else g.to(f64), s, p.layout, cu_seqlens)
+    outputs, final_hk, final_hv = [], [], []
+    for n, (bsel, tsel) in enumerate(_sequence_slices(p.B, p.T, cu_seqlens)):
+        b = bsel.start
+        qs, ks, vs = q[b, tsel], k[b, tsel], v[b, tsel]  # [L, HQ|H, D]
+        ws, cum = weight[b, tsel], torch.cumsum(gate[b, tsel], dim=0)  # [L, H, M]
+        L = qs.shape[0]
+        causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=q.device))
+        diff = cum[:, None] - cum[None, :]  # [t, j, H, M]
+        decay = torch.where(causal[:, :, None, None], torch.exp(diff.clamp(max=0)), torch.zeros_like(diff))
+        hk0, hv0 = _initial(initial_state, n, p.H, p.K, p.M, p.V, q)
+        qg = qs.view(L, p.H, p.group, p.K)
+        qk = torch.einsum("thgk,jhk->thgj", qg, ks)
+        logits = torch.einsum("thgj,tjhm,jhm->thgm", qk, decay, ws)
+        logits = logits + torch.exp(cum)[:, :, None, :] * torch.einsum("thgk,hkm->thgm", qg, hk0)
+        probs = torch.softmax(p.scale * logits, dim=-1)
+        attn = torch.einsum("thgm,tjhm,jhm->thgj", probs, decay, ws)
+        o = torch.einsum("thgj,jhv->thgv", attn, vs)
+        o = o + torch.einsum("thgm,hmv->thgv", probs * torch.exp(cum)[:, :, None, :], hv0)
+        outputs.append(o.reshape(L, p.HQ, p.V))
+        total = torch.exp(cum[-1])  # [H, M]
+        tail = torch.exp(cum[-1][None] - cum) * ws  # [L, H, M]: weight of token j in the final state
+        final_hk.append(hk0 * total[:, None, :] + torch.einsum("jhk,jhm->hkm", ks, tail))
+        final_hv.append(hv0 * total[:, :, None] + torch.einsum("jhm,jhv->hmv", tail, vs))
+    o = torch.stack(outputs, 0) if cu_seqlens is None else torch.cat(outputs, 0)[None]
+    final = (torch.stack(final_hk), torch.stack(final_hv)) if output_final_state else None
+    return o, final
