@@ -224,3 +224,44 @@ def check_chunk_size(chunk_size) -> int:
 
 
 StateTuple = Tuple[torch.Tensor, torch.Tensor]
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Everything a generated kernel is specialised on (T, B and N stay runtime values)."""
+    layout: GateLayout  # ABC arrives here as SLOT: its normaliser runs before the kernels
+    chunk_size: int
+    dtype: str  # "float32" | "float16" | "bfloat16"
+    K: int
+    V: int
+    M: int
+    group: int = 1  # HQ // H
+    varlen: bool = False
+    initial_state: bool = False
+    final_state: bool = False
+
+    @property
+    def BM(self) -> int:
+        return max(16, next_power_of_2(self.M))
+
+    @property
+    def BC(self) -> int:
+        """Sub-chunk: the intra-chunk decays are exact pairwise products within BC x BC blocks."""
+        return min(16, self.chunk_size)
+
+    @property
+    def tl_dtype(self) -> str:
+        return f"tl.{self.dtype}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Launch parameters the autotuner searches over; they never change results beyond rounding."""
+    BK: int = 64
+    BV: int = 64
+    num_warps: int = 4
+    num_stages: int = 2

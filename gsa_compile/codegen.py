@@ -1,0 +1,149 @@
+"""Lower IR programs to Triton source through the templates, and load the kernels.
+
+Each IR node becomes one or two Triton statements (`emit`); the template of the program holds the
+fixed frame (signature, program ids, sequence bounds, base pointers). Generated modules are cached
+in memory by (program, Spec) and on disk by a hash of their source, so identical Specs never
+regenerate and a new process only re-imports.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import jinja2
+
+from . import ir
+from .spec import Spec
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), keep_trailing_newline=True,
+                          undefined=jinja2.StrictUndefined)
+_TL_DTYPE = {"f32": "tl.float32", "i1": "tl.int1", "i64": "tl.int64", "i32": "tl.int32"}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GSA_COMPILE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gsa_compile")
+    return Path(root) / "kernels"
+
+
+class _Emitter:
+    def __init__(self, spec: Spec):
+        self.spec = spec
+
+    def dtype(self, d: str) -> str:
+        return self.spec.tl_dtype if d == "in" else _TL_DTYPE[d]
+
+    def dims(self, shape) -> str:
+        return ", ".join(shape)
+
+    def emit(self, node: ir.Node) -> List[str]:
+        return getattr(self, "emit_" + type(node).__name__.lower())(node)
+
+    def emit_zeros(self, n: ir.Zeros):
+        return [f"{n.out.name} = tl.zeros([{self.dims(n.out.shape)}], dtype={self.dtype(n.out.dtype)})"]
+
+    def _offsets(self, view: ir.View, row0, row_end, col0, shape):
+        """Pointer and mask expressions for a [rows, cols] window (or one row if 1-D)."""
+        cols = f"({col0} + tl.arange(0, {shape[-1]}))"
+        col_off = cols if view.col_stride == "1" else f"({cols} * {view.col_stride})"
+        col_mask = f"{cols} < {view.col_limit}"
+        if len(shape) == 1:
+            row_off = f"({row0}) * {view.row_stride}" if view.row_stride != "0" else "0"
+            return f"{view.name} + {row_off} + {col_off}", f"({col_mask}) & ({row0} < {row_end})"
+        rows = f"({row0} + tl.arange(0, {shape[0]}))"
+        row_off = f"{rows}[:, None] * {view.row_stride}" if view.row_stride != "0" else f"{rows}[:, None] * 0"
+        return f"{view.name} + {row_off} + {col_off}[None, :]", f"({rows} < {row_end})[:, None] & ({col_mask})[None, :]"
+
+    def emit_load(self, n: ir.Load):
+        ptr, mask = self._offsets(n.view, n.row0, n.row_end, n.col0, n.out.shape)
+        cast = "" if n.out.dtype == "in" else f".to({self.dtype(n.out.dtype)})"
+        return [f"{n.out.name} = tl.load({ptr}, mask={mask}, other={n.other}){cast}"]
+
+    def emit_store(self, n: ir.Store):
+        ptr, mask = self._offsets(n.view, n.row0, n.row_end, n.col0, n.value.shape)
+        if n.when:
+            mask = f"({mask}) & ({n.when})"
+        return [f"tl.store({ptr}, {n.value.name}, mask={mask})"]  # tl.store casts to the pointee type
+
+    def emit_dot(self, n: ir.Dot):
+        def operand(t: ir.Tile, trans: bool):
+            x = t.name if t.dtype == n.operand_dtype else f"{t.name}.to({self.dtype(n.operand_dtype)})"
+            return f"tl.trans({x})" if trans else x
+        precision = ', input_precision="ieee"' if self.spec.dtype == "float32" else ""
+        acc = f", {n.acc.name}" if n.acc is not None else ""
+        return [f"{n.out.name} = tl.dot({operand(n.a, n.trans_a)}, {operand(n.b, n.trans_b)}{acc}{precision})"]
+
+    def emit_map(self, n: ir.Map):
+        return [f"{n.out.name} = {n.expr.format(*[a.name for a in n.args])}"]
+
+    def emit_expand(self, n: ir.Expand):
+        return [f"{n.out.name} = {n.x.name}[{n.pattern}]"]
+
+    def emit_reduce(self, n: ir.Reduce):
+        fn = {"sum": "tl.sum", "max": "tl.max", "cumsum": "tl.cumsum"}[n.op]
+        return [f"{n.out.name} = {fn}({n.x.name}, axis={n.axis})"]
+
+
+def render_body(program: ir.Program, spec: Spec, indent: int = 1) -> str:
+    emitter = _Emitter(spec)
+    lines: List[str] = []
+
+    def walk(body, depth):
+        for node in body:
+            if isinstance(node, (ir.For, ir.If)):
+                lines.append("    " * depth + node.describe())
+                walk(node.body, depth + 1)
+            else:
+                lines.extend("    " * depth + line for line in emitter.emit(node))
+    walk(program.body, indent)
+    return "\n".join(lines)
+
+
+def render(program: ir.Program, spec: Spec, template: str) -> str:
+    """Triton source of one kernel module."""
+    return _ENV.get_template(template).render(
+        name=program.name, body=render_body(program, spec), varlen=spec.varlen,
+        spec_comment=repr(spec))
+
+
+_MODULES: Dict[Tuple[str, Spec], Callable] = {}
+
+
+def load_kernel(source: str, name: str):
+    """Write `source` to the disk cache (named by its hash) and import the jitted kernel `name`."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+    module_name = f"gsa_compile_generated_{name}_{digest}"
+    if module_name in sys.modules:
+        return getattr(sys.modules[module_name], name)
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{module_name}.py"
+    if not path.exists() or path.read_text() != source:
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)  # atomic: concurrent processes never see a half-written module
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def kernel(builder: Callable[[Spec], ir.Program], spec: Spec):
+    """The compiled-on-first-launch Triton kernel for one forward/backward program and Spec."""
+    key = (builder.__name__, spec)
+    if key not in _MODULES:
+        program = builder(spec)
+        _MODULES[key] = load_kernel(render(program, spec, f"{builder.__name__}.py.jinja"), program.name)
+    return _MODULES[key]
+
+
+def source(builder: Callable[[Spec], ir.Program], spec: Spec) -> str:
+    return render(builder(spec), spec, f"{builder.__name__}.py.jinja")
