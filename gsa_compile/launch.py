@@ -58,8 +58,9 @@ def _gate_strides(g: torch.Tensor, layout: GateLayout):
 def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, layout: GateLayout,
             config: TileConfig = TileConfig(), wrap: Callable = lambda kernel: kernel):
     """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32)."""
-    B, T, HQ, K = q.shape
-    H, V, M = k.shape[2], v.shape[3], s.shape[3]
+    B, T = q.shape[:2]
+    # head counts and dims are kernel constants: specialise on them even under dynamic shapes
+    HQ, K, H, V, M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[q.dtype], K=K, V=V, M=M,
                 group=HQ // H, varlen=cu_seqlens is not None, initial_state=hk0 is not None, final_state=True)

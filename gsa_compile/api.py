@@ -1,0 +1,75 @@
+"""Python API: `chunk_gsa`, with fla's `chunk_gsa` signature, on top of torch.ops.gsa.*."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.gsa.*)
+from .spec import GateLayout, StateTuple, check_chunk_size, validate_inputs
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def abc_gate(s: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None):
+    """ABC normaliser: z_t = logcumsumexp(s) per sequence; returns (g, exp(s - z)) as f32.
+
+    g_t = z_{t-1} - z_t with g = 0 at each sequence start (see reference.py). Varlen runs without
+    a host sync: each sequence's logits are lifted by `offset * sequence index`, with offset larger
+    than the whole logit range, so earlier sequences vanish from the running log-sum-exp.
+    """
+    x = s.to(torch.float64)
+    starts = torch.zeros(s.shape[:2], dtype=torch.bool, device=s.device)
+    starts[:, 0] = True
+    if cu_seqlens is not None:
+        positions = torch.arange(s.shape[1], device=s.device)
+        seq = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True).to(x.dtype)
+        offset = (x.max() - x.min()).detach() + 1000.0
+        lift = (seq * offset)[None, :, None, None]
+        z = torch.logcumsumexp(x + lift, dim=1) - lift
+        starts[0, cu_seqlens[:-1].long()] = True
+    else:
+        z = torch.logcumsumexp(x, dim=1)
+    previous = torch.cat([z[:, :1], z[:, :-1]], dim=1)
+    g = torch.where(starts[..., None, None], torch.zeros_like(z), previous - z)
+    return g.float(), torch.exp(x - z).to(s.dtype)
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
+              g: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+              initial_state: Optional[StateTuple] = None, output_final_state: bool = False,
+              checkpoint_level: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None,
+              head_first: bool = False, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+              gate_layout=None) -> Tuple[torch.Tensor, Optional[StateTuple]]:
+    """Gated Slot Attention, chunked. Same arguments and results as `reference.recurrent_gsa`.
+
+    q [B,T,HQ,K], k [B,T,H,K], v [B,T,H,V], s [B,T,H,M]; g per-slot [B,T,H,M], per-head [B,T,H],
+    constant [H] or [H,M], or None (ABC). g is a log forget gate and must be <= 0. Returns
+    (o [B,T,HQ,V] in q's dtype, (hk [N,H,K,M], hv [N,H,M,V]) in float32 or None).
+    `checkpoint_level` is accepted for fla compatibility (the backward always recomputes);
+    `head_first=True` takes [B,H,T,D] inputs and returns o as [B,HQ,T,V], as fla's did.
+    """
+    if head_first:
+        q, k, v, s = (x.transpose(1, 2) for x in (q, k, v, s))
+        if g is not None and g.dim() >= 3:
+            g = g.transpose(1, 2)
+    problem = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, gate_layout)
+    check_chunk_size(chunk_size)
+    if problem.dtype == torch.float64:
+        raise TypeError("q has dtype float64: the kernels take float32, float16 or bfloat16 "
+                        "(use gsa_compile.recurrent_gsa for float64)")
+    layout = problem.layout
+    if layout is GateLayout.ABC:
+        g, s = abc_gate(s, cu_seqlens)
+        layout = GateLayout.SLOT
+    q, k, v, s, g = (_last_dim_contiguous(x) for x in (q, k, v, s, g))
+    hk0, hv0 = initial_state if initial_state is not None else (None, None)
+    o, hk, hv = torch.ops.gsa.chunk_forward(q, k, v, s, g, problem.scale, hk0, hv0, cu_seqlens,
+                                            chunk_size, layout.value)
+    if head_first:
+        o = o.transpose(1, 2)
+    return o, ((hk, hv) if output_final_state else None)
