@@ -7,6 +7,7 @@ regenerate and a new process only re-imports.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import os
@@ -105,11 +106,32 @@ def render_body(program: ir.Program, spec: Spec, indent: int = 1) -> str:
     return "\n".join(lines)
 
 
+def _tile_names(body) -> set:
+    names = set()
+    for node in body:
+        if isinstance(node, (ir.For, ir.If)):
+            names |= _tile_names(node.body)
+        elif ir.defined(node) is not None:
+            names.add(ir.defined(node).name)
+    return names
+
+
+def _check_no_shadowing(program: ir.Program, source_text: str):
+    """A tile named like a kernel argument would silently replace that pointer: refuse it."""
+    tree = ast.parse(source_text)
+    kernel_def = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == program.name)
+    clash = _tile_names(program.body) & {a.arg for a in kernel_def.args.args}
+    if clash:
+        raise ir.IRError(f"{program.name}: tiles {sorted(clash)} shadow kernel arguments of the same name")
+
+
 def render(program: ir.Program, spec: Spec, template: str) -> str:
     """Triton source of one kernel module."""
-    return _ENV.get_template(template).render(
+    text = _ENV.get_template(template).render(
         name=program.name, body=render_body(program, spec), varlen=spec.varlen,
         spec_comment=repr(spec))
+    _check_no_shadowing(program, text)
+    return text
 
 
 _MODULES: Dict[Tuple[str, Spec], Callable] = {}

@@ -55,6 +55,17 @@ def _gate_strides(g: torch.Tensor, layout: GateLayout):
     return 0, 0, g.stride(0)
 
 
+def forward_constants(spec: Spec, config: TileConfig):
+    """The constexpr arguments of each forward program for a Spec and tile config."""
+    BK, BV = block(spec.K, config.BK), block(spec.V, config.BV)
+    common = dict(M=spec.M, BT=spec.chunk_size, BM=spec.BM)
+    return {
+        "state_pass": dict(K=spec.K, BK=BK, **common),
+        "slot_pass": dict(K=spec.K, G=spec.group, BC=spec.BC, BK=BK, **common),
+        "output_pass": dict(V=spec.V, G=spec.group, BC=spec.BC, BV=BV, **common),
+    }
+
+
 def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, layout: GateLayout,
             config: TileConfig = TileConfig(), wrap: Callable = lambda kernel: kernel):
     """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32)."""
@@ -64,8 +75,9 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[q.dtype], K=K, V=V, M=M,
                 group=HQ // H, varlen=cu_seqlens is not None, initial_state=hk0 is not None, final_state=True)
-    BT, BC, BM = chunk_size, spec.BC, spec.BM
-    BK, BV = block(K, config.BK), block(V, config.BV)
+    BT = chunk_size
+    consts = forward_constants(spec, config)
+    BK, BV = consts["state_pass"]["BK"], consts["output_pass"]["BV"]
     launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
 
     n_chunk_rows, offsets, chunk_seq, chunk_idx = chunk_layout(cu_seqlens, B, T, BT)
@@ -83,16 +95,13 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
 
     wrap(codegen.kernel(programs.state_pass, spec))[(triton.cdiv(K, BK), N * H)](
         k, s, g, gc, hk_chunks, hk0, hk_final, cu, offsets,
-        T, H, *_strides(k), *_strides(s), *_gate_strides(g, layout),
-        K=K, M=M, BT=BT, BK=BK, BM=BM, **launch)
+        T, H, *_strides(k), *_strides(s), *_gate_strides(g, layout), **consts["state_pass"], **launch)
     chunk_grid = triton.cdiv(T, BT) if cu_seqlens is None else chunk_seq.numel()
     wrap(codegen.kernel(programs.slot_pass, spec))[(chunk_grid, (B if cu_seqlens is None else 1) * HQ)](
         q, k, s, gc, hk_chunks, probs, cu, offsets,
         chunk_seq if chunk_seq is not None else hk_final, chunk_idx if chunk_idx is not None else hk_final,
-        T, H, HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(s),
-        K=K, M=M, G=HQ // H, BT=BT, BC=BC, BK=BK, BM=BM, **launch)
+        T, H, HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(s), **consts["slot_pass"], **launch)
     wrap(codegen.kernel(programs.output_pass, spec))[(triton.cdiv(V, BV), N * HQ)](
         v, s, gc, probs, o, hv0, hv_final, cu, offsets,
-        T, H, HQ, *_strides(v), *_strides(s),
-        V=V, M=M, G=HQ // H, BT=BT, BC=BC, BV=BV, BM=BM, **launch)
+        T, H, HQ, *_strides(v), *_strides(s), **consts["output_pass"], **launch)
     return o, hk_final, hv_final

@@ -59,7 +59,7 @@ def state_pass(spec: Spec) -> Program:
         b.store(CHUNK_STATE, hk, "k0", "K")
         g = b.load("g_c", gate_view(spec.layout), "t0", "eos", ("BT", "BM"))
         g2 = b.map("g2", "{0} * " + LOG2E, g)
-        gc = b.reduce("gc", g2, 0, "cumsum")
+        gc = b.reduce("gc_c", g2, 0, "cumsum")
         b.store(gc_view, gc, "t0", "eos", when="i_k == 0")
         b_last = b.reduce("b_last", g2, 0, "sum")
         k = b.load("k_c", k_view, "t0", "eos", ("BT", "BK"), col0="k0", dtype="in")
@@ -100,7 +100,7 @@ def slot_pass(spec: Spec) -> Program:
             b.dot(name, qi, kj, trans_b=True, acc=acc)
         return acc
 
-    with b.loop("i_s", "0", "BT // BC", static=True):
+    with b.loop("i_s", "0", "BT // BC"):
         b.map("ts", "t0 + i_s * BC", dtype="i64", shape=())
         gc_i = b.load("gc_i", gc_view, "ts", "eos", ("BC", "BM"))
         acc = b.zeros("acc", ("BC", "BM"))
@@ -109,7 +109,7 @@ def slot_pass(spec: Spec) -> Program:
             hk = b.load("hk", CHUNK_STATE, "k0", "K", ("BK", "BM"))
             b.dot("acc", qi, hk, acc=acc)
         acc = b.map("acc", "{0} * tl.exp2({1})", acc, gc_i)
-        with b.loop("j_s", "0", "i_s", static=True):
+        with b.loop("j_s", "0", "i_s"):
             b.map("tj", "t0 + j_s * BC", dtype="i64", shape=())
             r = _reference_row(b, gc_view, "ts")
             a = qk("a", "tj")
@@ -148,15 +148,15 @@ def output_pass(spec: Spec) -> Program:
         gc_last = b.load("gc_last", gc_view, "tl.minimum(t0 + BT, eos) - 1", "eos", ("BM",))
         last_col, last_row = b.expand("last_col", gc_last, ":, None"), b.expand("last_row", gc_last, "None, :")
         hv_next = b.map("hv_next", "{0} * tl.exp2({1})", hv, last_col)
-        with b.loop("i_s", "0", "BT // BC", static=True):
+        with b.loop("i_s", "0", "BT // BC"):
             b.map("ts", "t0 + i_s * BC", dtype="i64", shape=())
             p_i = b.load("p_i", p_view, "ts", "eos", ("BC", "BM"))
             gc_i = b.load("gc_i", gc_view, "ts", "eos", ("BC", "BM"))
             s_i = b.load("s_i", s_view, "ts", "eos", ("BC", "BM"))
             v_i = b.load("v_i", v_view, "ts", "eos", ("BC", "BV"), col0="v0", dtype="in")
             pq = b.map("p_decayed", "{0} * tl.exp2({1})", p_i, gc_i)
-            o = b.dot("o", pq, hv)
-            with b.loop("j_s", "0", "i_s", static=True):
+            o = b.dot("o_i", pq, hv)
+            with b.loop("j_s", "0", "i_s"):
                 b.map("tj", "t0 + j_s * BC", dtype="i64", shape=())
                 r = _reference_row(b, gc_view, "ts")
                 s_j = b.load("s_j", s_view, "tj", "eos", ("BC", "BM"))
@@ -165,12 +165,12 @@ def output_pass(spec: Spec) -> Program:
                 pr = b.map("p_r", "{0} * tl.exp2(tl.minimum({1} - {2}, 0.0))", p_i, gc_i, r)
                 sr = b.map("s_r", "{0} * tl.exp2({1} - {2})", s_j, r, gc_j)
                 a = b.dot("a", pr, sr, trans_b=True)
-                b.dot("o", a, v_j, acc=o)
+                b.dot("o_i", a, v_j, acc=o)
             decay = _intra_decay(b, gc_i)
             p3 = b.expand("p3", p_i, ":, None, :")
             s3 = b.expand("s3", s_i, "None, :, :")
             a = b.reduce("a_ii", b.map("a3", "{0} * {1} * {2}", p3, s3, decay), 2)
-            b.dot("o", a, v_i, acc=o)
+            b.dot("o_i", a, v_i, acc=o)
             b.store(o_view, o, "ts", "eos", col0="v0")
             w = b.map("w", "{0} * tl.exp2({1} - {2})", s_i, last_row, gc_i)
             b.dot("hv_next", w, v_i, trans_a=True, acc=hv_next)

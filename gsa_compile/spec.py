@@ -122,9 +122,11 @@ def validate_inputs(q, k, v, s, g=None, scale=None, initial_state=None, cu_seqle
     _check_tensor("s", s, 4, "[B, T, H, M]")
     M = s.shape[3]
     _check_dims("s", s, "[B, T, H, M]", {0: (B, "B"), 1: (T, "T"), 2: (H, "H")})
+    if B < 1:
+        raise ValueError(f"q must have batch size B >= 1, got shape {_shape(q)}")
     if T < 1:
         raise ValueError(f"q must have T >= 1 tokens, got shape {_shape(q)}")
-    if H < 1 or HQ % H != 0:
+    if H < 1 or HQ < 1 or HQ % H != 0:
         raise ValueError(
             f"q has HQ={HQ} heads and k has H={H}: HQ must be a positive multiple of H (GQA); "
             f"q {_shape(q)}, k {_shape(k)}")
