@@ -58,11 +58,10 @@ def _gate_strides(g: torch.Tensor, layout: GateLayout):
 def forward_constants(spec: Spec, config: TileConfig):
     """The constexpr arguments of each forward program for a Spec and tile config."""
     BK, BV = block(spec.K, config.BK), block(spec.V, config.BV)
-    common = dict(M=spec.M, BT=spec.chunk_size, BM=spec.BM)
+    common = dict(K=spec.K, V=spec.V, M=spec.M, BT=spec.chunk_size, BK=BK, BV=BV, BM=spec.BM)
     return {
-        "state_pass": dict(K=spec.K, BK=BK, **common),
-        "slot_pass": dict(K=spec.K, G=spec.group, BC=spec.BC, BK=BK, **common),
-        "output_pass": dict(V=spec.V, G=spec.group, BC=spec.BC, BV=BV, **common),
+        "state_pass": dict(NK=triton.cdiv(spec.K, BK), **common),
+        "output_pass": dict(G=spec.group, BC=spec.BC, **common),
     }
 
 
@@ -75,33 +74,35 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[q.dtype], K=K, V=V, M=M,
                 group=HQ // H, varlen=cu_seqlens is not None, initial_state=hk0 is not None, final_state=True)
-    BT = chunk_size
     consts = forward_constants(spec, config)
-    BK, BV = consts["state_pass"]["BK"], consts["output_pass"]["BV"]
     launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
 
-    n_chunk_rows, offsets, chunk_seq, chunk_idx = chunk_layout(cu_seqlens, B, T, BT)
+    n_chunk_rows, offsets, chunk_seq, chunk_idx = chunk_layout(cu_seqlens, B, T, chunk_size)
     f32 = dict(device=q.device, dtype=torch.float32)
     gc = torch.empty(B, T, H, M, **f32)
     hk_chunks = torch.empty(n_chunk_rows, H, K, M, **f32)
-    probs = torch.empty(B, T, HQ, M, **f32)
+    hv_chunks = torch.empty(n_chunk_rows, H, M, V, **f32)
     o = torch.empty(B, T, HQ, V, device=q.device, dtype=q.dtype)
     hk_final = torch.empty(N, H, K, M, **f32)
     hv_final = torch.empty(N, H, M, V, **f32)
-    cu = cu_seqlens if cu_seqlens is not None else hk_final  # unused pointer when not varlen
-    offsets = offsets if offsets is not None else hk_final
-    hk0 = hk0.float().contiguous() if hk0 is not None else hk_final
-    hv0 = hv0.float().contiguous() if hv0 is not None else hv_final
+    unused = hk_final  # pointer for arguments the Spec compiles out
+    cu = cu_seqlens if cu_seqlens is not None else unused
+    offsets = offsets if offsets is not None else unused
+    hk0 = hk0.float().contiguous() if hk0 is not None else unused
+    hv0 = hv0.float().contiguous() if hv0 is not None else unused
 
-    wrap(codegen.kernel(programs.state_pass, spec))[(triton.cdiv(K, BK), N * H)](
-        k, s, g, gc, hk_chunks, hk0, hk_final, cu, offsets,
-        T, H, *_strides(k), *_strides(s), *_gate_strides(g, layout), **consts["state_pass"], **launch)
-    chunk_grid = triton.cdiv(T, BT) if cu_seqlens is None else chunk_seq.numel()
-    wrap(codegen.kernel(programs.slot_pass, spec))[(chunk_grid, (B if cu_seqlens is None else 1) * HQ)](
-        q, k, s, gc, hk_chunks, probs, cu, offsets,
-        chunk_seq if chunk_seq is not None else hk_final, chunk_idx if chunk_idx is not None else hk_final,
-        T, H, HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(s), **consts["slot_pass"], **launch)
-    wrap(codegen.kernel(programs.output_pass, spec))[(triton.cdiv(V, BV), N * HQ)](
-        v, s, gc, probs, o, hv0, hv_final, cu, offsets,
-        T, H, HQ, *_strides(v), *_strides(s), **consts["output_pass"], **launch)
+    n_tiles = consts["state_pass"]["NK"] + triton.cdiv(V, consts["state_pass"]["BV"])
+    wrap(codegen.kernel(programs.state_pass, spec))[(n_tiles, N * H)](
+        k, v, s, g, gc, hk_chunks, hv_chunks, hk0, hv0, hk_final, hv_final, cu, offsets,
+        T, H, *_strides(k), *_strides(v), *_strides(s), *_gate_strides(g, layout),
+        **consts["state_pass"], **launch)
+    if cu_seqlens is None:
+        grid = (triton.cdiv(T, chunk_size), B * HQ)
+        chunk_seq = chunk_idx = unused
+    else:
+        grid = (chunk_seq.numel(), HQ)
+    wrap(codegen.kernel(programs.output_pass, spec))[grid](
+        q, k, v, s, gc, hk_chunks, hv_chunks, o, cu, offsets, chunk_seq, chunk_idx,
+        T, H, HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s),
+        **consts["output_pass"], **launch)
     return o, hk_final, hv_final
