@@ -55,54 +55,83 @@ def _gate_strides(g: torch.Tensor, layout: GateLayout):
     return 0, 0, g.stride(0)
 
 
-def forward_constants(spec: Spec, config: TileConfig):
-    """The constexpr arguments of each forward program for a Spec and tile config."""
+def kernel_constants(spec: Spec, config: TileConfig):
+    """The constexpr arguments of every program (forward and backward) for a Spec and tile config."""
     BK, BV = block(spec.K, config.BK), block(spec.V, config.BV)
     common = dict(K=spec.K, V=spec.V, M=spec.M, BT=spec.chunk_size, BK=BK, BV=BV, BM=spec.BM)
+    per_chunk = dict(G=spec.group, BC=spec.BC, **common)
     return {
         "state_pass": dict(NK=triton.cdiv(spec.K, BK), **common),
-        "output_pass": dict(G=spec.group, BC=spec.BC, **common),
+        "output_pass": per_chunk,
+        "slot_backward": per_chunk,
+        "state_backward": dict(G=spec.group, NK=triton.cdiv(spec.K, BK), **common),
+        "key_backward": per_chunk,
     }
+
+
+class Call:
+    """Sizes, Spec, constants and chunk tables of one forward or backward call."""
+
+    def __init__(self, q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap):
+        self.B, self.T = q.shape[:2]
+        # head counts and dims are kernel constants: specialise on them even under dynamic shapes
+        self.HQ, self.K, self.H, self.V, self.M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
+        self.N = self.B if cu_seqlens is None else cu_seqlens.numel() - 1
+        self.spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[q.dtype], K=self.K, V=self.V,
+                         M=self.M, group=self.HQ // self.H, varlen=cu_seqlens is not None,
+                         initial_state=hk0 is not None, final_state=True)
+        self.consts = kernel_constants(self.spec, config)
+        self.launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        self.wrap, self.device, self.cu_seqlens = wrap, q.device, cu_seqlens
+        self.n_chunk_rows, self.offsets, self.chunk_seq, self.chunk_idx = chunk_layout(cu_seqlens, self.B, self.T, chunk_size)
+
+    def f32(self, *shape):
+        return torch.empty(*shape, device=self.device, dtype=torch.float32)
+
+    def run(self, builder, grid, *args):
+        name = builder.__name__
+        self.wrap(codegen.kernel(builder, self.spec))[grid](*args, **self.consts[name], **self.launch)
+
+    def tables(self, unused):
+        """(cu_seqlens, chunk offsets) pointers, `unused` where the Spec compiles them out."""
+        if self.cu_seqlens is None:
+            return unused, unused
+        return self.cu_seqlens, self.offsets
+
+    def chunk_grid(self, heads, unused):
+        """Grid and chunk maps of the per-chunk programs."""
+        if self.cu_seqlens is None:
+            return (triton.cdiv(self.T, self.spec.chunk_size), self.B * heads), unused, unused
+        return (self.chunk_seq.numel(), heads), self.chunk_seq, self.chunk_idx
+
+    def tile_grid(self):
+        return (self.consts["state_pass"]["NK"] + triton.cdiv(self.V, self.consts["state_pass"]["BV"]), self.N * self.H)
+
+
+def state_pass(call: Call, k, v, s, g, hk0, hv0):
+    """Chunk-start states of Hk and Hv, the gate cumsum and the final states."""
+    H, K, V, M = call.H, call.K, call.V, call.M
+    gc = call.f32(call.B, call.T, H, M)
+    hk_chunks, hv_chunks = call.f32(call.n_chunk_rows, H, K, M), call.f32(call.n_chunk_rows, H, M, V)
+    hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
+    cu, offsets = call.tables(hk_final)
+    hk0 = hk0.float().contiguous() if hk0 is not None else hk_final  # unused when the Spec has none
+    hv0 = hv0.float().contiguous() if hv0 is not None else hv_final
+    call.run(programs.state_pass, call.tile_grid(),
+             k, v, s, g, gc, hk_chunks, hv_chunks, hk0, hv0, hk_final, hv_final, cu, offsets,
+             call.T, H, *_strides(k), *_strides(v), *_strides(s), *_gate_strides(g, call.spec.layout))
+    return gc, hk_chunks, hv_chunks, hk_final, hv_final
 
 
 def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, layout: GateLayout,
             config: TileConfig = TileConfig(), wrap: Callable = lambda kernel: kernel):
     """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32)."""
-    B, T = q.shape[:2]
-    # head counts and dims are kernel constants: specialise on them even under dynamic shapes
-    HQ, K, H, V, M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[q.dtype], K=K, V=V, M=M,
-                group=HQ // H, varlen=cu_seqlens is not None, initial_state=hk0 is not None, final_state=True)
-    consts = forward_constants(spec, config)
-    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-
-    n_chunk_rows, offsets, chunk_seq, chunk_idx = chunk_layout(cu_seqlens, B, T, chunk_size)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    gc = torch.empty(B, T, H, M, **f32)
-    hk_chunks = torch.empty(n_chunk_rows, H, K, M, **f32)
-    hv_chunks = torch.empty(n_chunk_rows, H, M, V, **f32)
-    o = torch.empty(B, T, HQ, V, device=q.device, dtype=q.dtype)
-    hk_final = torch.empty(N, H, K, M, **f32)
-    hv_final = torch.empty(N, H, M, V, **f32)
-    unused = hk_final  # pointer for arguments the Spec compiles out
-    cu = cu_seqlens if cu_seqlens is not None else unused
-    offsets = offsets if offsets is not None else unused
-    hk0 = hk0.float().contiguous() if hk0 is not None else unused
-    hv0 = hv0.float().contiguous() if hv0 is not None else unused
-
-    n_tiles = consts["state_pass"]["NK"] + triton.cdiv(V, consts["state_pass"]["BV"])
-    wrap(codegen.kernel(programs.state_pass, spec))[(n_tiles, N * H)](
-        k, v, s, g, gc, hk_chunks, hv_chunks, hk0, hv0, hk_final, hv_final, cu, offsets,
-        T, H, *_strides(k), *_strides(v), *_strides(s), *_gate_strides(g, layout),
-        **consts["state_pass"], **launch)
-    if cu_seqlens is None:
-        grid = (triton.cdiv(T, chunk_size), B * HQ)
-        chunk_seq = chunk_idx = unused
-    else:
-        grid = (chunk_seq.numel(), HQ)
-    wrap(codegen.kernel(programs.output_pass, spec))[grid](
-        q, k, v, s, gc, hk_chunks, hv_chunks, o, cu, offsets, chunk_seq, chunk_idx,
-        T, H, HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s),
-        **consts["output_pass"], **launch)
+    call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap)
+    gc, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
+    o = torch.empty(call.B, call.T, call.HQ, call.V, device=q.device, dtype=q.dtype)
+    cu, offsets = call.tables(hk_final)
+    grid, chunk_seq, chunk_idx = call.chunk_grid(call.HQ, hk_final)
+    call.run(programs.output_pass, grid,
+             q, k, v, s, gc, hk_chunks, hv_chunks, o, cu, offsets, chunk_seq, chunk_idx,
+             call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s))
     return o, hk_final, hv_final
