@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 import triton
 
-from . import codegen, programs
+from . import codegen, programs, programs_backward
 from .spec import GateLayout, Spec, TileConfig, next_power_of_2
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -135,3 +135,66 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
              q, k, v, s, gc, hk_chunks, hv_chunks, o, cu, offsets, chunk_seq, chunk_idx,
              call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s))
     return o, hk_final, hv_final
+
+
+def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int,
+             layout: GateLayout, config: TileConfig = TileConfig(), wrap: Callable = lambda kernel: kernel):
+    """Gradients of chunk_forward: (dq, dk, dv, ds, dg, dhk0, dhv0). Recomputes the forward states."""
+    call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap)
+    B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
+    gc, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
+    cu, offsets = call.tables(hk_final)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    p, dl, x = call.f32(B, T, HQ, M), call.f32(B, T, HQ, M), call.f32(B, T, HQ, M)
+    grid, chunk_seq, chunk_idx = call.chunk_grid(HQ, hk_final)
+    call.run(programs_backward.slot_backward, grid,
+             q, k, v, s, gc, hk_chunks, hv_chunks, do, dq, p, dl, x, cu, offsets, chunk_seq, chunk_idx,
+             T, H, HQ, scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_strides(do))
+
+    dhk_chunks, dhv_chunks = torch.empty_like(hk_chunks), torch.empty_like(hv_chunks)
+    dhk0, dhv0 = call.f32(N, H, K, M), call.f32(N, H, M, V)
+    dhk_final = dhk_final.float().contiguous() if dhk_final is not None else torch.zeros_like(hk_final)
+    dhv_final = dhv_final.float().contiguous() if dhv_final is not None else torch.zeros_like(hv_final)
+    call.run(programs_backward.state_backward, call.tile_grid(),
+             q, do, gc, p, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final, dhk0, dhv0, cu, offsets,
+             T, H, HQ, scale, *_strides(q), *_strides(do))
+
+    dk = torch.empty(B, T, H, K, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
+    ds = call.f32(B, T, H, M)
+    grid, chunk_seq, chunk_idx = call.chunk_grid(H, hk_final)
+    call.run(programs_backward.key_backward, grid,
+             q, k, v, s, gc, do, p, dl, dhk_chunks, dhv_chunks, dk, dv, ds, cu, offsets, chunk_seq, chunk_idx,
+             T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_strides(do))
+
+    final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3)  # [N, H, M]
+    dg = gate_gradient(x.view(B, T, H, HQ // H, M).sum(3) - s.float() * ds, final_terms, cu_seqlens, layout)
+    return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype), dhk0, dhv0
+
+
+def gate_gradient(d_cumulative, final_terms, cu_seqlens, layout: GateLayout):
+    """dg from the gradient w.r.t. the cumulative log gate Gamma_t = sum_{i<=t} g_i of each sequence.
+
+    Each sequence's final states scale with exp(Gamma_last): their terms join at its last token.
+    dg_t = sum_{t' >= t in the same sequence} dGamma_t' (a reverse cumsum, in float64 for varlen,
+    where it is a difference of suffix sums of the packed batch).
+    """
+    d = d_cumulative.double()
+    B, T = d.shape[:2]
+    if cu_seqlens is None:
+        d[:, T - 1] += final_terms.double()
+        dg = d.flip(1).cumsum(1).flip(1)
+    else:
+        last = (cu_seqlens[1:] - 1).long()
+        d[0].index_add_(0, last, final_terms.double())
+        suffix = torch.cat([d.flip(1).cumsum(1).flip(1), torch.zeros_like(d[:, :1])], dim=1)
+        positions = torch.arange(T, device=d.device)
+        seq_end = cu_seqlens[1:][torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)].long()
+        dg = suffix[:, :T] - suffix[:, seq_end]
+    if layout is GateLayout.SLOT:
+        return dg
+    if layout is GateLayout.HEAD:
+        return dg.sum(3)
+    if layout is GateLayout.DECAY_HEAD:
+        return dg.sum((0, 1, 3))
+    return dg.sum((0, 1))  # DECAY_SLOT

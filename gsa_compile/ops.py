@@ -3,6 +3,10 @@
     gsa::chunk_forward(q, k, v, s, g, scale, hk0?, hv0?, cu_seqlens?, chunk_size, gate_layout)
         -> (o [B,T,HQ,V] in q's dtype, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32)
 
+    gsa::chunk_backward(do, dhk_final?, dhv_final?, q, k, v, s, g, scale, hk0?, hv0?, cu_seqlens?,
+                        chunk_size, gate_layout) -> (dq, dk, dv, ds, dg, dhk0 f32, dhv0 f32)
+        (recomputes the forward states; registered as chunk_forward's autograd formula)
+
 `g` is the log gate in the layout named by `gate_layout` (slot | head | decay_head | decay_slot);
 ABC is normalised to `slot` before the op. The final states are always produced (fixed arity).
 On GPU the ops are `triton_op`s, so Inductor sees the generated kernels through `wrap_triton`.
@@ -44,3 +48,43 @@ def _chunk_forward_fake(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, 
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = q.new_empty(B, T, HQ, V)
     return o, q.new_empty(N, H, K, M, dtype=torch.float32), q.new_empty(N, H, M, V, dtype=torch.float32)
+
+
+@_define(f"{_LIB}::chunk_backward", mutates_args=())
+def chunk_backward(do: Tensor, dhk_final: Optional[Tensor], dhv_final: Optional[Tensor], q: Tensor, k: Tensor,
+                   v: Tensor, s: Tensor, g: Tensor, scale: float, hk0: Optional[Tensor], hv0: Optional[Tensor],
+                   cu_seqlens: Optional[Tensor], chunk_size: int, gate_layout: str
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return launch.backward(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size,
+                           GateLayout(gate_layout), wrap=_wrap)
+
+
+@chunk_backward.register_fake
+def _chunk_backward_fake(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size,
+                         gate_layout):
+    B, T, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[3], s.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    f32 = dict(dtype=torch.float32)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(s), torch.empty_like(g),
+            q.new_empty(N, H, K, M, **f32), q.new_empty(N, H, M, V, **f32))
+
+
+def _forward_setup(ctx, inputs, output):
+    q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout = inputs
+    ctx.save_for_backward(q, k, v, s, g, hk0, hv0, cu_seqlens)
+    ctx.scale, ctx.chunk_size, ctx.gate_layout = scale, chunk_size, gate_layout
+
+
+def _forward_backward(ctx, do, dhk_final, dhv_final):
+    q, k, v, s, g, hk0, hv0, cu_seqlens = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros(q.shape[:3] + v.shape[3:], device=q.device, dtype=q.dtype)
+    dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_backward(
+        do.contiguous(), dhk_final, dhv_final, q, k, v, s, g, ctx.scale, hk0, hv0, cu_seqlens,
+        ctx.chunk_size, ctx.gate_layout)
+    return (dq, dk, dv, ds, dg, None, dhk0 if hk0 is not None else None, dhv0 if hv0 is not None else None,
+            None, None, None)
+
+
+chunk_forward.register_autograd(_forward_backward, setup_context=_forward_setup)
