@@ -1,4 +1,11 @@
 """gsa_compile: Gated Slot Attention kernels generated from a tile IR, for torch.compile."""
+import os as _os
+
+import torch as _torch
+
+if not _torch.cuda.is_available():  # no GPU: the generated kernels run in Triton's interpreter (CPU tensors)
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from .api import abc_gate, chunk_gsa
 from .reference import parallel_gsa, recurrent_gsa
 from .spec import GateLayout

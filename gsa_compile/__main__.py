@@ -1,6 +1,8 @@
 """Command line: `python -m gsa_compile <command>`.
 
-    check   run the float64 references on fresh random inputs and compare them (exit 1 on failure)
+    check   compare the float64 references with each other and the generated kernels (forward and
+            gradients) with them, on fresh random inputs (exit 1 on failure)
+    show    print the generated Triton source (or the tile IR) of the kernels of one Spec
 
 Each command is a function `cmd_<name>(args) -> int` (the exit code) plus an entry in COMMANDS
 that adds its arguments to its sub-parser.
@@ -13,8 +15,10 @@ import sys
 
 import torch
 
+from . import codegen, programs, programs_backward
+from .api import chunk_gsa
 from .reference import parallel_gsa, recurrent_gsa
-from .spec import GateLayout
+from .spec import SUPPORTED_CHUNK_SIZES, GateLayout, Spec, parse_gate_layout
 
 # -- check -----------------------------------------------------------------------------------
 
@@ -73,6 +77,42 @@ def _check_reference(gen) -> bool:
     return ok
 
 
+KERNEL_PROBLEM = dict(B=1, T=40, HQ=2, H=1, K=16, V=16, M=8)
+KERNEL_TOL = 1e-4  # float32 kernels vs the float64 reference, relative (norm) error
+
+
+def _check_kernels(gen) -> bool:
+    """chunk_gsa (float32) vs recurrent_gsa: o, final states and every gradient, each gate layout."""
+    where = "GPU" if torch.cuda.is_available() else "CPU, Triton interpreter"
+    print(f"kernels: chunk_gsa float32 ({where}) vs recurrent_gsa float64, {KERNEL_PROBLEM}, chunk 16")
+    print(f"{'layout':<22} | {'o / states':>13} | {'worst grad':>14} | result")
+    ok = True
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    old = CHECK_PROBLEM.copy()
+    CHECK_PROBLEM.update(KERNEL_PROBLEM)
+    try:
+        for layout in GateLayout:
+            kwargs = _problem(layout, gen)
+            leaves = {n: x.float().to(device).requires_grad_() for n, x in kwargs.items() if isinstance(x, torch.Tensor)}
+            hk0, hv0 = (x.float().to(device).requires_grad_() for x in kwargs["initial_state"])
+            o, (hk, hv) = chunk_gsa(**leaves, initial_state=(hk0, hv0), output_final_state=True, chunk_size=16)
+            ref_leaves = {n: x.detach().double().requires_grad_() for n, x in leaves.items()}
+            rhk0, rhv0 = (x.detach().double().requires_grad_() for x in (hk0, hv0))
+            ro, (rhk, rhv) = recurrent_gsa(**ref_leaves, initial_state=(rhk0, rhv0), output_final_state=True)
+            weights = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in (ro, rhk, rhv)]
+            sum(((a * w.to(a.device)).sum() for a, w in zip((o, hk, hv), weights))).backward()
+            sum(((a * w).sum() for a, w in zip((ro, rhk, rhv), weights))).backward()
+            norm = lambda x, ref: ((x.detach().double().cpu() - ref.detach()).norm() / ref.detach().norm()).item()
+            values = max(norm(a, b) for a, b in zip((o, hk, hv), (ro, rhk, rhv)))
+            pairs = list(zip(leaves.values(), ref_leaves.values())) + [(hk0, rhk0), (hv0, rhv0)]
+            grads = max(norm(a.grad, b.grad) for a, b in pairs)
+            ok &= _row(layout.value, [values, grads, 0.0], KERNEL_TOL)
+    finally:
+        CHECK_PROBLEM.clear()
+        CHECK_PROBLEM.update(old)
+    return ok
+
+
 def _environment() -> None:
     try:
         import triton
@@ -89,6 +129,7 @@ def cmd_check(args) -> int:
     print(f"inputs: fresh random, seed {seed} (rerun with --seed {seed})")
     gen = torch.Generator().manual_seed(seed)
     ok = _check_reference(gen)
+    ok &= _check_kernels(gen)
     print("check:", "all passed" if ok else "FAILED")
     return 0 if ok else 1
 
@@ -97,11 +138,45 @@ def _check_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the random inputs (default: fresh)")
 
 
+# -- show ------------------------------------------------------------------------------------
+
+SHOWN_PROGRAMS = {f.__name__: f for f in programs.FORWARD_PROGRAMS + programs_backward.BACKWARD_PROGRAMS}
+
+
+def cmd_show(args) -> int:
+    layout = parse_gate_layout(args.gate)
+    if layout is GateLayout.ABC:
+        print("# ABC: the normaliser runs before the kernels, which then see the 'slot' layout")
+        layout = GateLayout.SLOT
+    spec = Spec(layout=layout, chunk_size=args.chunk_size, dtype=args.dtype, K=args.K, V=args.V, M=args.M,
+                group=args.group, varlen=args.varlen, initial_state=args.initial_state, final_state=True)
+    names = list(SHOWN_PROGRAMS) if args.program == "all" else [args.program]
+    for name in names:
+        builder = SHOWN_PROGRAMS[name]
+        print(builder(spec).pretty() if args.ir else codegen.source(builder, spec))
+    return 0
+
+
+def _show_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chunk-size", type=int, default=64, choices=SUPPORTED_CHUNK_SIZES)
+    parser.add_argument("--gate", default="slot", help="slot | head | decay_head | decay_slot | abc")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--K", type=int, default=128)
+    parser.add_argument("--V", type=int, default=128)
+    parser.add_argument("--M", type=int, default=64)
+    parser.add_argument("--group", type=int, default=1, help="query heads per kv head (GQA)")
+    parser.add_argument("--varlen", action="store_true")
+    parser.add_argument("--initial-state", action="store_true")
+    parser.add_argument("--program", default="all", choices=["all"] + list(SHOWN_PROGRAMS))
+    parser.add_argument("--ir", action="store_true", help="print the tile IR instead of the Triton source")
+
+
 # -- dispatch --------------------------------------------------------------------------------
 
 # name -> (function(args) -> exit code, add_arguments(parser), one-line help)
 COMMANDS = {
-    "check": (cmd_check, _check_args, "compare the references (and later the kernels) on random inputs"),
+    "check": (cmd_check, _check_args, "compare the references and the kernels on random inputs"),
+    "show": (cmd_show, _show_args, "print the generated Triton source or tile IR of one Spec"),
 }
 
 

@@ -59,9 +59,9 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
             g = g.transpose(1, 2)
     problem = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, gate_layout)
     check_chunk_size(chunk_size)
-    if problem.dtype == torch.float64:
-        raise TypeError("q has dtype float64: the kernels take float32, float16 or bfloat16 "
-                        "(use gsa_compile.recurrent_gsa for float64)")
+    if problem.dtype == torch.float64 and not ops.INTERPRETER:
+        raise TypeError("q has dtype float64: the GPU kernels take float32, float16 or bfloat16 (float64 runs "
+                        "only under the Triton interpreter, for gradcheck; use gsa_compile.recurrent_gsa)")
     layout = problem.layout
     if layout is GateLayout.ABC:
         g, s = abc_gate(s, cu_seqlens)

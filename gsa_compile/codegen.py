@@ -38,7 +38,9 @@ class _Emitter:
         self.spec = spec
 
     def dtype(self, d: str) -> str:
-        return self.spec.tl_dtype if d == "in" else _TL_DTYPE[d]
+        if d == "in" or (d == "f32" and self.spec.dtype == "float64"):  # f32 is the accumulator type
+            return self.spec.tl_dtype
+        return _TL_DTYPE[d]
 
     def dims(self, shape) -> str:
         return ", ".join(shape)
@@ -76,7 +78,7 @@ class _Emitter:
         def operand(t: ir.Tile, trans: bool):
             x = t.name if t.dtype == n.operand_dtype else f"{t.name}.to({self.dtype(n.operand_dtype)})"
             return f"tl.trans({x})" if trans else x
-        precision = ', input_precision="ieee"' if self.spec.dtype == "float32" else ""
+        precision = {"float32": ', input_precision="ieee"', "float64": ", out_dtype=tl.float64"}.get(self.spec.dtype, "")
         acc = f", {n.acc.name}" if n.acc is not None else ""
         return [f"{n.out.name} = tl.dot({operand(n.a, n.trans_a)}, {operand(n.b, n.trans_b)}{acc}{precision})"]
 

@@ -1,7 +1,8 @@
 """A small typed tile IR: each node computes one named tile; codegen prints one Triton line per node.
 
-Tiles have a symbolic shape made of block sizes (`BC`, `BK`, `BM`, `BV`, ...) and a dtype: `f32`,
-`in` (the kernel's input element type), `i1` (masks). Global tensors are seen through `View`s:
+Tiles have a symbolic shape made of block sizes (`BC`, `BK`, `BM`, `BV`, ...) and a dtype: `f32`
+(the accumulator type: float32, or float64 for float64 inputs under the interpreter), `in` (the
+kernel's input element type), `i1` (masks), `i64` (scalars). Global tensors are seen through `View`s:
 2-D row-major windows `[rows, cols]` whose base pointer the kernel frame computes per program.
 
     hk: [BK, BM] f32 = zeros

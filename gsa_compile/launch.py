@@ -14,7 +14,8 @@ import triton
 from . import codegen, programs, programs_backward
 from .spec import GateLayout, Spec, TileConfig, next_power_of_2
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.float64: "float64"}  # float64: interpreter only, for gradcheck
 LOG2E = 1.4426950408889634
 
 
@@ -83,10 +84,12 @@ class Call:
         self.consts = kernel_constants(self.spec, config)
         self.launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         self.wrap, self.device, self.cu_seqlens = wrap, q.device, cu_seqlens
+        self.acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.n_chunk_rows, self.offsets, self.chunk_seq, self.chunk_idx = chunk_layout(cu_seqlens, self.B, self.T, chunk_size)
 
     def f32(self, *shape):
-        return torch.empty(*shape, device=self.device, dtype=torch.float32)
+        """An accumulator-precision buffer: float32, or float64 for float64 inputs."""
+        return torch.empty(*shape, device=self.device, dtype=self.acc_dtype)
 
     def run(self, builder, grid, *args):
         name = builder.__name__
@@ -115,8 +118,8 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0):
     hk_chunks, hv_chunks = call.f32(call.n_chunk_rows, H, K, M), call.f32(call.n_chunk_rows, H, M, V)
     hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
     cu, offsets = call.tables(hk_final)
-    hk0 = hk0.float().contiguous() if hk0 is not None else hk_final  # unused when the Spec has none
-    hv0 = hv0.float().contiguous() if hv0 is not None else hv_final
+    hk0 = hk0.to(call.acc_dtype).contiguous() if hk0 is not None else hk_final  # unused when the Spec has none
+    hv0 = hv0.to(call.acc_dtype).contiguous() if hv0 is not None else hv_final
     call.run(programs.state_pass, call.tile_grid(),
              k, v, s, g, gc, hk_chunks, hv_chunks, hk0, hv0, hk_final, hv_final, cu, offsets,
              call.T, H, *_strides(k), *_strides(v), *_strides(s), *_gate_strides(g, call.spec.layout))
@@ -153,8 +156,8 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
 
     dhk_chunks, dhv_chunks = torch.empty_like(hk_chunks), torch.empty_like(hv_chunks)
     dhk0, dhv0 = call.f32(N, H, K, M), call.f32(N, H, M, V)
-    dhk_final = dhk_final.float().contiguous() if dhk_final is not None else torch.zeros_like(hk_final)
-    dhv_final = dhv_final.float().contiguous() if dhv_final is not None else torch.zeros_like(hv_final)
+    dhk_final = dhk_final.to(call.acc_dtype).contiguous() if dhk_final is not None else torch.zeros_like(hk_final)
+    dhv_final = dhv_final.to(call.acc_dtype).contiguous() if dhv_final is not None else torch.zeros_like(hv_final)
     call.run(programs_backward.state_backward, call.tile_grid(),
              q, do, gc, p, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final, dhk0, dhv0, cu, offsets,
              T, H, HQ, scale, *_strides(q), *_strides(do))
@@ -168,7 +171,7 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
              T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_strides(do))
 
     final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3)  # [N, H, M]
-    dg = gate_gradient(x.view(B, T, H, HQ // H, M).sum(3) - s.float() * ds, final_terms, cu_seqlens, layout)
+    dg = gate_gradient(x.view(B, T, H, HQ // H, M).sum(3) - s.to(ds.dtype) * ds, final_terms, cu_seqlens, layout)
     return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype), dhk0, dhv0
 
 
