@@ -3,6 +3,7 @@
     check   compare the float64 references with each other and the generated kernels (forward and
             gradients) with them, on fresh random inputs (exit 1 on failure)
     show    print the generated Triton source (or the tile IR) of the kernels of one Spec
+    bench   on a GPU: correctness, torch.compile and timings vs fla and SDPA (a CPU smoke without one)
 
 Each command is a function `cmd_<name>(args) -> int` (the exit code) plus an entry in COMMANDS
 that adds its arguments to its sub-parser.
@@ -171,12 +172,28 @@ def _show_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ir", action="store_true", help="print the tile IR instead of the Triton source")
 
 
+# -- bench -----------------------------------------------------------------------------------
+
+def cmd_bench(args) -> int:
+    from . import benchmark
+    if not torch.cuda.is_available():
+        return benchmark.cpu_smoke()
+    return benchmark.run(quick=args.quick, out=args.out, timing=not args.no_timing)
+
+
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="smaller correctness problem, two shapes")
+    parser.add_argument("--out", default=None, help="write the full results as JSON here")
+    parser.add_argument("--no-timing", action="store_true")
+
+
 # -- dispatch --------------------------------------------------------------------------------
 
 # name -> (function(args) -> exit code, add_arguments(parser), one-line help)
 COMMANDS = {
     "check": (cmd_check, _check_args, "compare the references and the kernels on random inputs"),
     "show": (cmd_show, _show_args, "print the generated Triton source or tile IR of one Spec"),
+    "bench": (cmd_bench, _bench_args, "correctness and timings vs fla and SDPA on the GPU"),
 }
 
 

@@ -1,0 +1,250 @@
+"""One GPU run: correctness on fresh random inputs, then gsa_compile vs fla vs SDPA side by side.
+
+    python -m gsa_compile bench [--quick] [--out results.json]
+
+1. correctness: bf16/fp32 chunk_gsa outputs, final states and gradients vs the float64 reference;
+2. torch.compile(fullgraph=True, dynamic=True) of a forward and of a training step;
+3. timings (triton.testing.do_bench medians; inputs larger than L2): forward and forward+backward of
+   ours, fla's chunk_gsa (if fla-core imports) and causal SDPA at the same width (HQ heads of K),
+   with the peak memory of forward+backward and each kernel's share of our time.
+A table is printed last.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4, 4096, 4, 512, 64), (8, 2048, 16, 128, 64), (1, 32768, 4, 512, 64)]  # B, T, H, K=V, M
+LAYOUTS = ("slot", "head", "decay_head", "decay_slot", "abc")
+CORRECTNESS = dict(quick=(1, 200, 2, 128, 128, 64), full=(2, 400, 2, 128, 128, 64))  # B, T, H, K, V, M
+COMPILE_LENGTHS = (200, 333)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, K, V, M, layout, dtype, device, HQ=None, requires_grad=False):
+    HQ = HQ or H
+    q = torch.randn(B, T, HQ, K, device=device, dtype=dtype)
+    k = torch.randn(B, T, H, K, device=device, dtype=dtype)
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype)
+    f = torch.randn(B, T, H, M, device=device)
+    s = (torch.sigmoid(f) if layout != "abc" else f).to(dtype)
+    g = {"slot": lambda: F.logsigmoid(torch.randn(B, T, H, M, device=device)) / 16,
+         "head": lambda: F.logsigmoid(torch.randn(B, T, H, device=device)) / 16,
+         "decay_head": lambda: -torch.rand(H, device=device) / 16,
+         "decay_slot": lambda: -torch.rand(H, M, device=device) / 16,
+         "abc": lambda: None}[layout]()
+    for x in (q, k, v, s, g):
+        if x is not None:
+            x.requires_grad_(requires_grad)
+    return q, k, v, s, g
+
+
+CORRECTNESS_CASES = [("bfloat16", layout, 64) for layout in LAYOUTS] + [("bfloat16", "slot", 128), ("float32", "slot", 64)]
+
+
+def check_correctness(device, quick, cases=CORRECTNESS_CASES):
+    """Values and gradients vs recurrent_gsa (float64) on fresh inputs; bf16 tol 1e-2 / 2e-2."""
+    from . import chunk_gsa, recurrent_gsa
+    B, T, H, K, V, M = CORRECTNESS["quick" if quick else "full"]
+    rows = []
+    for dtype_name, layout, chunk in cases:
+        dtype = getattr(torch, dtype_name)
+        inputs = make_inputs(B, T, H, K, V, M, layout, dtype, device, HQ=2 * H, requires_grad=True)
+        h0 = [torch.randn(B, H, K, M, device=device).requires_grad_(), torch.randn(B, H, M, V, device=device).requires_grad_()]
+        o, (hk, hv) = chunk_gsa(*inputs, initial_state=tuple(h0), output_final_state=True, chunk_size=chunk)
+        ref_in = [x.detach().double().requires_grad_() if x is not None else None for x in list(inputs) + h0]
+        ro, (rhk, rhv) = recurrent_gsa(*ref_in[:5], initial_state=tuple(ref_in[5:]), output_final_state=True)
+        weights = [torch.randn_like(x) for x in (ro, rhk, rhv)]
+        sum((a.double() * w).sum() for a, w in zip((o, hk, hv), weights)).backward()
+        sum((a * w).sum() for a, w in zip((ro, rhk, rhv), weights)).backward()
+        value_err = max(rel(a, b) for a, b in zip((o, hk, hv), (ro, rhk, rhv)))
+        pairs = [(a, b) for a, b in zip(list(inputs) + h0, ref_in) if a is not None]
+        grad_err = max(rel(a.grad, b.grad) for a, b in pairs)
+        finite = all(torch.isfinite(a.grad).all().item() for a, _ in pairs) and torch.isfinite(o).all().item()
+        tol = (1e-2, 2e-2) if dtype_name != "float32" else (1e-4, 1e-4)
+        rows.append(dict(dtype=dtype_name, layout=layout, chunk=chunk, value_err=value_err, grad_err=grad_err,
+                         ok=finite and value_err <= tol[0] and grad_err <= tol[1]))
+    return rows
+
+
+def check_compile(device):
+    """Forward with dynamic T, and a training step, under torch.compile(fullgraph=True)."""
+    import torch._dynamo
+    from . import chunk_gsa
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    def forward(q, k, v, s, g):
+        return chunk_gsa(q, k, v, s, g)[0].float().sum(-1)
+
+    compiled = torch.compile(forward, fullgraph=True, dynamic=True)
+    errs = []
+    for T in COMPILE_LENGTHS:
+        inputs = make_inputs(2, T, 2, 64, 64, 32, "slot", torch.bfloat16, device)
+        errs.append(rel(compiled(*inputs), forward(*inputs)))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    def loss_fn(q, k, v, s, g):
+        return chunk_gsa(q, k, v, s, g)[0].float().pow(2).mean()
+
+    inputs = make_inputs(2, 256, 2, 64, 64, 32, "slot", torch.bfloat16, device, requires_grad=True)
+    torch.compile(loss_fn, fullgraph=True)(*inputs).backward()  # compiled forward and backward graphs
+    compiled_grads = [x.grad.clone() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    loss_fn(*inputs).backward()
+    grad_err = max(rel(a, x.grad) for a, x in zip(compiled_grads, inputs))
+    return dict(forward_rel_err=max(errs), unique_graphs=graphs, train_step_grad_err=grad_err,
+                ok=max(errs) < 1e-3 and graphs == 1 and grad_err < 1e-3)
+
+
+def bench(fn, rep=100):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def _fwd_bwd(fn, inputs, do):
+    def run():
+        for x in inputs:
+            x.grad = None
+        fn().backward(do)
+    return run
+
+
+def peak_memory(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def kernel_shares(fn):
+    """Each CUDA kernel's total time (ms) over one call, by name."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: round(e.device_time_total / 1e3, 4) for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def time_shapes(device, shapes):
+    from . import chunk_gsa
+    try:
+        from fla.ops.gsa import chunk_gsa as fla_chunk_gsa
+    except Exception as exc:  # fla-core not installed here
+        print(f"fla unavailable: {exc!r}", file=sys.stderr)
+        fla_chunk_gsa = None
+    rows = []
+    for (B, T, H, D, M) in shapes:
+        inputs = make_inputs(B, T, H, D, D, M, "slot", torch.bfloat16, device, requires_grad=True)
+        do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+        row = dict(B=B, T=T, H=H, K=D, V=D, M=M)
+        ours = lambda: chunk_gsa(*inputs)[0]
+        row["ours_fwd_ms"] = bench(ours)
+        row["ours_fwdbwd_ms"] = bench(_fwd_bwd(ours, inputs, do))
+        row["ours_fwdbwd_peak_mib"] = peak_memory(_fwd_bwd(ours, inputs, do))
+        row["ours_kernels_fwdbwd_ms"] = kernel_shares(_fwd_bwd(ours, inputs, do))
+        if fla_chunk_gsa is not None:
+            fla = lambda: fla_chunk_gsa(*inputs)[0]
+            row["fla_vs_ours_rel"] = rel(ours(), fla())
+            row["fla_fwd_ms"] = bench(fla)
+            row["fla_fwdbwd_ms"] = bench(_fwd_bwd(fla, inputs, do))
+            row["fla_fwdbwd_peak_mib"] = peak_memory(_fwd_bwd(fla, inputs, do))
+        qs, ks, vs = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in inputs[:3])
+        sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        row["sdpa_fwd_ms"] = bench(sdpa)
+        row["sdpa_fwdbwd_ms"] = bench(_fwd_bwd(sdpa, (qs, ks, vs), do.transpose(1, 2)))
+        first_read = sum(x.numel() * x.element_size() for x in inputs) + do.numel() * do.element_size()
+        row["hbm_floor_fwd_ms"] = first_read / 4.2e12 * 1e3  # read q, k, v, s, g once, write o once
+        rows.append(row)
+        del inputs, do, qs, ks, vs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def environment():
+    import triton
+    from . import __version__
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                torch=torch.__version__, triton=triton.__version__, gsa_compile=__version__)
+
+
+def print_table(result):
+    bad = [r for r in result["correctness"] if not r["ok"]]
+    print(f"correctness: {len(result['correctness']) - len(bad)}/{len(result['correctness'])} ok")
+    for r in result["correctness"]:
+        print(f"  {r['dtype']:<9} {r['layout']:<11} chunk {r['chunk']:<4} values {r['value_err']:.1e}  "
+              f"grads {r['grad_err']:.1e}  {'ok' if r['ok'] else 'FAIL'}")
+    print("torch.compile:", result["compile"])
+    print(f"{'shape':<28} | {'ours fwd':>9} {'fla fwd':>9} {'x':>5} | {'ours f+b':>9} {'fla f+b':>9} {'x':>5} | "
+          f"{'sdpa fwd':>9} {'sdpa f+b':>9} | {'mem ours':>9} {'mem fla':>9} | floor")
+    for r in result.get("timing", []):
+        fla_f, fla_fb = r.get("fla_fwd_ms", float("nan")), r.get("fla_fwdbwd_ms", float("nan"))
+        print(f"B{r['B']} T{r['T']} H{r['H']} K=V={r['K']} M{r['M']:<4} | {r['ours_fwd_ms']:9.3f} {fla_f:9.3f} "
+              f"{fla_f / r['ours_fwd_ms']:5.2f} | {r['ours_fwdbwd_ms']:9.3f} {fla_fb:9.3f} {fla_fb / r['ours_fwdbwd_ms']:5.2f} | "
+              f"{r['sdpa_fwd_ms']:9.3f} {r['sdpa_fwdbwd_ms']:9.3f} | {r['ours_fwdbwd_peak_mib']:9.0f} "
+              f"{r.get('fla_fwdbwd_peak_mib', float('nan')):9.0f} | {r['hbm_floor_fwd_ms']:.3f}")
+    return not bad and result["compile"]["ok"]
+
+
+def _task(name, arg):
+    """One unit of parallel work (run in a fresh process): its compiles land in the shared Triton cache."""
+    torch.manual_seed(torch.seed() % 2**31)
+    if name == "correctness":
+        return check_correctness("cuda", *arg)
+    if name == "compile":
+        return check_compile("cuda")
+    if name == "warm":  # compile the timed kernels (forward and backward) on a small problem
+        from . import chunk_gsa
+        B, T, H, D, M = arg
+        inputs = make_inputs(1, 512, H, D, D, M, "slot", torch.bfloat16, "cuda", requires_grad=True)
+        chunk_gsa(*inputs)[0].float().sum().backward()
+        torch.cuda.synchronize()
+        return None
+    raise ValueError(name)
+
+
+def run(quick=False, out=None, timing=True, jobs=6):
+    """The whole GPU run; returns the exit code. Checks run in `jobs` processes to overlap compiles."""
+    import concurrent.futures
+    import multiprocessing
+    tasks = [("correctness", (quick, [case])) for case in CORRECTNESS_CASES] + [("compile", None)]
+    tasks += [("warm", shape) for shape in {(1, 1, s[2], s[3], s[4]) for s in SHAPES}] if timing else []
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        results = list(pool.map(_task, *zip(*tasks)))
+    result = dict(environment=environment(),
+                  correctness=[row for (name, _), rows in zip(tasks, results) if name == "correctness" for row in rows],
+                  compile=results[len(CORRECTNESS_CASES)])
+    if timing:
+        torch.manual_seed(torch.seed() % 2**31)  # fresh inputs every run
+        result["timing"] = time_shapes("cuda", SHAPES[:2] if quick else SHAPES)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if print_table(result) else 1
+
+
+def cpu_smoke():
+    """No GPU: a small forward+backward through the interpreter, timed on the host (not a benchmark)."""
+    import time
+    from . import chunk_gsa
+    inputs = make_inputs(1, 64, 2, 32, 32, 16, "slot", torch.float32, "cpu", requires_grad=True)
+    start = time.perf_counter()
+    o, _ = chunk_gsa(*inputs, chunk_size=32)
+    o.sum().backward()
+    print(f"no CUDA device: ran a T=64 forward+backward in the Triton interpreter in "
+          f"{time.perf_counter() - start:.1f} s (interpreter speed says nothing about GPU speed)")
+    return 0

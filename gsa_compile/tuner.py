@@ -1,0 +1,497 @@
+"""Autotuner for the generated kernels: search space, pruning, validated timing and a per-GPU cache.
+
+    key = TuningKey.make(spec, T=T, BH=B * HQ)              # Spec fields + pow2 buckets of T and B*H
+    config, source = default_cache().lookup(key)            # "exact" -> "nearest" bucket -> "default"
+    result = tune(key, prune(search_space(spec), fits), run)    # run(config) -> output tensor(s)
+    default_cache().record(key, result.best, result.best_ms, result.default_ms)
+
+Files (format, lookup order, env vars: autotune/README.md): shipped `autotune/<GPU>.json` and the
+user's `$GSA_COMPILE_CACHE_DIR/tuning/<GPU>.json`. A file whose header (GPU, capability, triton,
+torch, kernel-source hash, schema) differs from this process, or that does not parse, is ignored
+with one warning per file and process; nothing here raises on a bad file.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from .spec import SUPPORTED_CHUNK_SIZES, GateLayout, TileConfig, next_power_of_2
+
+FORMAT, SCHEMA_VERSION = "gsa_compile.tuning", 1
+T_RANGE, BH_RANGE = (256, 1 << 20), (1, 4096)
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_PACKAGE = Path(__file__).resolve().parent
+_SOURCES = ("templates/*.jinja", "programs.py", "programs_backward.py", "blocks.py", "ir.py", "codegen.py")
+
+# -- configs and search space ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """What the tuner chooses per key: the chunk size (a Spec field) and the TileConfig fields."""
+    chunk_size: int = 64
+    BK: int = 64
+    BV: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data) -> "LaunchConfig":
+        """Strict: an object of exactly these integer fields with sane values, else ValueError."""
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        if not isinstance(data, dict) or sorted(data) != names or any(type(data[n]) is not int for n in names):
+            raise ValueError(f"config must be an object of integers {names}, got {data!r}")
+        cfg = cls(**data)
+        if (cfg.chunk_size not in SUPPORTED_CHUNK_SIZES or cfg.num_warps not in (1, 2, 4, 8, 16)
+                or not all(16 <= b <= 1024 and b & (b - 1) == 0 for b in (cfg.BK, cfg.BV))
+                or not 1 <= cfg.num_stages <= 8):
+            raise ValueError(f"config values out of range: {data!r}")
+        return cfg
+
+    def tile_config(self) -> TileConfig:
+        return TileConfig(BK=self.BK, BV=self.BV, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def normalized(self, K: int, V: int) -> "LaunchConfig":
+        """Tiles clamped as launch.block() does: a power of two >= 16, <= next_pow2(K or V)."""
+        return dataclasses.replace(self, BK=_block(K, self.BK), BV=_block(V, self.BV))
+
+    def short(self) -> str:
+        return f"BT={self.chunk_size} BK={self.BK} BV={self.BV} w={self.num_warps} s={self.num_stages}"
+
+
+DEFAULT_CONFIG = LaunchConfig()
+
+
+def _block(size: int, preferred: int) -> int:
+    return max(16, min(preferred, next_power_of_2(size)))
+
+
+def search_space(spec_like, chunk_sizes=(32, 64, 128), blocks=(32, 64, 128), warps=(4, 8),
+                 stages=(1, 2, 3)) -> list[LaunchConfig]:
+    """Distinct configs for anything with K and V (Spec, TuningKey, Problem); the default first."""
+    K, V = spec_like.K, spec_like.V
+    out = {DEFAULT_CONFIG.normalized(K, V): None}
+    for bt, bk, bv, w, s in itertools.product(chunk_sizes, blocks, blocks, warps, stages):
+        out.setdefault(LaunchConfig(bt, _block(K, bk), _block(V, bv), w, s), None)
+    return list(out)
+
+
+def prune(candidates: Iterable[LaunchConfig], fits: Callable[[LaunchConfig], bool]) -> list[LaunchConfig]:
+    """Keep the candidates `fits` accepts; one whose check raises (e.g. cannot compile) is dropped."""
+    def ok(cfg):
+        try:
+            return bool(fits(cfg))
+        except Exception:  # noqa: BLE001 - what cannot compile cannot launch
+            return False
+    return [cfg for cfg in candidates if ok(cfg)]
+
+
+def footprint_fits(kernels: Callable[[LaunchConfig], Iterable[tuple]], footprint: Optional[Callable] = None,
+                   arch: int = 90) -> Callable[[LaunchConfig], bool]:
+    """A `fits` for prune(): kernels(cfg) yields (builder, spec, constexprs) for each kernel a call
+    launches; cfg fits when every one fits on sm_`arch`. `footprint(builder, spec, constexprs,
+    TileConfig, arch=...) -> .fits` defaults to resources.footprint; results are memoised."""
+    if footprint is None:
+        from .resources import footprint
+    memo: dict = {}
+
+    def fits(cfg: LaunchConfig) -> bool:
+        for builder, spec, constexprs in kernels(cfg):
+            k = (getattr(builder, "__name__", id(builder)), spec, tuple(sorted(constexprs.items())),
+                 cfg.num_warps, cfg.num_stages)
+            if k not in memo:
+                memo[k] = bool(footprint(builder, spec, constexprs, cfg.tile_config(), arch=arch).fits)
+            if not memo[k]:
+                return False
+        return True
+    return fits
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+def bucket(n: int, lo: int, hi: int) -> int:
+    return min(hi, max(lo, next_power_of_2(max(1, int(n)))))
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class TuningKey:
+    layout: str
+    dtype: str
+    K: int
+    V: int
+    M: int
+    group: int
+    varlen: bool
+    T: int  # next power of two of the length, clamped to T_RANGE
+    BH: int  # next power of two of B * HQ, clamped to BH_RANGE
+
+    @classmethod
+    def make(cls, spec_like, T: int, BH: int) -> "TuningKey":
+        """From a Spec (or anything with layout, dtype, K, V, M[, group, varlen]) and call sizes."""
+        layout = spec_like.layout.value if isinstance(spec_like.layout, GateLayout) else str(spec_like.layout)
+        return cls(layout, str(spec_like.dtype).replace("torch.", ""), int(spec_like.K), int(spec_like.V),
+                   int(spec_like.M), int(getattr(spec_like, "group", 1)), bool(getattr(spec_like, "varlen", False)),
+                   bucket(T, *T_RANGE), bucket(BH, *BH_RANGE))
+
+    def shape(self) -> tuple:
+        """The non-bucket fields: only keys sharing these may borrow each other's configs."""
+        return self.layout, self.dtype, self.K, self.V, self.M, self.group, self.varlen
+
+    def to_str(self) -> str:
+        return (f"{self.layout}|{self.dtype}|K={self.K}|V={self.V}|M={self.M}|group={self.group}"
+                f"|varlen={int(self.varlen)}|T={self.T}|BH={self.BH}")
+
+    @classmethod
+    def from_str(cls, text) -> "TuningKey":
+        parts = text.split("|") if isinstance(text, str) else []
+        if len(parts) != 9 or [p.split("=")[0] for p in parts[2:]] != ["K", "V", "M", "group", "varlen", "T", "BH"]:
+            raise ValueError(f"bad tuning key {text!r}")
+        K, V, M, group, varlen, T, BH = (int(p.split("=", 1)[1]) for p in parts[2:])
+        key = cls(parts[0], parts[1], K, V, M, group, bool(varlen), T, BH)
+        if (key.layout not in {x.value for x in GateLayout} or key.dtype not in DTYPES or varlen not in (0, 1)
+                or min(K, V, M, group) < 1 or T != bucket(T, *T_RANGE) or BH != bucket(BH, *BH_RANGE)):
+            raise ValueError(f"bad tuning key {text!r}")
+        return key
+
+# -- environment and files --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Environment:
+    gpu: str
+    capability: tuple
+    triton: str
+    torch: str
+    source_hash: str
+
+    def header(self) -> dict:
+        return {"gpu": self.gpu, "capability": list(self.capability), "triton": self.triton,
+                "torch": self.torch, "source_hash": self.source_hash}
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash(root: Path = _PACKAGE) -> str:
+    """sha256 (16 hex digits) of the kernel sources: templates, IR, programs, blocks, codegen."""
+    h = hashlib.sha256()
+    for pattern in _SOURCES:
+        for path in sorted(root.glob(pattern)):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def current_environment(device=None) -> Environment:
+    """This process's environment for `device` (default: the current CUDA device; "cpu" without)."""
+    import triton
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        gpu, cap = torch.cuda.get_device_name(dev), tuple(torch.cuda.get_device_capability(dev))
+    else:
+        gpu, cap = "cpu", (0, 0)
+    return Environment(gpu, cap, triton.__version__, torch.__version__.split("+")[0], source_hash())
+
+
+def gpu_file_name(gpu: str) -> str:
+    """"NVIDIA H200" -> "NVIDIA_H200.json"."""
+    return (re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_") or "unknown") + ".json"
+
+
+def shipped_dir() -> Path:
+    env = os.environ.get("GSA_COMPILE_TUNING_DIR")
+    return Path(env).expanduser() if env else _PACKAGE.parent / "autotune"
+
+
+def user_dir() -> Path:
+    env = os.environ.get("GSA_COMPILE_CACHE_DIR")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "gsa_compile") / "tuning"
+
+
+_warned: set = set()
+
+
+def _warn_once(path: Path, message: str) -> None:
+    if str(path) not in _warned:
+        _warned.add(str(path))
+        warnings.warn(f"gsa_compile tuning file {path}: {message}; ignoring it", RuntimeWarning, stacklevel=4)
+
+
+def read_entries(path: Path, env: Environment) -> dict:
+    """{TuningKey: entry} of a file valid for `env`; {} plus one warning for anything else."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:  # unreadable, truncated, not JSON, not UTF-8
+        _warn_once(path, f"unreadable or corrupted ({type(err).__name__}: {err})")
+        return {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+        _warn_once(path, f"not a {FORMAT} file")
+        return {}
+    if data.get("version") != SCHEMA_VERSION:
+        _warn_once(path, f"schema version {data.get('version')!r}, expected {SCHEMA_VERSION}")
+        return {}
+    header = data.get("header")
+    if header != env.header():
+        if isinstance(header, dict):
+            header = {k: v for k, v in header.items() if env.header().get(k) != v}
+        _warn_once(path, f"made for another environment {header} (this one: {env.header()})")
+        return {}
+    entries, bad = {}, 0
+    for text, entry in data["entries"].items():
+        try:
+            key, cfg = TuningKey.from_str(text), LaunchConfig.from_json(entry["config"])
+            if not all(t is None or (type(t) in (int, float) and t >= 0) for t in
+                       (entry.get("time_ms"), entry.get("default_ms"))):
+                raise ValueError("bad time")
+            entries[key] = dict(entry, config=cfg)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            bad += 1
+    if bad:
+        _warn_once(path, f"{bad} malformed entr{'y' if bad == 1 else 'ies'} (the other entries are used)")
+    return entries
+
+
+class TuningCache:
+    """Shipped + user tuning files of one GPU. lookup() never raises; record() merges atomically."""
+
+    def __init__(self, env: Optional[Environment] = None, shipped: Optional[Path] = None,
+                 user: Optional[Path] = None):
+        self.env = env or current_environment()
+        self.shipped_path = Path(shipped or shipped_dir()) / gpu_file_name(self.env.gpu)
+        self.user_path = Path(user or user_dir()) / gpu_file_name(self.env.gpu)
+        self.reload()
+
+    def reload(self) -> None:
+        self._entries, self._memo = None, {}
+
+    def entries(self) -> dict:
+        """{TuningKey: entry}; user entries override shipped ones."""
+        if self._entries is None:
+            self._entries = {**read_entries(self.shipped_path, self.env), **read_entries(self.user_path, self.env)}
+        return self._entries
+
+    def lookup(self, key: TuningKey, max_distance: float = math.inf) -> tuple[LaunchConfig, str]:
+        """(config, "exact" | "nearest" | "default"): the key itself (user file first), else the
+        closest tuned bucket of the same shape by |log2 T ratio| + |log2 BH ratio| (ties: larger T,
+        then larger BH), else DEFAULT_CONFIG normalised to K, V. Memoised until reload()/record()."""
+        if (key, max_distance) not in self._memo:
+            entries = self.entries()
+            near = sorted((abs(math.log2(k.T / key.T)) + abs(math.log2(k.BH / key.BH)), -k.T, -k.BH, k)
+                          for k in entries if k.shape() == key.shape())
+            if key in entries:
+                found = entries[key]["config"], "exact"
+            elif near and near[0][0] <= max_distance:
+                found = entries[near[0][3]]["config"], "nearest"
+            else:
+                found = DEFAULT_CONFIG.normalized(key.K, key.V), "default"
+            self._memo[key, max_distance] = found
+        return self._memo[key, max_distance]
+
+    def record(self, key: TuningKey, config: LaunchConfig, time_ms: Optional[float] = None,
+               default_ms: Optional[float] = None, shipped: bool = False) -> bool:
+        """Merge one entry into the user file (shipped=True: the shipped file) under an flock on
+        `<file>.lock`: re-read, merge, write a temp file in the same directory, os.replace. A foreign
+        or corrupted file is replaced. False (and a warning) when it cannot write; never raises."""
+        path = self.shipped_path if shipped else self.user_path
+        entry = {"config": config.to_json(), "time_ms": _num(time_ms), "default_ms": _num(default_ms),
+                 "speedup": _num(default_ms / time_ms) if time_ms and default_ms else None,
+                 "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with _locked(path):
+                merged = {k.to_str(): dict(e, config=e["config"].to_json()) for k, e in read_entries(path, self.env).items()}
+                merged[key.to_str()] = entry
+                doc = {"format": FORMAT, "version": SCHEMA_VERSION, "header": self.env.header(),
+                       "entries": dict(sorted(merged.items()))}
+                _atomic_write(path, json.dumps(doc, indent=2) + "\n")
+        except OSError as err:
+            warnings.warn(f"gsa_compile: cannot write tuning file {path}: {err}", RuntimeWarning, stacklevel=2)
+            return False
+        self.reload()
+        return True
+
+
+_caches: dict = {}
+
+
+def default_cache(device=None) -> TuningCache:
+    """The process-wide TuningCache of a device's GPU and the current directories."""
+    key = (current_environment(device), shipped_dir(), user_dir())
+    if key not in _caches:
+        _caches[key] = TuningCache(*key)
+    return _caches[key]
+
+
+def _num(x):
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive flock on `<file>.lock`, released on close (no-op where fcntl is missing)."""
+    with open(path.with_name(path.name + ".lock"), "a+") as handle:
+        try:
+            import fcntl
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - Windows: os.replace alone keeps readers safe
+            pass
+        yield
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+# -- tuning -----------------------------------------------------------------------------------
+
+
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float64: 1e-9}
+
+
+@dataclasses.dataclass
+class Trial:
+    config: LaunchConfig
+    status: str  # "timed" | "skipped" (raised) | "rejected" (wrong or non-finite output)
+    time_ms: Optional[float] = None
+    note: str = ""
+
+
+@dataclasses.dataclass
+class TuneResult:
+    key: TuningKey
+    best: LaunchConfig
+    best_ms: float
+    default_ms: float
+    timed: int = 0
+    skipped: int = 0
+    rejected: int = 0
+    refused: Optional[str] = None  # why nothing ran (compile trace, graph capture)
+    trials: list = dataclasses.field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        return self.default_ms / self.best_ms if self.best_ms > 0 else math.nan
+
+
+def tuning_forbidden() -> Optional[str]:
+    """Why tuning must not run now (a torch.compile trace, a CUDA graph capture), else None."""
+    if torch.compiler.is_compiling():
+        return "inside a torch.compile trace"
+    with contextlib.suppress(Exception):  # CPU builds have no capture API
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return "inside a CUDA graph capture"
+    return None
+
+
+def do_bench_median(fn: Callable[[], object]) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, return_mode="median"))
+
+
+def _tensors(out) -> list:
+    if isinstance(out, (tuple, list)):
+        return [t for x in out for t in _tensors(x)]
+    if out is None or isinstance(out, torch.Tensor):
+        return [out]
+    raise TypeError(f"run() must return tensors, got {type(out).__name__}")
+
+
+def compare(out, ref, rtol: Optional[float] = None) -> Optional[str]:
+    """None when each output matches (max |out - ref| / max |ref| <= tol, all finite), else why not."""
+    outs, refs = _tensors(out), _tensors(ref)
+    if len(outs) != len(refs):
+        return f"{len(outs)} outputs, expected {len(refs)}"
+    for i, (x, r) in enumerate(zip(outs, refs)):
+        if x is None or r is None or x.shape != r.shape:
+            if x is not None or r is not None:
+                return f"output {i}: {None if x is None else tuple(x.shape)}, expected {None if r is None else tuple(r.shape)}"
+            continue
+        x, r64, tol = x.detach().double(), r.detach().double(), rtol if rtol is not None else TOLERANCE.get(r.dtype, 1e-2)
+        if not torch.isfinite(x).all():
+            return f"output {i}: non-finite values"
+        err = ((x - r64).abs().max() / r64.abs().max().clamp_min(1e-30)).item() if x.numel() else 0.0
+        if not err <= tol:
+            return f"output {i}: relative error {err:.2e} > {tol:.0e}"
+    return None
+
+
+def tune(key: TuningKey, candidates: Sequence[LaunchConfig], run: Callable[[LaunchConfig], object],
+         bench: Callable[[Callable[[], object]], float] = do_bench_median,
+         reference_config: LaunchConfig = DEFAULT_CONFIG, rtol: Optional[float] = None,
+         progress: bool = False) -> TuneResult:
+    """Run the reference config, then each candidate: it must return outputs matching the reference
+    (compare()) before it is timed with bench(); the fastest wins, ties keep the reference. One that
+    raises is skipped, a wrong one rejected. In a compile trace or graph capture nothing runs."""
+    reason = tuning_forbidden()
+    if reason is not None:
+        return TuneResult(key, reference_config, math.nan, math.nan, refused=reason)
+    ref = run(reference_config)  # the default must work: its failure is a bug and propagates
+    default_ms = float(bench(lambda: run(reference_config)))
+    result = TuneResult(key, reference_config, default_ms, default_ms, timed=1,
+                        trials=[Trial(reference_config, "timed", default_ms, "reference")])
+    for cfg in _progress([c for c in candidates if c != reference_config], key.to_str(), progress):
+        try:
+            bad = compare(run(cfg), ref, rtol)
+            ms = math.nan if bad else float(bench(lambda cfg=cfg: run(cfg)))
+            if not bad and not ms > 0:
+                raise RuntimeError(f"benchmark returned {ms}")
+        except Exception as err:  # noqa: BLE001 - OutOfResources, compile errors, launch failures
+            result.skipped += 1
+            result.trials.append(Trial(cfg, "skipped", None, f"{type(err).__name__}: {err}"[:300]))
+            continue
+        if bad:
+            result.rejected += 1
+            result.trials.append(Trial(cfg, "rejected", None, bad))
+            continue
+        result.timed += 1
+        result.trials.append(Trial(cfg, "timed", ms))
+        if ms < result.best_ms:
+            result.best, result.best_ms = cfg, ms
+    return result
+
+
+def _progress(items: list, desc: str, enabled: bool):
+    """tqdm when installed, else one printed line per candidate; nothing when disabled."""
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(items, desc=desc, leave=False)
+    except ImportError:
+        return (print(f"{desc}: {i}/{len(items)} {c.short()}", flush=True) or c for i, c in enumerate(items, 1))
+
+
+def format_table(results: Sequence[TuneResult]) -> str:
+    """The final table of `python -m gsa_compile tune`: spec, best config, times, speedup."""
+    rows = [("spec", "best config", "best ms", "default ms", "speedup", "timed/skipped/rejected")]
+    rows += [(r.key.to_str(), r.best.short() + (f" ({r.refused})" if r.refused else ""), f"{r.best_ms:.4f}",
+              f"{r.default_ms:.4f}", f"{r.speedup:.2f}x", f"{r.timed}/{r.skipped}/{r.rejected}") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines[:1] + ["-+-".join("-" * w for w in widths)] + lines[1:])
