@@ -12,7 +12,7 @@ from . import codegen
 from .spec import Spec, TileConfig
 
 HOPPER_SHARED_LIMIT = 232448
-_INPUT_POINTERS = {"q", "k", "v", "s", "o"}
+_INPUT_POINTERS = {"q", "k", "v", "s", "o", "do", "dq", "dk", "dv"}
 _INT_POINTERS = {"cu_seqlens", "chunk_offsets", "chunk_seq", "chunk_idx"}
 _TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -33,7 +33,7 @@ def signature(arg_names, spec: Spec, constexprs):
             sig[name] = "*" + _TRITON_DTYPE[spec.dtype]
         elif name in _INT_POINTERS:
             sig[name] = "*i32"
-        elif name == "scale_log2":
+        elif name in ("scale", "scale_log2"):
             sig[name] = "fp32"
         elif name.startswith("stride_") or name in ("T", "H", "HQ"):
             sig[name] = "i32"

@@ -1,17 +1,15 @@
-"""Autotuner for the generated kernels: search space, pruning, validated timing and a per-GPU cache.
+"""Autotuner for the generated kernels: search space, pruning, validated timing, per-GPU cache.
 
-    key = TuningKey.make(spec, T=T, BH=B * HQ)              # Spec fields + pow2 buckets of T and B*H
-    config, source = default_cache().lookup(key)            # "exact" -> "nearest" bucket -> "default"
-    result = tune(key, prune(search_space(spec), fits), run)    # run(config) -> output tensor(s)
+    key = TuningKey.make(spec, T=T, BH=B * HQ)                 # Spec fields + pow2 buckets of T, B*HQ
+    config, source = default_cache().lookup(key)               # "exact" | "nearest" | "default"
+    result = tune(key, prune(search_space(spec), fits), run)   # run(config) -> output tensor(s)
     default_cache().record(key, result.best, result.best_ms, result.default_ms)
 
-Files (format, lookup order, env vars: autotune/README.md): shipped `autotune/<GPU>.json` and the
-user's `$GSA_COMPILE_CACHE_DIR/tuning/<GPU>.json`. A file whose header (GPU, capability, triton,
-torch, kernel-source hash, schema) differs from this process, or that does not parse, is ignored
-with one warning per file and process; nothing here raises on a bad file.
+Files, lookup order, fallbacks and env vars: autotune/README.md. A bad file never raises.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -28,6 +26,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+import torch.utils._pytree as pytree
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: os.replace alone keeps readers safe
+    fcntl = None
 
 from .spec import SUPPORTED_CHUNK_SIZES, GateLayout, TileConfig, next_power_of_2
 
@@ -36,8 +40,6 @@ T_RANGE, BH_RANGE = (256, 1 << 20), (1, 4096)
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _PACKAGE = Path(__file__).resolve().parent
 _SOURCES = ("templates/*.jinja", "programs.py", "programs_backward.py", "blocks.py", "ir.py", "codegen.py")
-
-# -- configs and search space ------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +125,6 @@ def footprint_fits(kernels: Callable[[LaunchConfig], Iterable[tuple]], footprint
         return True
     return fits
 
-# -- keys -------------------------------------------------------------------------------------
-
 
 def bucket(n: int, lo: int, hi: int) -> int:
     return min(hi, max(lo, next_power_of_2(max(1, int(n)))))
@@ -150,40 +150,32 @@ class TuningKey:
                    int(spec_like.M), int(getattr(spec_like, "group", 1)), bool(getattr(spec_like, "varlen", False)),
                    bucket(T, *T_RANGE), bucket(BH, *BH_RANGE))
 
-    def shape(self) -> tuple:
-        """The non-bucket fields: only keys sharing these may borrow each other's configs."""
-        return self.layout, self.dtype, self.K, self.V, self.M, self.group, self.varlen
-
     def to_str(self) -> str:
-        return (f"{self.layout}|{self.dtype}|K={self.K}|V={self.V}|M={self.M}|group={self.group}"
-                f"|varlen={int(self.varlen)}|T={self.T}|BH={self.BH}")
+        return "|".join(f"{f.name}={int(v) if isinstance(v, bool) else v}" for f, v in
+                        zip(dataclasses.fields(self), dataclasses.astuple(self)))
 
     @classmethod
     def from_str(cls, text) -> "TuningKey":
-        parts = text.split("|") if isinstance(text, str) else []
-        if len(parts) != 9 or [p.split("=")[0] for p in parts[2:]] != ["K", "V", "M", "group", "varlen", "T", "BH"]:
+        """Inverse of to_str(); ValueError for anything else (wrong fields, values off the buckets)."""
+        parts = dict(p.split("=", 1) for p in text.split("|") if "=" in p) if isinstance(text, str) else {}
+        fields = dataclasses.fields(cls)
+        if list(parts) != [f.name for f in fields]:
             raise ValueError(f"bad tuning key {text!r}")
-        K, V, M, group, varlen, T, BH = (int(p.split("=", 1)[1]) for p in parts[2:])
-        key = cls(parts[0], parts[1], K, V, M, group, bool(varlen), T, BH)
-        if (key.layout not in {x.value for x in GateLayout} or key.dtype not in DTYPES or varlen not in (0, 1)
-                or min(K, V, M, group) < 1 or T != bucket(T, *T_RANGE) or BH != bucket(BH, *BH_RANGE)):
+        key = cls(*(parts[f.name] if f.type == "str" else int(parts[f.name]) for f in fields))
+        if (key.layout not in {x.value for x in GateLayout} or key.dtype not in DTYPES or key.varlen not in (0, 1)
+                or min(key.K, key.V, key.M, key.group) < 1 or key.T != bucket(key.T, *T_RANGE)
+                or key.BH != bucket(key.BH, *BH_RANGE)):
             raise ValueError(f"bad tuning key {text!r}")
-        return key
-
-# -- environment and files --------------------------------------------------------------------
+        return dataclasses.replace(key, varlen=bool(key.varlen))
 
 
 @dataclasses.dataclass(frozen=True)
 class Environment:
     gpu: str
-    capability: tuple
+    capability: str  # "9.0"
     triton: str
-    torch: str
+    torch: str  # without a local suffix: "2.13.0"
     source_hash: str
-
-    def header(self) -> dict:
-        return {"gpu": self.gpu, "capability": list(self.capability), "triton": self.triton,
-                "torch": self.torch, "source_hash": self.source_hash}
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,9 +194,9 @@ def current_environment(device=None) -> Environment:
     import triton
     if torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-        gpu, cap = torch.cuda.get_device_name(dev), tuple(torch.cuda.get_device_capability(dev))
+        gpu, cap = torch.cuda.get_device_name(dev), "%d.%d" % torch.cuda.get_device_capability(dev)
     else:
-        gpu, cap = "cpu", (0, 0)
+        gpu, cap = "cpu", "0.0"
     return Environment(gpu, cap, triton.__version__, torch.__version__.split("+")[0], source_hash())
 
 
@@ -223,38 +215,26 @@ def user_dir() -> Path:
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "gsa_compile") / "tuning"
 
 
-_warned: set = set()
-
-
-def _warn_once(path: Path, message: str) -> None:
-    if str(path) not in _warned:
-        _warned.add(str(path))
-        warnings.warn(f"gsa_compile tuning file {path}: {message}; ignoring it", RuntimeWarning, stacklevel=4)
+_warned: set = set()  # files warned about in this process
 
 
 def read_entries(path: Path, env: Environment) -> dict:
-    """{TuningKey: entry} of a file valid for `env`; {} plus one warning for anything else."""
+    """{TuningKey: entry} of a file valid for `env`; {} plus one warning (per file and process) when
+    it is corrupted, truncated, of another schema or made for another environment."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:  # unreadable, truncated, not JSON, not UTF-8
-        _warn_once(path, f"unreadable or corrupted ({type(err).__name__}: {err})")
-        return {}
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
-        _warn_once(path, f"not a {FORMAT} file")
-        return {}
-    if data.get("version") != SCHEMA_VERSION:
-        _warn_once(path, f"schema version {data.get('version')!r}, expected {SCHEMA_VERSION}")
-        return {}
-    header = data.get("header")
-    if header != env.header():
-        if isinstance(header, dict):
-            header = {k: v for k, v in header.items() if env.header().get(k) != v}
-        _warn_once(path, f"made for another environment {header} (this one: {env.header()})")
-        return {}
+        data, problem = None, f"unreadable or corrupted ({type(err).__name__}: {err})"
+    else:
+        ok = isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("entries"), dict)
+        header = data.get("header") if ok else None
+        problem = (f"not a {FORMAT} file" if not ok else f"schema version {data.get('version')!r}, expected "
+                   f"{SCHEMA_VERSION}" if data.get("version") != SCHEMA_VERSION else f"made for {header}, "
+                   f"not for {dataclasses.asdict(env)}" if header != dataclasses.asdict(env) else None)
     entries, bad = {}, 0
-    for text, entry in data["entries"].items():
+    for text, entry in data["entries"].items() if problem is None else ():
         try:
             key, cfg = TuningKey.from_str(text), LaunchConfig.from_json(entry["config"])
             if not all(t is None or (type(t) in (int, float) and t >= 0) for t in
@@ -264,7 +244,10 @@ def read_entries(path: Path, env: Environment) -> dict:
         except (ValueError, TypeError, KeyError, AttributeError):
             bad += 1
     if bad:
-        _warn_once(path, f"{bad} malformed entr{'y' if bad == 1 else 'ies'} (the other entries are used)")
+        problem = f"{bad} malformed entr{'y' if bad == 1 else 'ies'} ignored (the other entries are used)"
+    if problem is not None and str(path) not in _warned:
+        _warned.add(str(path))
+        warnings.warn(f"gsa_compile tuning file {path}: {problem}", RuntimeWarning, stacklevel=3)
     return entries
 
 
@@ -294,7 +277,7 @@ class TuningCache:
         if (key, max_distance) not in self._memo:
             entries = self.entries()
             near = sorted((abs(math.log2(k.T / key.T)) + abs(math.log2(k.BH / key.BH)), -k.T, -k.BH, k)
-                          for k in entries if k.shape() == key.shape())
+                          for k in entries if dataclasses.replace(k, T=key.T, BH=key.BH) == key)
             if key in entries:
                 found = entries[key]["config"], "exact"
             elif near and near[0][0] <= max_distance:
@@ -310,15 +293,18 @@ class TuningCache:
         `<file>.lock`: re-read, merge, write a temp file in the same directory, os.replace. A foreign
         or corrupted file is replaced. False (and a warning) when it cannot write; never raises."""
         path = self.shipped_path if shipped else self.user_path
-        entry = {"config": config.to_json(), "time_ms": _num(time_ms), "default_ms": _num(default_ms),
-                 "speedup": _num(default_ms / time_ms) if time_ms and default_ms else None,
+        num = lambda x: None if x is None or not math.isfinite(x) else round(float(x), 6)  # noqa: E731
+        entry = {"config": config.to_json(), "time_ms": num(time_ms), "default_ms": num(default_ms),
+                 "speedup": num(default_ms / time_ms) if time_ms and default_ms else None,
                  "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with _locked(path):
+            with open(path.with_name(path.name + ".lock"), "a+") as lock:  # released on close
+                if fcntl is not None:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
                 merged = {k.to_str(): dict(e, config=e["config"].to_json()) for k, e in read_entries(path, self.env).items()}
                 merged[key.to_str()] = entry
-                doc = {"format": FORMAT, "version": SCHEMA_VERSION, "header": self.env.header(),
+                doc = {"format": FORMAT, "version": SCHEMA_VERSION, "header": dataclasses.asdict(self.env),
                        "entries": dict(sorted(merged.items()))}
                 _atomic_write(path, json.dumps(doc, indent=2) + "\n")
         except OSError as err:
@@ -339,22 +325,6 @@ def default_cache(device=None) -> TuningCache:
     return _caches[key]
 
 
-def _num(x):
-    return None if x is None or not math.isfinite(x) else round(float(x), 6)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive flock on `<file>.lock`, released on close (no-op where fcntl is missing)."""
-    with open(path.with_name(path.name + ".lock"), "a+") as handle:
-        try:
-            import fcntl
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - Windows: os.replace alone keeps readers safe
-            pass
-        yield
-
-
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
@@ -368,18 +338,12 @@ def _atomic_write(path: Path, text: str) -> None:
             os.unlink(tmp)
         raise
 
-# -- tuning -----------------------------------------------------------------------------------
-
 
 TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float64: 1e-9}
 
 
-@dataclasses.dataclass
-class Trial:
-    config: LaunchConfig
-    status: str  # "timed" | "skipped" (raised) | "rejected" (wrong or non-finite output)
-    time_ms: Optional[float] = None
-    note: str = ""
+# status: "timed" | "skipped" (raised) | "rejected" (wrong or non-finite output); time_ms None unless timed
+Trial = collections.namedtuple("Trial", "config status time_ms note")
 
 
 @dataclasses.dataclass
@@ -414,25 +378,15 @@ def do_bench_median(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, return_mode="median"))
 
 
-def _tensors(out) -> list:
-    if isinstance(out, (tuple, list)):
-        return [t for x in out for t in _tensors(x)]
-    if out is None or isinstance(out, torch.Tensor):
-        return [out]
-    raise TypeError(f"run() must return tensors, got {type(out).__name__}")
-
-
 def compare(out, ref, rtol: Optional[float] = None) -> Optional[str]:
-    """None when each output matches (max |out - ref| / max |ref| <= tol, all finite), else why not."""
-    outs, refs = _tensors(out), _tensors(ref)
-    if len(outs) != len(refs):
-        return f"{len(outs)} outputs, expected {len(refs)}"
-    for i, (x, r) in enumerate(zip(outs, refs)):
-        if x is None or r is None or x.shape != r.shape:
-            if x is not None or r is not None:
-                return f"output {i}: {None if x is None else tuple(x.shape)}, expected {None if r is None else tuple(r.shape)}"
-            continue
-        x, r64, tol = x.detach().double(), r.detach().double(), rtol if rtol is not None else TOLERANCE.get(r.dtype, 1e-2)
+    """None when the outputs (tensors in any nesting of tuples/lists) have the reference's structure
+    and shapes, are finite and each has max |out - ref| / max |ref| <= tol; else why not."""
+    (outs, tree), (refs, ref_tree) = pytree.tree_flatten(out), pytree.tree_flatten(ref)
+    shapes = [[None if x is None else tuple(x.shape) for x in xs] for xs in (outs, refs)]
+    if tree != ref_tree or shapes[0] != shapes[1]:
+        return f"outputs {shapes[0]}, expected {shapes[1]}"
+    for i, (x, r) in enumerate((x, r) for x, r in zip(outs, refs) if x is not None):
+        x, r64, tol = x.detach().double(), r.detach().double(), TOLERANCE.get(r.dtype, 1e-2) if rtol is None else rtol
         if not torch.isfinite(x).all():
             return f"output {i}: non-finite values"
         err = ((x - r64).abs().max() / r64.abs().max().clamp_min(1e-30)).item() if x.numel() else 0.0
@@ -470,7 +424,7 @@ def tune(key: TuningKey, candidates: Sequence[LaunchConfig], run: Callable[[Laun
             result.trials.append(Trial(cfg, "rejected", None, bad))
             continue
         result.timed += 1
-        result.trials.append(Trial(cfg, "timed", ms))
+        result.trials.append(Trial(cfg, "timed", ms, ""))
         if ms < result.best_ms:
             result.best, result.best_ms = cfg, ms
     return result

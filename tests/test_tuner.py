@@ -1,0 +1,311 @@
+"""The autotuner on CPU: keys and buckets, cache lookup and fallbacks, robustness of the JSON files
+(foreign headers, corruption, wrong types, concurrent writers) and tune() with fake run/bench."""
+import dataclasses
+import json
+import multiprocessing
+import sys
+import warnings
+
+import pytest
+import torch
+
+from gsa_compile import tuner
+from gsa_compile.spec import GateLayout, Spec
+from gsa_compile.tuner import DEFAULT_CONFIG, Environment, LaunchConfig, TuningCache, TuningKey
+
+ENV = Environment(gpu="NVIDIA H200", capability="9.0", triton="3.7.1", torch="2.13.0", source_hash="abc123")
+SPEC = Spec(layout=GateLayout.SLOT, chunk_size=64, dtype="bfloat16", K=128, V=128, M=64, group=2)
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """Shipped and user directories under tmp_path (env vars too: nothing touches the real home)."""
+    shipped, cache = tmp_path / "autotune", tmp_path / "cache"
+    shipped.mkdir()
+    monkeypatch.setenv("GSA_COMPILE_TUNING_DIR", str(shipped))
+    monkeypatch.setenv("GSA_COMPILE_CACHE_DIR", str(cache))
+    return shipped, cache / "tuning"
+
+
+def key(T=4096, BH=64, **kw):
+    return dataclasses.replace(TuningKey.make(SPEC, T=T, BH=BH), **kw)
+
+
+def write(path, entries, env=ENV, **top):
+    doc = {"format": tuner.FORMAT, "version": tuner.SCHEMA_VERSION, "header": dataclasses.asdict(env),
+           "entries": {k.to_str(): {"config": c.to_json(), "time_ms": 1.0, "default_ms": 2.0} for k, c in entries}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**doc, **top}))
+
+
+def caught(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        result = fn()
+    return result, [x for x in w if "gsa_compile tuning file" in str(x.message)]
+
+
+FAST = LaunchConfig(chunk_size=128, BK=64, BV=128, num_warps=8, num_stages=3)
+OTHER = LaunchConfig(chunk_size=32, BK=32, BV=32, num_warps=4, num_stages=1)
+
+
+# -- keys and search space ---------------------------------------------------------------------
+
+def test_buckets():
+    assert [tuner.bucket(t, *tuner.T_RANGE) for t in (1, 256, 257, 4096, 5000, 1 << 21)] == \
+        [256, 256, 512, 4096, 8192, 1 << 20]
+    assert [tuner.bucket(b, *tuner.BH_RANGE) for b in (1, 3, 64, 65, 10**6)] == [1, 4, 64, 128, 4096]
+    k = TuningKey.make(SPEC, T=3000, BH=2 * 12)
+    assert (k.layout, k.dtype, k.K, k.group, k.varlen, k.T, k.BH) == ("slot", "bfloat16", 128, 2, False, 4096, 32)
+    assert TuningKey.from_str(k.to_str()) == k
+    assert TuningKey.make(SPEC, T=3000, BH=24) == TuningKey.make(SPEC, T=2049, BH=17)  # same buckets
+    for bad in ("", "slot|bfloat16", k.to_str().replace("T=4096", "T=4000"), k.to_str().replace("slot", "x"), 7):
+        with pytest.raises(ValueError):
+            TuningKey.from_str(bad)
+
+
+def test_search_space_and_prune():
+    space = tuner.search_space(SPEC)
+    assert space[0] == DEFAULT_CONFIG and len(space) == len(set(space)) == 3 * 3 * 3 * 2 * 3
+    small = tuner.search_space(Spec(layout=GateLayout.SLOT, chunk_size=64, dtype="float32", K=24, V=16, M=8))
+    assert {c.BK for c in small} == {32} and {c.BV for c in small} == {16} and small[0].BK == 32
+    assert len(small) == 3 * 2 * 3
+
+    def fits(c):
+        if c.num_stages == 3:
+            raise RuntimeError("cannot compile")
+        return c.chunk_size * c.BV <= 64 * 64
+    kept = tuner.prune(space, fits)
+    assert kept and all(c.num_stages < 3 and c.chunk_size * c.BV <= 4096 for c in kept)
+
+
+def test_footprint_fits_memoises():
+    calls = []
+
+    def footprint(builder, spec, constexprs, tile, arch):
+        calls.append((builder.__name__, tile.num_stages))
+        return type("F", (), {"fits": tile.num_stages < 3})()
+
+    def state_pass(): ...
+    fits = tuner.footprint_fits(lambda c: [(state_pass, SPEC, {"BK": c.BK})], footprint=footprint)
+    assert fits(DEFAULT_CONFIG) and fits(DEFAULT_CONFIG)
+    assert not fits(dataclasses.replace(DEFAULT_CONFIG, num_stages=3))
+    assert calls == [("state_pass", 2), ("state_pass", 3)]
+
+
+# -- lookup ------------------------------------------------------------------------------------
+
+def test_lookup_exact_nearest_default(dirs):
+    shipped, user = dirs
+    write(shipped / "NVIDIA_H200.json", [(key(), FAST), (key(T=1 << 16, BH=4096), OTHER)])
+    cache = TuningCache(ENV)
+    assert cache.shipped_path == shipped / "NVIDIA_H200.json" and cache.user_path == user / "NVIDIA_H200.json"
+    assert cache.lookup(key()) == (FAST, "exact")
+    assert cache.lookup(key(T=8192)) == (FAST, "nearest")
+    assert cache.lookup(key(T=1 << 15, BH=2048)) == (OTHER, "nearest")
+    assert cache.lookup(key(T=1 << 18, BH=1024)) == (OTHER, "nearest")  # log2 distances 10 vs 4
+    assert cache.lookup(key(T=1 << 18, BH=64)) == (FAST, "nearest")  # 6 vs 8
+    assert cache.lookup(key(T=1 << 14, BH=512)) == (OTHER, "nearest")  # 5 vs 5: the larger T wins
+    assert cache.lookup(key(T=1 << 18, BH=1024), max_distance=2) == (DEFAULT_CONFIG, "default")
+    assert cache.lookup(key(M=32)) == (DEFAULT_CONFIG, "default")  # other shapes never borrow
+    assert cache.lookup(key(varlen=True)) == (DEFAULT_CONFIG, "default")
+    small = TuningKey.make(Spec(layout=GateLayout.HEAD, chunk_size=64, dtype="float32", K=16, V=32, M=8), 64, 1)
+    assert cache.lookup(small) == (LaunchConfig(64, 16, 32, 4, 2), "default")  # default clamped to K, V
+    # the user file wins over the shipped one; record() refreshes the memo
+    assert cache.record(key(), OTHER, time_ms=0.5, default_ms=1.0)
+    assert cache.lookup(key()) == (OTHER, "exact")
+    assert TuningCache(ENV).lookup(key()) == (OTHER, "exact")
+    doc = json.loads(cache.user_path.read_text())
+    assert doc["header"] == dataclasses.asdict(ENV)
+    assert doc["entries"][key().to_str()]["config"] == OTHER.to_json()
+    assert doc["entries"][key().to_str()]["speedup"] == 2.0
+
+
+def test_missing_files_and_default_cache(dirs):
+    (cfg, source), warned = caught(lambda: TuningCache(ENV).lookup(key()))
+    assert (cfg, source) == (DEFAULT_CONFIG, "default") and not warned
+    cache = tuner.default_cache()
+    assert cache is tuner.default_cache() and cache.user_path.parent == dirs[1]
+    assert cache.env.source_hash == tuner.source_hash() and len(tuner.source_hash()) == 16
+
+
+# -- robustness of the files -------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("gpu", "NVIDIA A100-SXM4-80GB"), ("capability", "8.0"),
+                                         ("triton", "3.6.0"), ("torch", "2.11.0"), ("source_hash", "ffff")])
+def test_foreign_header_ignored_with_one_warning(dirs, field, value):
+    path = dirs[0] / "NVIDIA_H200.json"
+    write(path, [(key(), FAST)], env=dataclasses.replace(ENV, **{field: value}))
+    results, warned = caught(lambda: [TuningCache(ENV).lookup(key()) for _ in range(3)])
+    assert results == [(DEFAULT_CONFIG, "default")] * 3
+    assert len(warned) == 1 and value in str(warned[0].message)
+
+
+@pytest.mark.parametrize("text", [
+    "", "{", "not json at all", "[1, 2, 3]", "null", '{"format": "other", "entries": {}}',
+    json.dumps({"format": tuner.FORMAT, "version": 99, "header": dataclasses.asdict(ENV), "entries": {}}),
+    json.dumps({"format": tuner.FORMAT, "version": 1, "header": None, "entries": {}}),
+    json.dumps({"format": tuner.FORMAT, "version": 1, "header": dataclasses.asdict(ENV), "entries": []}),
+    "truncated", "binary"])
+def test_corrupted_files_ignored(dirs, text):
+    path = dirs[1] / "NVIDIA_H200.json"
+    if text == "truncated":
+        write(path, [(key(), FAST), (key(T=512), OTHER)])
+        text = path.read_text()[: len(path.read_text()) // 2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\xff\xfe\x00garbage" if text == "binary" else text.encode())
+    write(dirs[0] / "NVIDIA_H200.json", [(key(), OTHER)])  # a valid shipped file still counts
+    cache = TuningCache(ENV)
+    result, warned = caught(lambda: cache.lookup(key()))
+    assert result == (OTHER, "exact") and len(warned) == 1
+    assert cache.record(key(T=512), FAST, 1.0, 1.0)  # a broken user file is replaced, not merged
+    assert json.loads(path.read_text())["entries"].keys() == {key(T=512).to_str()}
+
+
+def test_wrong_typed_entries_ignored(dirs):
+    path = dirs[0] / "NVIDIA_H200.json"
+    write(path, [(key(), FAST)])
+    doc = json.loads(path.read_text())
+    good = doc["entries"][key().to_str()]
+    doc["entries"].update({
+        key(T=512).to_str(): {**good, "config": {**FAST.to_json(), "BK": "64"}},
+        key(T=1024).to_str(): {**good, "config": {**FAST.to_json(), "num_warps": 4.0}},
+        key(T=2048).to_str(): {**good, "config": {**FAST.to_json(), "BV": 48}},
+        key(T=8192).to_str(): {**good, "config": {**FAST.to_json(), "chunk_size": True}},
+        key(T=16384).to_str(): {**good, "config": [64, 64, 64, 4, 2]},
+        key(T=32768).to_str(): {**good, "time_ms": "fast"},
+        key(T=65536).to_str(): "oops",
+        key(T=1 << 17).to_str(): {**good, "config": {**FAST.to_json(), "extra": 1}},
+        "slot|bfloat16|K=128": good,
+        key().to_str().replace("BH=64", "BH=-1"): good,
+    })
+    path.write_text(json.dumps(doc))
+    cache = TuningCache(ENV)
+    entries, warned = caught(cache.entries)
+    assert list(entries) == [key()] and len(warned) == 1 and "10 malformed" in str(warned[0].message)
+    assert cache.lookup(key(T=512)) == (FAST, "nearest")  # the good entry, never a malformed one
+
+
+def _record_many(user_dir, worker, start, n):
+    start.wait()
+    cache = TuningCache(ENV, user=user_dir)
+    for i in range(n):
+        assert cache.record(key(T=256 << (i % 13), BH=1 << worker, M=i + 1), FAST, time_ms=1.0 + i, default_ms=2.0)
+
+
+def test_concurrent_writers(dirs):
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_record_many, args=(dirs[1], w, start, 20)) for w in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    path = dirs[1] / "NVIDIA_H200.json"
+    doc = json.loads(path.read_text())
+    assert len(doc["entries"]) == 80
+    entries, warned = caught(TuningCache(ENV).entries)
+    assert len(entries) == 80 and not warned
+    assert sorted(p.name for p in dirs[1].iterdir()) == ["NVIDIA_H200.json", "NVIDIA_H200.json.lock"]
+
+
+def test_unwritable_directory_warns(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cache = TuningCache(ENV, shipped=tmp_path, user=blocker / "sub")
+    with pytest.warns(RuntimeWarning, match="cannot write"):
+        assert cache.record(key(), FAST) is False
+
+
+# -- tune --------------------------------------------------------------------------------------
+
+TIMES = {DEFAULT_CONFIG: 2.0, FAST: 1.0, OTHER: 1.5}
+WRONG = LaunchConfig(chunk_size=32, BK=128, BV=128, num_warps=8, num_stages=1)
+BROKEN = LaunchConfig(chunk_size=128, BK=32, BV=32, num_warps=8, num_stages=3)
+NAN = LaunchConfig(chunk_size=128, BK=32, BV=32, num_warps=4, num_stages=1)
+
+
+def fake_run(x, log):
+    def run(cfg):
+        log.append(cfg)
+        if cfg == BROKEN:
+            raise RuntimeError("OutOfResources: shared memory")
+        y = x * 2 + (1e-5 if cfg == OTHER else 0.0)  # rounding noise is fine
+        if cfg == WRONG:
+            y[0, 0] += 1.0  # one wrong element: rejected
+        if cfg == NAN:
+            y[1, 1] = float("nan")
+        return y, None
+    return run
+
+
+def test_tune_picks_fastest_valid():
+    log, timed = [], []
+
+    def bench(fn):  # deterministic fake timings, keyed by the config the timed closure runs
+        fn()
+        timed.append(log[-1])
+        return {WRONG: 0.1, NAN: 0.1}.get(log[-1], TIMES.get(log[-1]))
+
+    run = fake_run(torch.randn(4, 8), log)
+    result = tuner.tune(key(), [DEFAULT_CONFIG, OTHER, WRONG, BROKEN, FAST, NAN], run, bench=bench, progress=True)
+    assert result.best == FAST and result.best_ms == 1.0 and result.default_ms == 2.0 and result.speedup == 2.0
+    assert (result.timed, result.skipped, result.rejected, result.refused) == (3, 1, 2, None)
+    assert timed == [DEFAULT_CONFIG, OTHER, FAST]  # wrong and broken candidates are never timed
+    status = {t.config: t.status for t in result.trials}
+    assert status[WRONG] == status[NAN] == "rejected" and status[BROKEN] == "skipped"
+    assert "OutOfResources" in next(t.note for t in result.trials if t.config == BROKEN)
+    table = tuner.format_table([result])
+    assert key().to_str() in table and FAST.short() in table and "2.00x" in table
+
+
+def test_progress_without_tqdm(monkeypatch, capsys):
+    for name in ("tqdm", "tqdm.auto"):  # import fails: plain printed lines instead
+        monkeypatch.setitem(sys.modules, name, None)
+    result = tuner.tune(key(), [OTHER, FAST], fake_run(torch.ones(2, 2), []), bench=lambda fn: 1.0, progress=True)
+    assert result.timed == 3 and capsys.readouterr().out.count("/2 BT=") == 2
+
+
+def test_tune_keeps_default_when_nothing_is_faster():
+    run = fake_run(torch.ones(2, 2), [])
+    result = tuner.tune(key(), [OTHER, BROKEN], run, bench=lambda fn: (fn(), 1.0)[1])
+    assert result.best == DEFAULT_CONFIG and result.speedup == 1.0  # ties keep the reference
+
+
+def test_compare_tolerances():
+    ref = torch.ones(3, dtype=torch.bfloat16)
+    assert tuner.compare(ref * 1.01, ref) is None and tuner.compare(ref * 1.1, ref) is not None
+    assert tuner.compare(torch.ones(3) * 1.01, torch.ones(3)) is not None
+    assert tuner.compare(torch.ones(3) * 1.01, torch.ones(3), rtol=0.05) is None
+    assert tuner.compare((torch.ones(3),), torch.ones(3)) is not None  # structure differs
+    assert tuner.compare(torch.ones(4), torch.ones(3)) is not None
+
+
+@pytest.mark.parametrize("where", ["compile", "capture"])
+def test_tune_refuses_inside_compile_or_capture(monkeypatch, where):
+    if where == "compile":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def run(cfg):
+        raise AssertionError("nothing may run")
+    result = tuner.tune(key(), [FAST], run, bench=run)
+    assert result.best == DEFAULT_CONFIG and result.timed == 0 and where in result.refused
+
+
+def test_tune_refuses_inside_real_compile():
+    seen = []
+
+    def run(cfg):
+        raise AssertionError("nothing may run")
+
+    def f(x):
+        seen.append(tuner.tune(key(), [FAST], run, bench=run).refused)
+        return x + 1
+    torch.compile(f, backend="eager")(torch.ones(2))
+    assert seen == ["inside a torch.compile trace"]
+    assert tuner.tuning_forbidden() is None
