@@ -187,7 +187,7 @@ def print_table(result):
     for r in result["correctness"]:
         print(f"  {r['dtype']:<9} {r['layout']:<11} chunk {r['chunk']:<4} values {r['value_err']:.1e}  "
               f"grads {r['grad_err']:.1e}  {'ok' if r['ok'] else 'FAIL'}")
-    print("torch.compile:", result["compile"])
+    print("torch.compile:", {k: v for k, v in result["compile"].items() if k != "error"})
     print(f"{'shape':<28} | {'ours fwd':>9} {'fla fwd':>9} {'x':>5} | {'ours f+b':>9} {'fla f+b':>9} {'x':>5} | "
           f"{'sdpa fwd':>9} {'sdpa f+b':>9} | {'mem ours':>9} {'mem fla':>9} | floor")
     for r in result.get("timing", []):
@@ -200,7 +200,21 @@ def print_table(result):
 
 
 def _task(name, arg):
-    """One unit of parallel work (run in a fresh process): its compiles land in the shared Triton cache."""
+    """One unit of parallel work (in a fresh process; its compiles land in the shared Triton cache).
+    A failure comes back as text: tracebacks do not pickle."""
+    import traceback
+    try:
+        return _run_task(name, arg)
+    except Exception:
+        text = traceback.format_exc()
+        print(text, file=sys.stderr)
+        if name == "correctness":
+            return [dict(dtype=c[0], layout=c[1], chunk=c[2], value_err=float("nan"), grad_err=float("nan"),
+                         ok=False, error=text[-2000:]) for c in arg[1]]
+        return dict(ok=False, error=text[-2000:])
+
+
+def _run_task(name, arg):
     torch.manual_seed(torch.seed() % 2**31)
     if name == "correctness":
         return check_correctness("cuda", *arg)

@@ -131,7 +131,7 @@ def render(program: ir.Program, spec: Spec, template: str) -> str:
     """Triton source of one kernel module."""
     text = _ENV.get_template(template).render(
         name=program.name, body=render_body(program, spec), varlen=spec.varlen,
-        spec_comment=repr(spec))
+        acc_dtype=_Emitter(spec).dtype("f32"), spec_comment=repr(spec))
     _check_no_shadowing(program, text)
     return text
 

@@ -28,12 +28,12 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.utils._pytree as pytree
 
+from .spec import SUPPORTED_CHUNK_SIZES, GateLayout, TileConfig, next_power_of_2
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: os.replace alone keeps readers safe
     fcntl = None
-
-from .spec import SUPPORTED_CHUNK_SIZES, GateLayout, TileConfig, next_power_of_2
 
 FORMAT, SCHEMA_VERSION = "gsa_compile.tuning", 1
 T_RANGE, BH_RANGE = (256, 1 << 20), (1, 4096)
@@ -72,7 +72,8 @@ class LaunchConfig:
 
     def normalized(self, K: int, V: int) -> "LaunchConfig":
         """Tiles clamped as launch.block() does: a power of two >= 16, <= next_pow2(K or V)."""
-        return dataclasses.replace(self, BK=_block(K, self.BK), BV=_block(V, self.BV))
+        return dataclasses.replace(self, BK=max(16, min(self.BK, next_power_of_2(K))),
+                                   BV=max(16, min(self.BV, next_power_of_2(V))))
 
     def short(self) -> str:
         return f"BT={self.chunk_size} BK={self.BK} BV={self.BV} w={self.num_warps} s={self.num_stages}"
@@ -81,43 +82,34 @@ class LaunchConfig:
 DEFAULT_CONFIG = LaunchConfig()
 
 
-def _block(size: int, preferred: int) -> int:
-    return max(16, min(preferred, next_power_of_2(size)))
-
-
 def search_space(spec_like, chunk_sizes=(32, 64, 128), blocks=(32, 64, 128), warps=(4, 8),
                  stages=(1, 2, 3)) -> list[LaunchConfig]:
     """Distinct configs for anything with K and V (Spec, TuningKey, Problem); the default first."""
-    K, V = spec_like.K, spec_like.V
-    out = {DEFAULT_CONFIG.normalized(K, V): None}
-    for bt, bk, bv, w, s in itertools.product(chunk_sizes, blocks, blocks, warps, stages):
-        out.setdefault(LaunchConfig(bt, _block(K, bk), _block(V, bv), w, s), None)
-    return list(out)
+    configs = [LaunchConfig(*c) for c in itertools.product(chunk_sizes, blocks, blocks, warps, stages)]
+    return list(dict.fromkeys(c.normalized(spec_like.K, spec_like.V) for c in [DEFAULT_CONFIG] + configs))
 
 
 def prune(candidates: Iterable[LaunchConfig], fits: Callable[[LaunchConfig], bool]) -> list[LaunchConfig]:
     """Keep the candidates `fits` accepts; one whose check raises (e.g. cannot compile) is dropped."""
-    def ok(cfg):
-        try:
-            return bool(fits(cfg))
-        except Exception:  # noqa: BLE001 - what cannot compile cannot launch
-            return False
-    return [cfg for cfg in candidates if ok(cfg)]
+    kept = []
+    for cfg in candidates:
+        with contextlib.suppress(Exception):  # what cannot compile cannot launch
+            if fits(cfg):
+                kept.append(cfg)
+    return kept
 
 
 def footprint_fits(kernels: Callable[[LaunchConfig], Iterable[tuple]], footprint: Optional[Callable] = None,
                    arch: int = 90) -> Callable[[LaunchConfig], bool]:
-    """A `fits` for prune(): kernels(cfg) yields (builder, spec, constexprs) for each kernel a call
-    launches; cfg fits when every one fits on sm_`arch`. `footprint(builder, spec, constexprs,
-    TileConfig, arch=...) -> .fits` defaults to resources.footprint; results are memoised."""
+    """A `fits` for prune(): kernels(cfg) yields (builder, spec, constexprs) per kernel of a call; cfg
+    fits when all do on sm_`arch`. footprint defaults to resources.footprint (memoised here)."""
     if footprint is None:
         from .resources import footprint
     memo: dict = {}
 
     def fits(cfg: LaunchConfig) -> bool:
         for builder, spec, constexprs in kernels(cfg):
-            k = (getattr(builder, "__name__", id(builder)), spec, tuple(sorted(constexprs.items())),
-                 cfg.num_warps, cfg.num_stages)
+            k = (builder, spec, tuple(sorted(constexprs.items())), cfg.num_warps, cfg.num_stages)
             if k not in memo:
                 memo[k] = bool(footprint(builder, spec, constexprs, cfg.tile_config(), arch=arch).fits)
             if not memo[k]:
@@ -171,6 +163,7 @@ class TuningKey:
 
 @dataclasses.dataclass(frozen=True)
 class Environment:
+    """The header of a tuning file: it is used only by processes whose environment is equal."""
     gpu: str
     capability: str  # "9.0"
     triton: str
@@ -205,14 +198,11 @@ def gpu_file_name(gpu: str) -> str:
     return (re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_") or "unknown") + ".json"
 
 
-def shipped_dir() -> Path:
-    env = os.environ.get("GSA_COMPILE_TUNING_DIR")
-    return Path(env).expanduser() if env else _PACKAGE.parent / "autotune"
-
-
-def user_dir() -> Path:
-    env = os.environ.get("GSA_COMPILE_CACHE_DIR")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "gsa_compile") / "tuning"
+def tuning_dirs() -> tuple[Path, Path]:
+    """(shipped dir: $GSA_COMPILE_TUNING_DIR or <repo>/autotune, user dir: $GSA_COMPILE_CACHE_DIR/tuning)."""
+    shipped, cache = os.environ.get("GSA_COMPILE_TUNING_DIR"), os.environ.get("GSA_COMPILE_CACHE_DIR")
+    return (Path(shipped).expanduser() if shipped else _PACKAGE.parent / "autotune",
+            (Path(cache).expanduser() if cache else Path.home() / ".cache" / "gsa_compile") / "tuning")
 
 
 _warned: set = set()  # files warned about in this process
@@ -221,19 +211,20 @@ _warned: set = set()  # files warned about in this process
 def read_entries(path: Path, env: Environment) -> dict:
     """{TuningKey: entry} of a file valid for `env`; {} plus one warning (per file and process) when
     it is corrupted, truncated, of another schema or made for another environment."""
+    entries, bad, problem = {}, 0, None
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as err:  # unreadable, truncated, not JSON, not UTF-8
         data, problem = None, f"unreadable or corrupted ({type(err).__name__}: {err})"
-    else:
-        ok = isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("entries"), dict)
-        header = data.get("header") if ok else None
-        problem = (f"not a {FORMAT} file" if not ok else f"schema version {data.get('version')!r}, expected "
-                   f"{SCHEMA_VERSION}" if data.get("version") != SCHEMA_VERSION else f"made for {header}, "
-                   f"not for {dataclasses.asdict(env)}" if header != dataclasses.asdict(env) else None)
-    entries, bad = {}, 0
+    if problem is None and not (isinstance(data, dict) and data.get("format") == FORMAT
+                                and isinstance(data.get("entries"), dict)):
+        problem = f"not a {FORMAT} file"
+    elif problem is None and data.get("version") != SCHEMA_VERSION:
+        problem = f"schema version {data.get('version')!r}, expected {SCHEMA_VERSION}"
+    elif problem is None and data.get("header") != dataclasses.asdict(env):
+        problem = f"made for {data.get('header')}, not for {dataclasses.asdict(env)}"
     for text, entry in data["entries"].items() if problem is None else ():
         try:
             key, cfg = TuningKey.from_str(text), LaunchConfig.from_json(entry["config"])
@@ -257,8 +248,8 @@ class TuningCache:
     def __init__(self, env: Optional[Environment] = None, shipped: Optional[Path] = None,
                  user: Optional[Path] = None):
         self.env = env or current_environment()
-        self.shipped_path = Path(shipped or shipped_dir()) / gpu_file_name(self.env.gpu)
-        self.user_path = Path(user or user_dir()) / gpu_file_name(self.env.gpu)
+        self.shipped_path = Path(shipped or tuning_dirs()[0]) / gpu_file_name(self.env.gpu)
+        self.user_path = Path(user or tuning_dirs()[1]) / gpu_file_name(self.env.gpu)
         self.reload()
 
     def reload(self) -> None:
@@ -302,11 +293,23 @@ class TuningCache:
             with open(path.with_name(path.name + ".lock"), "a+") as lock:  # released on close
                 if fcntl is not None:
                     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-                merged = {k.to_str(): dict(e, config=e["config"].to_json()) for k, e in read_entries(path, self.env).items()}
+                merged = {k.to_str(): dict(e, config=e["config"].to_json())
+                          for k, e in read_entries(path, self.env).items()}
                 merged[key.to_str()] = entry
                 doc = {"format": FORMAT, "version": SCHEMA_VERSION, "header": dataclasses.asdict(self.env),
                        "entries": dict(sorted(merged.items()))}
-                _atomic_write(path, json.dumps(doc, indent=2) + "\n")
+                tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp",
+                                                  delete=False)
+                try:
+                    with tmp:
+                        tmp.write(json.dumps(doc, indent=2) + "\n")
+                        tmp.flush()
+                        os.fsync(tmp.fileno())
+                    os.replace(tmp.name, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp.name)
+                    raise
         except OSError as err:
             warnings.warn(f"gsa_compile: cannot write tuning file {path}: {err}", RuntimeWarning, stacklevel=2)
             return False
@@ -319,29 +322,13 @@ _caches: dict = {}
 
 def default_cache(device=None) -> TuningCache:
     """The process-wide TuningCache of a device's GPU and the current directories."""
-    key = (current_environment(device), shipped_dir(), user_dir())
+    key = (current_environment(device), *tuning_dirs())
     if key not in _caches:
         _caches[key] = TuningCache(*key)
     return _caches[key]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float64: 1e-9}
-
-
 # status: "timed" | "skipped" (raised) | "rejected" (wrong or non-finite output); time_ms None unless timed
 Trial = collections.namedtuple("Trial", "config status time_ms note")
 
@@ -352,11 +339,11 @@ class TuneResult:
     best: LaunchConfig
     best_ms: float
     default_ms: float
-    timed: int = 0
-    skipped: int = 0
-    rejected: int = 0
     refused: Optional[str] = None  # why nothing ran (compile trace, graph capture)
-    trials: list = dataclasses.field(default_factory=list)
+    trials: list = dataclasses.field(default_factory=list)  # the reference first
+
+    def count(self, status: str) -> int:
+        return sum(t.status == status for t in self.trials)
 
     @property
     def speedup(self) -> float:
@@ -371,11 +358,6 @@ def tuning_forbidden() -> Optional[str]:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return "inside a CUDA graph capture"
     return None
-
-
-def do_bench_median(fn: Callable[[], object]) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, return_mode="median"))
 
 
 def compare(out, ref, rtol: Optional[float] = None) -> Optional[str]:
@@ -396,56 +378,53 @@ def compare(out, ref, rtol: Optional[float] = None) -> Optional[str]:
 
 
 def tune(key: TuningKey, candidates: Sequence[LaunchConfig], run: Callable[[LaunchConfig], object],
-         bench: Callable[[Callable[[], object]], float] = do_bench_median,
+         bench: Optional[Callable[[Callable[[], object]], float]] = None,
          reference_config: LaunchConfig = DEFAULT_CONFIG, rtol: Optional[float] = None,
          progress: bool = False) -> TuneResult:
-    """Run the reference config, then each candidate: it must return outputs matching the reference
-    (compare()) before it is timed with bench(); the fastest wins, ties keep the reference. One that
-    raises is skipped, a wrong one rejected. In a compile trace or graph capture nothing runs."""
+    """Run the reference config, then each candidate: its outputs must match the reference's
+    (compare()) before bench() times it; the fastest wins, ties keep the reference. One that raises
+    is skipped, a wrong one rejected. Inside a compile trace or graph capture nothing runs.
+    bench(fn) -> ms defaults to triton.testing.do_bench(fn, return_mode="median") (device events)."""
     reason = tuning_forbidden()
     if reason is not None:
         return TuneResult(key, reference_config, math.nan, math.nan, refused=reason)
+    if bench is None:
+        import triton.testing
+        bench = functools.partial(triton.testing.do_bench, return_mode="median")
     ref = run(reference_config)  # the default must work: its failure is a bug and propagates
     default_ms = float(bench(lambda: run(reference_config)))
-    result = TuneResult(key, reference_config, default_ms, default_ms, timed=1,
+    result = TuneResult(key, reference_config, default_ms, default_ms,
                         trials=[Trial(reference_config, "timed", default_ms, "reference")])
-    for cfg in _progress([c for c in candidates if c != reference_config], key.to_str(), progress):
+    todo = [c for c in candidates if c != reference_config]
+    if progress:  # tqdm when installed, else one printed line per candidate
+        try:
+            from tqdm.auto import tqdm
+            todo = tqdm(todo, desc=key.to_str(), leave=False)
+        except ImportError:
+            items = todo
+            todo = (print(f"{key.to_str()}: {i}/{len(items)} {c.short()}", flush=True) or c
+                    for i, c in enumerate(items, 1))
+    for cfg in todo:
         try:
             bad = compare(run(cfg), ref, rtol)
-            ms = math.nan if bad else float(bench(lambda cfg=cfg: run(cfg)))
-            if not bad and not ms > 0:
+            ms = None if bad else float(bench(lambda cfg=cfg: run(cfg)))
+            if ms is not None and not ms > 0:
                 raise RuntimeError(f"benchmark returned {ms}")
         except Exception as err:  # noqa: BLE001 - OutOfResources, compile errors, launch failures
-            result.skipped += 1
             result.trials.append(Trial(cfg, "skipped", None, f"{type(err).__name__}: {err}"[:300]))
             continue
-        if bad:
-            result.rejected += 1
-            result.trials.append(Trial(cfg, "rejected", None, bad))
-            continue
-        result.timed += 1
-        result.trials.append(Trial(cfg, "timed", ms, ""))
-        if ms < result.best_ms:
+        result.trials.append(Trial(cfg, "rejected" if bad else "timed", ms, bad or ""))
+        if ms is not None and ms < result.best_ms:
             result.best, result.best_ms = cfg, ms
     return result
-
-
-def _progress(items: list, desc: str, enabled: bool):
-    """tqdm when installed, else one printed line per candidate; nothing when disabled."""
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-        return tqdm(items, desc=desc, leave=False)
-    except ImportError:
-        return (print(f"{desc}: {i}/{len(items)} {c.short()}", flush=True) or c for i, c in enumerate(items, 1))
 
 
 def format_table(results: Sequence[TuneResult]) -> str:
     """The final table of `python -m gsa_compile tune`: spec, best config, times, speedup."""
     rows = [("spec", "best config", "best ms", "default ms", "speedup", "timed/skipped/rejected")]
     rows += [(r.key.to_str(), r.best.short() + (f" ({r.refused})" if r.refused else ""), f"{r.best_ms:.4f}",
-              f"{r.default_ms:.4f}", f"{r.speedup:.2f}x", f"{r.timed}/{r.skipped}/{r.rejected}") for r in results]
+              f"{r.default_ms:.4f}", f"{r.speedup:.2f}x", "/".join(str(r.count(s)) for s in
+                                                                    ("timed", "skipped", "rejected"))) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines[:1] + ["-+-".join("-" * w for w in widths)] + lines[1:])

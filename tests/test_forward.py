@@ -30,7 +30,7 @@ LAYOUTS = list(GateLayout)  # slot, head, decay_head, decay_slot, abc
 FP32_TOL = 1e-5
 LOW_PRECISION_TOL = 1e-2
 MAX_T = 150  # keeps an interpreter example to ~1 s
-EXAMPLES = 4 if INTERPRETER else 30  # per (chunk size, layout)
+EXAMPLES = 3 if INTERPRETER else 30  # hypothesis examples per (chunk size, layout)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -124,6 +124,7 @@ def problems(draw, chunk_size):
 @settings(deadline=None, max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_matches_reference(chunk_size, layout, data):
+    """fp32: o and both final states within 1e-5 of the float64 recurrence."""
     sizes, cu_seqlens, n_states = data.draw(problems(chunk_size), label="problem")
     q, k, v, s, g, state = make_inputs(layout, n_states=n_states, **sizes)
     if cu_seqlens is not None:
@@ -142,7 +143,7 @@ def test_boundaries(chunk_size):
     """Lengths around the chunk size, always; K, V > 64 take several K/V tiles (BK = BV = 64)."""
     for i, T in enumerate(_boundary_lengths(chunk_size)):
         layout = LAYOUTS[i % len(LAYOUTS)]
-        q, k, v, s, g, state = make_inputs(layout, B=1, T=T, H=1, G=2, K=7, V=9, M=5, seed=T, n_states=1)
+        q, k, v, s, g, state = make_inputs(layout, B=1, T=T, H=1, G=1, K=7, V=9, M=5, seed=T, n_states=1)
         assert_matches(*run_both(q, k, v, s, g, state, None, chunk_size), FP32_TOL, f"T={T} {layout}")
     q, k, v, s, g, state = make_inputs(GateLayout.SLOT, B=1, T=chunk_size + 3, H=1, G=1, K=70, V=67, M=3,
                                        seed=1, n_states=1)
@@ -182,6 +183,11 @@ LOW_PRECISION = [
 ]
 
 
+# The fp16 output pass casts exp2(r - gc_j) of sub-chunks that lie wholly past the end of the
+# sequence (their row ts - 1 is masked, so r = 0) to fp16: inf, then inf * 0 = nan in rows that are
+# never stored. Harmless to the results; numpy's warnings about it are silenced here.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[layout.value for layout in LAYOUTS])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["fp16", "bf16"])
 def test_low_precision(dtype, layout):
