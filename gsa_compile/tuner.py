@@ -185,7 +185,7 @@ def source_hash(root: Path = _PACKAGE) -> str:
 def current_environment(device=None) -> Environment:
     """This process's environment for `device` (default: the current CUDA device; "cpu" without)."""
     import triton
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
         gpu, cap = torch.cuda.get_device_name(dev), "%d.%d" % torch.cuda.get_device_capability(dev)
     else:
@@ -391,7 +391,8 @@ def tune(key: TuningKey, candidates: Sequence[LaunchConfig], run: Callable[[Laun
     if bench is None:
         import triton.testing
         bench = functools.partial(triton.testing.do_bench, return_mode="median")
-    ref = run(reference_config)  # the default must work: its failure is a bug and propagates
+    # the default must work (its failure is a bug and propagates); cloned in case run reuses buffers
+    ref = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, run(reference_config))
     default_ms = float(bench(lambda: run(reference_config)))
     result = TuneResult(key, reference_config, default_ms, default_ms,
                         trials=[Trial(reference_config, "timed", default_ms, "reference")])
@@ -423,8 +424,8 @@ def format_table(results: Sequence[TuneResult]) -> str:
     """The final table of `python -m gsa_compile tune`: spec, best config, times, speedup."""
     rows = [("spec", "best config", "best ms", "default ms", "speedup", "timed/skipped/rejected")]
     rows += [(r.key.to_str(), r.best.short() + (f" ({r.refused})" if r.refused else ""), f"{r.best_ms:.4f}",
-              f"{r.default_ms:.4f}", f"{r.speedup:.2f}x", "/".join(str(r.count(s)) for s in
-                                                                    ("timed", "skipped", "rejected"))) for r in results]
+              f"{r.default_ms:.4f}", f"{r.speedup:.2f}x", f"{r.count('timed')}/{r.count('skipped')}/{r.count('rejected')}")
+             for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines[:1] + ["-+-".join("-" * w for w in widths)] + lines[1:])

@@ -268,6 +268,16 @@ def test_progress_without_tqdm(monkeypatch, capsys):
     assert result.count("timed") == 3 and capsys.readouterr().out.count("/2 BT=") == 2
 
 
+def test_tune_clones_the_reference():
+    buffer = torch.zeros(3)
+
+    def run(cfg):  # writes into one reused output buffer, like a launcher with preallocated outputs
+        buffer.fill_(2.0 if cfg == WRONG else 1.0)
+        return buffer
+    result = tuner.tune(key(), [WRONG], run, bench=lambda fn: 1.0)
+    assert result.count("rejected") == 1
+
+
 def test_tune_keeps_default_when_nothing_is_faster():
     run = fake_run(torch.ones(2, 2), [])
     result = tuner.tune(key(), [OTHER, BROKEN], run, bench=lambda fn: (fn(), 1.0)[1])

@@ -1,0 +1,396 @@
+"""Gradients of chunk_gsa: generated backward kernels against the float64 reference's autograd.
+
+1. Hypothesis, per chunk size x gate layout: every gradient (q, k, v, s, g, initial hk and hv) of
+   chunk_gsa in float32 matches autograd through `recurrent_gsa` on float64 copies, with gradients
+   flowing in through o, through the final states, or both (random upstream gradients).
+2. `torch.autograd.gradcheck` of chunk_gsa in float64 (accepted only under the interpreter).
+3. `torch.library.opcheck` of gsa::chunk_forward (requires-grad inputs, so the autograd
+   registration and AOT dispatch of the backward are exercised) and of gsa::chunk_backward.
+4. A `torch.compile(fullgraph=True)` training step (forward, loss, backward, SGD update) matches eager.
+5. Learnable constant decays (parameters of shape [H] and [H, M]) receive the reference gradient.
+
+Under the Triton interpreter every kernel program is slow (chunk 128 costs ~10 s per backward even
+at T=1), so the number of Hypothesis examples per (chunk size, layout) is small and scales with
+the loaded Hypothesis profile ("ci": 20 examples -> x1, "gpu": 200 -> x10).
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from gsa_compile import abc_gate, chunk_gsa, recurrent_gsa
+from gsa_compile import ops as gsa_ops
+
+CHUNK_SIZES = (16, 32, 64, 128)
+LAYOUTS = ("slot", "head", "decay_head", "decay_slot", "abc")
+TOL = 1e-4  # ||a - b|| / ||b|| for every float32 gradient against the float64 reference
+# Examples per (chunk size, layout) under the "ci" profile; a backward at chunk 128 costs ~10-20 s.
+BASE_EXAMPLES = {16: 4, 32: 2, 64: 2, 128: 1}
+T_MAX = {16: 61, 32: 79, 64: 99, 128: 139}  # the "above one chunk" regime draws odd T in (chunk, T_MAX]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+def make_gate(layout, B, T, H, M, gen, dtype):
+    """Data-dependent gates: logsigmoid(randn); constant decays: -rand; ABC: None."""
+    if layout == "slot":
+        return F.logsigmoid(torch.randn(B, T, H, M, generator=gen, dtype=dtype))
+    if layout == "head":
+        return F.logsigmoid(torch.randn(B, T, H, generator=gen, dtype=dtype))
+    if layout == "decay_head":
+        return -torch.rand(H, generator=gen, dtype=dtype)
+    if layout == "decay_slot":
+        return -torch.rand(H, M, generator=gen, dtype=dtype)
+    return None
+
+
+def make_inputs(layout, B, T, HQ, H, K, V, M, N, initial_state, seed, dtype=torch.float32, device="cpu"):
+    """Leaf tensors (q, k, v, s, g, hk0, hv0) that require grad; g is None for ABC, hk0/hv0 may be None."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, HQ, K, generator=gen, dtype=dtype)
+    k = torch.randn(B, T, H, K, generator=gen, dtype=dtype)
+    v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
+    if layout == "abc":  # slot logits
+        s = torch.randn(B, T, H, M, generator=gen, dtype=dtype)
+    else:  # slot weights
+        s = torch.rand(B, T, H, M, generator=gen, dtype=dtype)
+    g = make_gate(layout, B, T, H, M, gen, dtype)
+    hk0 = hv0 = None
+    if initial_state:
+        hk0 = torch.randn(N, H, K, M, generator=gen, dtype=dtype)
+        hv0 = torch.randn(N, H, M, V, generator=gen, dtype=dtype)
+    return tuple(None if x is None else x.to(device).requires_grad_() for x in (q, k, v, s, g, hk0, hv0))
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| in float64 (||a|| when the reference is exactly zero)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    ref = b.norm().item()
+    return (a - b).norm().item() / ref if ref > 0 else a.norm().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Hypothesis: float32 gradients against the float64 reference
+# ----------------------------------------------------------------------------------------------
+
+def rotated(options, shift):
+    """sampled_from(options) whose first (simplest) choice is options[shift % len(options)].
+
+    Hypothesis always tries the simplest example first, and with one or two examples per
+    parametrization that example is most of the run. Rotating the option lists by the
+    parametrization's index makes those first examples differ across layouts and chunk sizes:
+    at chunk 128 (one example each) the five layouts cover T > chunk, T < chunk, T = 1, T = chunk.
+    """
+    shift %= len(options)
+    return st.sampled_from(tuple(options[shift:]) + tuple(options[:shift]))
+
+
+HEADS = ((1, 2), (2, 1), (1, 3), (1, 1), (2, 2), (2, 3))  # (H, GQA group)
+K_DIMS = (5, 3, 7, 12, 1, 17, 24, 10, 20, 13)
+V_DIMS = (7, 11, 3, 24, 6, 1, 19, 9)
+M_DIMS = (3, 1, 5, 7, 12, 2, 9, 6)
+
+
+@st.composite
+def gradient_cases(draw, chunk, shift):
+    regime = draw(rotated(("above", "below", "one", "exact"), shift))
+    if regime == "one":
+        T = 1
+    elif regime == "below":  # odd T inside the first chunk
+        T = draw(st.integers(1, (chunk - 2) // 2)) * 2 + 1
+    elif regime == "exact":  # whole chunks
+        T = chunk * draw(st.sampled_from((1, 2) if chunk <= 32 else (1,)))
+    else:  # odd T past the first chunk boundary
+        T = draw(st.integers(chunk // 2, (T_MAX[chunk] - 1) // 2)) * 2 + 1
+    H, group = draw(rotated(HEADS, shift))
+    case = dict(T=T, H=H, HQ=H * group,
+                K=draw(rotated(K_DIMS, shift)), V=draw(rotated(V_DIMS, shift + 3)), M=draw(rotated(M_DIMS, shift)),
+                initial_state=draw(rotated((True, False), shift // 2)),
+                upstream=draw(rotated(("both", "o", "final"), shift)),
+                seed=draw(st.integers(0, 2**31 - 1)))
+    if draw(rotated(("varlen", "batch"), shift + 1)) == "varlen":
+        n_seq = min(T, draw(rotated((2, 3, 1), shift)))
+        cuts = sorted(draw(st.lists(st.integers(1, T - 1), min_size=n_seq - 1, max_size=n_seq - 1, unique=True))
+                      if n_seq > 1 else [])
+        case.update(B=1, cu_seqlens=[0, *cuts, T])
+    else:
+        case.update(B=draw(rotated((2, 1), shift)), cu_seqlens=None)
+    return case
+
+
+def check_gradients(layout, chunk_size, case, device):
+    """Run chunk_gsa (float32) and recurrent_gsa (float64 copies), backward the same random upstream
+    gradients through both, and compare every input gradient. Returns the errors by name."""
+    B, T, HQ, H, K, V, M = (case[n] for n in ("B", "T", "HQ", "H", "K", "V", "M"))
+    cu = None if case["cu_seqlens"] is None else torch.tensor(case["cu_seqlens"], dtype=torch.int32, device=device)
+    N = B if cu is None else cu.numel() - 1
+    inputs = make_inputs(layout, B, T, HQ, H, K, V, M, N, case["initial_state"], case["seed"], device=device)
+    names = ("q", "k", "v", "s", "g", "hk0", "hv0")
+    upstream = case["upstream"]
+    want_final = upstream != "o"
+
+    def run(fn, tensors):
+        q, k, v, s, g, hk0, hv0 = tensors
+        state = (hk0, hv0) if hk0 is not None else None
+        kwargs = dict(chunk_size=chunk_size) if fn is chunk_gsa else {}
+        return fn(q, k, v, s, g, initial_state=state, output_final_state=want_final, cu_seqlens=cu, **kwargs)
+
+    o, final = run(chunk_gsa, inputs)
+    assert o.dtype == torch.float32 and o.shape == (B, T, HQ, V)
+    ref_inputs = tuple(None if x is None else x.detach().double().requires_grad_() for x in inputs)
+    o_ref, final_ref = run(recurrent_gsa, ref_inputs)
+    errors = {"o": rel_err(o, o_ref)}
+    if want_final:
+        errors.update(hk_final=rel_err(final[0], final_ref[0]), hv_final=rel_err(final[1], final_ref[1]))
+    else:
+        assert final is None
+
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(device)
+    loss, loss_ref = 0, 0
+    if upstream in ("both", "o"):
+        loss, loss_ref = (o.double() * do).sum(), (o_ref * do).sum()
+    if want_final:
+        for x, x_ref in zip(final, final_ref):
+            d = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device)
+            loss, loss_ref = loss + (x.double() * d).sum(), loss_ref + (x_ref * d).sum()
+
+    leaves = [(n, x, r) for n, x, r in zip(names, inputs, ref_inputs) if x is not None]
+    grads = torch.autograd.grad(loss, [x for _, x, _ in leaves])
+    grads_ref = torch.autograd.grad(loss_ref, [r for _, _, r in leaves])
+    for (name, x, _), a, b in zip(leaves, grads, grads_ref):
+        assert a is not None and a.shape == x.shape and a.dtype == x.dtype, name
+        errors[f"d{name}"] = rel_err(a, b)
+    return errors
+
+
+def _examples(chunk_size):
+    scale = max(1, settings.default.max_examples // 20)
+    return BASE_EXAMPLES[chunk_size] * scale
+
+
+def _gradient_test(chunk_size):
+    @pytest.mark.parametrize("layout", LAYOUTS)
+    @settings(max_examples=_examples(chunk_size), deadline=None)
+    @given(data=st.data())
+    def test(layout, data, device):
+        shift = LAYOUTS.index(layout)
+        case = data.draw(gradient_cases(chunk_size, shift), label="case")
+        errors = check_gradients(layout, chunk_size, case, device)
+        bad = {k: v for k, v in errors.items() if not v <= TOL}
+        assert not bad, (f"chunk_size={chunk_size} layout={layout} case={case}: relative errors above {TOL}: "
+                         + ", ".join(f"{k}={v:.2e}" for k, v in bad.items()))
+
+    test.__name__ = f"test_gradients_match_reference_chunk{chunk_size}"
+    test.__doc__ = f"float32 gradients at chunk_size={chunk_size} match the float64 reference's autograd."
+    return test
+
+
+test_gradients_match_reference_chunk16 = _gradient_test(16)
+test_gradients_match_reference_chunk32 = _gradient_test(32)
+test_gradients_match_reference_chunk64 = _gradient_test(64)
+test_gradients_match_reference_chunk128 = _gradient_test(128)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Learnable constant decays
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["decay_head", "decay_slot"])
+def test_learnable_decay_parameter_gradient(layout, device):
+    """A decay nn.Parameter ([H] or [H, M]) used as g gets the reference gradient, directly and
+    through a reparametrisation (g = -softplus(w)), summed over batch rows and packed sequences."""
+    B, T, HQ, H, K, V, M = 1, 37, 4, 2, 5, 6, 3
+    cu = torch.tensor([0, 9, 30, 37], dtype=torch.int32, device=device)
+    q, k, v, s, g, hk0, hv0 = make_inputs(layout, B, T, HQ, H, K, V, M, 3, True, seed=7, device=device)
+    decay = nn.Parameter(g.detach().clone())
+    raw = nn.Parameter(torch.randn(decay.shape, generator=torch.Generator().manual_seed(3)).to(device))
+    gen = torch.Generator().manual_seed(11)
+    do = torch.randn(B, T, HQ, V, generator=gen).to(device)
+    dhk, dhv = torch.randn(3, H, K, M, generator=gen).to(device), torch.randn(3, H, M, V, generator=gen).to(device)
+
+    def loss_of(fn, gate, tensors, **kwargs):
+        q_, k_, v_, s_, a, b = tensors
+        o, (hk, hv) = fn(q_, k_, v_, s_, gate, initial_state=(a, b), output_final_state=True, cu_seqlens=cu, **kwargs)
+        return (o * do).sum() + (hk * dhk).sum() + (hv * dhv).sum()
+
+    tensors = tuple(x.detach() for x in (q, k, v, s, hk0, hv0))
+    loss_of(chunk_gsa, decay, tensors, chunk_size=16).backward()
+    loss_of(chunk_gsa, -F.softplus(raw), tensors, chunk_size=16).backward()
+    assert decay.grad is not None and decay.grad.shape == decay.shape
+    assert raw.grad is not None and raw.grad.shape == raw.shape
+
+    ref = tuple(x.double() for x in tensors)
+    decay_ref = decay.detach().double().requires_grad_()
+    raw_ref = raw.detach().double().requires_grad_()
+    loss_of(recurrent_gsa, decay_ref, ref).backward()
+    loss_of(recurrent_gsa, -F.softplus(raw_ref), ref).backward()
+    assert rel_err(decay.grad, decay_ref.grad) <= TOL
+    assert rel_err(raw.grad, raw_ref.grad) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. gradcheck in float64 (interpreter only)
+# ----------------------------------------------------------------------------------------------
+
+def _abc_gate_drops_float64():
+    """abc_gate returns g in float32 even for float64 s: ABC then cannot pass a float64 gradcheck."""
+    return abc_gate(torch.zeros(1, 2, 1, 1, dtype=torch.float64))[0].dtype != torch.float64
+
+
+needs_interpreter = pytest.mark.skipif(not gsa_ops.INTERPRETER, reason="float64 kernels run only under the "
+                                       "Triton interpreter")
+GRADCHECK_LAYOUTS = [pytest.param(layout, marks=pytest.mark.xfail(
+    _abc_gate_drops_float64(), strict=True,
+    reason="abc_gate casts the ABC gate to float32 (g.float()), so float64 finite differences see "
+           "float32 rounding")) if layout == "abc" else layout for layout in LAYOUTS]
+
+
+def _gradcheck(layout, T, cu_seqlens=None, fast_mode=True, seed=0):
+    B, HQ, H, K, V, M = 1, 2, 1, 2, 2, 2
+    N = 1 if cu_seqlens is None else len(cu_seqlens) - 1
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
+    inputs = make_inputs(layout, B, T, HQ, H, K, V, M, N, True, seed, dtype=torch.float64)
+    present = [x for x in inputs if x is not None]
+
+    def fn(*tensors):
+        it = iter(tensors)
+        q, k, v, s, g, hk0, hv0 = (None if x is None else next(it) for x in inputs)
+        o, (hk, hv) = chunk_gsa(q, k, v, s, g, initial_state=(hk0, hv0), output_final_state=True,
+                                cu_seqlens=cu, chunk_size=16)
+        assert o.dtype == hk.dtype == hv.dtype == torch.float64
+        return o, hk, hv
+
+    assert torch.autograd.gradcheck(fn, tuple(present), eps=1e-6, atol=1e-6, fast_mode=fast_mode)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", GRADCHECK_LAYOUTS)
+def test_gradcheck_float64(layout):
+    """gradcheck (fast mode: finite differences along random directions of each input, against
+    the backward's vector-Jacobian product) with initial state in and final states out."""
+    _gradcheck(layout, T=7, fast_mode=True)
+
+
+@needs_interpreter
+def test_gradcheck_float64_varlen():
+    _gradcheck("slot", T=7, cu_seqlens=[0, 3, 7], fast_mode=True, seed=1)
+
+
+@needs_interpreter
+def test_gradcheck_float64_full_jacobian():
+    """Element-by-element Jacobian (slow mode) for one data-dependent layout."""
+    _gradcheck("head", T=5, fast_mode=False, seed=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. opcheck
+# ----------------------------------------------------------------------------------------------
+
+def _op_args(layout, B, T, HQ, H, K, V, M, initial_state, cu_seqlens, chunk_size=16, seed=0, device="cpu"):
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
+    N = B if cu is None else cu.numel() - 1
+    q, k, v, s, g, hk0, hv0 = make_inputs(layout, B, T, HQ, H, K, V, M, N, initial_state, seed, device=device)
+    return (q, k, v, s, g, K ** -0.5, hk0, hv0, cu, chunk_size, layout)
+
+
+OPCHECK_CASES = {
+    "plain": dict(layout="slot", B=2, T=7, HQ=2, H=2, K=3, V=5, M=2, initial_state=False, cu_seqlens=None),
+    "gqa_initial_state": dict(layout="head", B=1, T=19, HQ=4, H=2, K=5, V=3, M=3, initial_state=True,
+                              cu_seqlens=None),
+    "varlen": dict(layout="decay_slot", B=1, T=21, HQ=2, H=1, K=3, V=2, M=3, initial_state=True,
+                   cu_seqlens=[0, 4, 5, 21]),
+}
+
+
+@pytest.mark.parametrize("case", list(OPCHECK_CASES))
+def test_opcheck_chunk_forward_with_grad(case, device):
+    args = _op_args(**OPCHECK_CASES[case], device=device)
+    assert all(x.requires_grad for x in args if isinstance(x, torch.Tensor) and x.is_floating_point())
+    torch.library.opcheck(torch.ops.gsa.chunk_forward.default, args)
+
+
+@pytest.mark.parametrize("final_grads", [True, False])
+def test_opcheck_chunk_backward(final_grads, device):
+    q, k, v, s, g, scale, hk0, hv0, cu, chunk, layout = (
+        x.detach() if isinstance(x, torch.Tensor) else x
+        for x in _op_args(**OPCHECK_CASES["varlen"], seed=1, device=device))
+    gen = torch.Generator().manual_seed(5)
+    do = torch.randn(q.shape[:3] + v.shape[3:], generator=gen).to(device)
+    dhk = torch.randn(hk0.shape, generator=gen).to(device) if final_grads else None
+    dhv = torch.randn(hv0.shape, generator=gen).to(device) if final_grads else None
+    torch.library.opcheck(torch.ops.gsa.chunk_backward.default,
+                          (do, dhk, dhv, q, k, v, s, g, scale, hk0, hv0, cu, chunk, layout))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. torch.compile(fullgraph=True) training step
+# ----------------------------------------------------------------------------------------------
+
+class TinyGSA(nn.Module):
+    def __init__(self, D=12, HQ=2, H=1, K=5, V=6, M=3):
+        super().__init__()
+        self.HQ, self.H, self.K, self.V, self.M = HQ, H, K, V, M
+        self.q, self.k, self.v = nn.Linear(D, HQ * K), nn.Linear(D, H * K), nn.Linear(D, H * V)
+        self.s, self.g = nn.Linear(D, H * M), nn.Linear(D, H * M)
+        self.o = nn.Linear(HQ * V, D)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.HQ, self.K)
+        k = self.k(x).view(B, T, self.H, self.K)
+        v = self.v(x).view(B, T, self.H, self.V)
+        s = torch.sigmoid(self.s(x)).view(B, T, self.H, self.M)
+        g = (F.logsigmoid(self.g(x)) / 16).view(B, T, self.H, self.M)
+        o, _ = chunk_gsa(q, k, v, s, g, chunk_size=16)
+        return self.o(o.reshape(B, T, self.HQ * self.V))
+
+
+def train_step(model, x, y, lr=0.1):
+    """Forward, loss, backward and an SGD update, all in one traceable function.
+
+    The update is written out: torch.optim's step() graph-breaks on purpose (torch/optim/
+    optimizer.py `_use_grad` calls torch._dynamo.graph_break()), so it cannot sit in a fullgraph step.
+    """
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(lr * p.grad)
+            p.grad = None
+    return loss.detach()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_training_step_matches_eager(backend, device):
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = TinyGSA().to(device)
+    compiled = copy.deepcopy(eager)
+    start = [p.detach().clone() for p in eager.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 19, 12, generator=gen).to(device), torch.randn(2, 19, 12, generator=gen).to(device))
+               for _ in range(2)]
+
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(train_step, backend=backend, fullgraph=True)
+    # trace_autograd_ops: Dynamo traces loss.backward() into the graph instead of breaking on it
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for x, y in batches:
+            loss_eager = train_step(eager, x, y)
+            loss_compiled = step(compiled, x, y)
+            assert rel_err(loss_compiled, loss_eager) <= 1e-5
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+
+    for (name, p_eager), p_compiled, p0 in zip(eager.named_parameters(), compiled.parameters(), start):
+        update_eager, update_compiled = p_eager.detach() - p0, p_compiled.detach() - p0
+        assert update_eager.norm() > 0, name
+        assert rel_err(update_compiled, update_eager) <= 1e-5, name
