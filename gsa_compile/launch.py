@@ -175,22 +175,30 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype), dhk0, dhv0
 
 
+def _suffix_sum(x):
+    """sum over t' >= t along dim 1, scanned with time innermost (a scan over an outer dim runs one
+    thread per column: 11 ms for [1, 32768, 4, 64] on the H200)."""
+    inner = x.permute(0, 2, 3, 1)
+    return inner.flip(-1).cumsum(-1).flip(-1).permute(0, 3, 1, 2)
+
+
 def gate_gradient(d_cumulative, final_terms, cu_seqlens, layout: GateLayout):
     """dg from the gradient w.r.t. the cumulative log gate Gamma_t = sum_{i<=t} g_i of each sequence.
 
     Each sequence's final states scale with exp(Gamma_last): their terms join at its last token.
     dg_t = sum_{t' >= t in the same sequence} dGamma_t' (a reverse cumsum, in float64 for varlen,
-    where it is a difference of suffix sums of the packed batch).
+    where it is a difference of suffix sums of the packed batch; float32 otherwise).
     """
-    d = d_cumulative.double()
-    B, T = d.shape[:2]
+    B, T = d_cumulative.shape[:2]
     if cu_seqlens is None:
-        d[:, T - 1] += final_terms.double()
-        dg = d.flip(1).cumsum(1).flip(1)
+        d = d_cumulative.float()
+        d[:, T - 1] += final_terms.float()
+        dg = _suffix_sum(d)
     else:
+        d = d_cumulative.double()
         last = (cu_seqlens[1:] - 1).long()
         d[0].index_add_(0, last, final_terms.double())
-        suffix = torch.cat([d.flip(1).cumsum(1).flip(1), torch.zeros_like(d[:, :1])], dim=1)
+        suffix = torch.cat([_suffix_sum(d), torch.zeros_like(d[:, :1])], dim=1)
         positions = torch.arange(T, device=d.device)
         seq_end = cu_seqlens[1:][torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)].long()
         dg = suffix[:, :T] - suffix[:, seq_end]

@@ -199,6 +199,9 @@ def _validate_cu_seqlens(cu, B, T, device) -> int:
 
 
 def _is_fake(x: torch.Tensor) -> bool:
+    """True while tracing (dynamo, fake or meta tensors): values cannot be read then."""
+    if torch.compiler.is_compiling():
+        return True
     from torch._subclasses.fake_tensor import is_fake
     return is_fake(x) or torch._C._functorch.is_functorch_wrapped_tensor(x) or x.device.type == "meta"
 

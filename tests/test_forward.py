@@ -249,13 +249,9 @@ def _compile_case(case):
     return (q, k, v, s, g)
 
 
-VARLEN_COMPILE_BUG = pytest.mark.xfail(
-    strict=True, reason="spec._is_fake calls torch._subclasses.fake_tensor.is_fake and "
-    "torch._C._functorch.is_functorch_wrapped_tensor, which dynamo refuses to trace (graph break, "
-    "'Attempted to call function marked as skipped'); remove this mark once fixed")
 
 
-@pytest.mark.parametrize("case", ["slot", "abc", pytest.param("varlen", marks=VARLEN_COMPILE_BUG)])
+@pytest.mark.parametrize("case", ["slot", "abc", "varlen"])
 def test_compile_fullgraph_matches_eager(case, fresh_dynamo):
     args = _compile_case(case)
     expected = _gsa_then_math(*args)
@@ -264,7 +260,7 @@ def test_compile_fullgraph_matches_eager(case, fresh_dynamo):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["slot", "abc", pytest.param("varlen", marks=VARLEN_COMPILE_BUG)])
+@pytest.mark.parametrize("case", ["slot", "abc", "varlen"])
 def test_compile_no_graph_breaks(case, fresh_dynamo):
     args = _compile_case(case)
     torch.compile(_gsa_then_math, backend="aot_eager")(*args)
