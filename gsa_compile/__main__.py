@@ -4,6 +4,7 @@
             gradients) with them, on fresh random inputs (exit 1 on failure)
     show    print the generated Triton source (or the tile IR) of the kernels of one Spec
     bench   on a GPU: correctness, torch.compile and timings vs fla and SDPA (a CPU smoke without one)
+    tune    on a GPU: tune the standard shapes and record the winning launch configs
 
 Each command is a function `cmd_<name>(args) -> int` (the exit code) plus an entry in COMMANDS
 that adds its arguments to its sub-parser.
@@ -187,6 +188,11 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-timing", action="store_true")
 
 
+def _tuning():
+    from . import tuning_cli
+    return tuning_cli
+
+
 # -- dispatch --------------------------------------------------------------------------------
 
 # name -> (function(args) -> exit code, add_arguments(parser), one-line help)
@@ -194,6 +200,8 @@ COMMANDS = {
     "check": (cmd_check, _check_args, "compare the references and the kernels on random inputs"),
     "show": (cmd_show, _show_args, "print the generated Triton source or tile IR of one Spec"),
     "bench": (cmd_bench, _bench_args, "correctness and timings vs fla and SDPA on the GPU"),
+    "tune": (lambda args: _tuning().main(args), lambda parser: _tuning().add_arguments(parser),
+             "tune launch configs on this GPU (see autotune/README.md)"),
 }
 
 

@@ -8,7 +8,7 @@ import torch
 from . import ops  # noqa: F401  (registers torch.ops.gsa.*)
 from .spec import GateLayout, StateTuple, check_chunk_size, validate_inputs
 
-DEFAULT_CHUNK_SIZE = 64
+AUTO_CHUNK_SIZE = None  # the tuned config of this GPU (autotune/<GPU>.json), else chunk 64
 
 
 def abc_gate(s: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None):
@@ -43,14 +43,15 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
               g: Optional[torch.Tensor] = None, scale: Optional[float] = None,
               initial_state: Optional[StateTuple] = None, output_final_state: bool = False,
               checkpoint_level: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None,
-              head_first: bool = False, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+              head_first: bool = False, *, chunk_size: Optional[int] = AUTO_CHUNK_SIZE,
               gate_layout=None) -> Tuple[torch.Tensor, Optional[StateTuple]]:
     """Gated Slot Attention, chunked. Same arguments and results as `reference.recurrent_gsa`.
 
     q [B,T,HQ,K], k [B,T,H,K], v [B,T,H,V], s [B,T,H,M]; g per-slot [B,T,H,M], per-head [B,T,H],
     constant [H] or [H,M], or None (ABC). g is a log forget gate and must be <= 0. Returns
     (o [B,T,HQ,V] in q's dtype, (hk [N,H,K,M], hv [N,H,M,V]) in float32 or None).
-    `checkpoint_level` is accepted for fla compatibility (the backward always recomputes);
+    `chunk_size=None` takes the launch config tuned for this GPU (see autotune/README.md); an explicit
+    16/32/64/128 forces it. `checkpoint_level` is accepted for fla compatibility (the backward always recomputes);
     `head_first=True` takes [B,H,T,D] inputs and returns o as [B,HQ,T,V], as fla's did.
     """
     if head_first:
@@ -58,7 +59,8 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
         if g is not None and g.dim() >= 3:
             g = g.transpose(1, 2)
     problem = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, gate_layout)
-    check_chunk_size(chunk_size)
+    if chunk_size is not None:
+        check_chunk_size(chunk_size)
     if problem.dtype == torch.float64 and not ops.INTERPRETER:
         raise TypeError("q has dtype float64: the GPU kernels take float32, float16 or bfloat16 (float64 runs "
                         "only under the Triton interpreter, for gradcheck; use gsa_compile.recurrent_gsa)")
@@ -69,7 +71,7 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
     q, k, v, s, g = (_last_dim_contiguous(x) for x in (q, k, v, s, g))
     hk0, hv0 = initial_state if initial_state is not None else (None, None)
     o, hk, hv = torch.ops.gsa.chunk_forward(q, k, v, s, g, problem.scale, hk0, hv0, cu_seqlens,
-                                            chunk_size, layout.value)
+                                            chunk_size or 0, layout.value)
     if head_first:
         o = o.transpose(1, 2)
     return o, ((hk, hv) if output_final_state else None)

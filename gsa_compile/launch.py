@@ -70,6 +70,24 @@ def kernel_constants(spec: Spec, config: TileConfig):
     }
 
 
+AUTO = 0  # chunk_size value meaning "the tuned launch config for this GPU and problem"
+
+
+def _hint(size) -> int:
+    """A concrete value for a possibly symbolic size, without adding a guard (T stays dynamic)."""
+    node = getattr(size, "node", None)
+    return int(node.hint) if node is not None and node.hint is not None else int(size)
+
+
+def tuned_config(layout, dtype, K, V, M, group, varlen, T, BH, device):
+    """(chunk_size, TileConfig) from the tuning cache: exact hit, nearest bucket or the default."""
+    from . import tuner
+    key = tuner.TuningKey(layout.value, DTYPE_NAMES[dtype], K, V, M, group, varlen,
+                          tuner.bucket(T, *tuner.T_RANGE), tuner.bucket(BH, *tuner.BH_RANGE))
+    config, _ = tuner.default_cache(device).lookup(key)
+    return config.chunk_size, config.tile_config()
+
+
 class Call:
     """Sizes, Spec, constants and chunk tables of one forward or backward call."""
 
@@ -78,9 +96,14 @@ class Call:
         # head counts and dims are kernel constants: specialise on them even under dynamic shapes
         self.HQ, self.K, self.H, self.V, self.M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
         self.N = self.B if cu_seqlens is None else cu_seqlens.numel() - 1
+        if chunk_size == AUTO:
+            chunk_size, config = tuned_config(layout, q.dtype, self.K, self.V, self.M, self.HQ // self.H,
+                                              cu_seqlens is not None, _hint(self.T), _hint(self.B) * self.HQ,
+                                              q.device if q.device.type == "cuda" else "cpu")
         self.spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[q.dtype], K=self.K, V=self.V,
                          M=self.M, group=self.HQ // self.H, varlen=cu_seqlens is not None,
                          initial_state=hk0 is not None, final_state=True)
+        config = config or TileConfig()
         self.consts = kernel_constants(self.spec, config)
         self.launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         self.wrap, self.device, self.cu_seqlens = wrap, q.device, cu_seqlens
@@ -127,7 +150,7 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0):
 
 
 def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, layout: GateLayout,
-            config: TileConfig = TileConfig(), wrap: Callable = lambda kernel: kernel):
+            config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel):
     """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32)."""
     call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap)
     gc, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
@@ -141,7 +164,7 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
 
 
 def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int,
-             layout: GateLayout, config: TileConfig = TileConfig(), wrap: Callable = lambda kernel: kernel):
+             layout: GateLayout, config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel):
     """Gradients of chunk_forward: (dq, dk, dv, ds, dg, dhk0, dhv0). Recomputes the forward states."""
     call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap)
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N

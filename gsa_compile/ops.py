@@ -7,7 +7,7 @@
                         chunk_size, gate_layout) -> (dq, dk, dv, ds, dg, dhk0 f32, dhv0 f32)
         (recomputes the forward states; registered as chunk_forward's autograd formula)
 
-`g` is the log gate in the layout named by `gate_layout` (slot | head | decay_head | decay_slot);
+`chunk_size` 0 means the tuned launch config (tuner.py); `g` is the log gate in the layout named by `gate_layout` (slot | head | decay_head | decay_slot);
 ABC is normalised to `slot` before the op. The final states are always produced (fixed arity).
 On GPU the ops are `triton_op`s, so Inductor sees the generated kernels through `wrap_triton`.
 Under the Triton interpreter (CPU, TRITON_INTERPRET=1) they are opaque `custom_op`s: triton_op's
