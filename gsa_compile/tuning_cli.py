@@ -34,12 +34,22 @@ def _kernels(spec_like: Spec):
     return kernels
 
 
-def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, quick=False, ship=False):
+def _space_options(args) -> dict:
+    """search_space keyword arguments from --quick and the explicit --chunk-sizes/--blocks/... lists."""
+    options = dict(QUICK_SPACE) if args.quick else {}
+    for name in ("chunk_sizes", "blocks", "warps", "stages"):
+        value = getattr(args, name)
+        if value:
+            options[name] = tuple(int(x) for x in value.split(","))
+    return options
+
+
+def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None, ship=False):
     q, k, v, s, g = make_inputs(B, T, H, K, V, M, layout, dtype, "cuda")
     spec_like = Spec(GateLayout(layout), 64, launch.DTYPE_NAMES[dtype], K, V, M, group=1)
     key = tuner.TuningKey.make(spec_like, T=T, BH=B * H)
     arch = int("%d%d" % torch.cuda.get_device_capability())
-    space = tuner.search_space(spec_like, **(QUICK_SPACE if quick else {}))
+    space = tuner.search_space(spec_like, **(space or {}))
     fits = tuner.footprint_fits(_kernels(spec_like), arch=arch)
     candidates = tuner.prune(space, fits)
 
@@ -58,7 +68,8 @@ def main(args) -> int:
         print("tune needs a CUDA GPU: it times kernels with device events (nothing to do on the CPU)")
         return 2
     shapes = [parse_shape(x) for x in args.shapes] if args.shapes else [(B, T, H, D, D, M) for B, T, H, D, M in SHAPES]
-    results = [tune_shape(*shape, layout=args.layout, quick=args.quick, ship=args.ship) for shape in shapes]
+    space = _space_options(args)
+    results = [tune_shape(*shape, layout=args.layout, space=space, ship=args.ship) for shape in shapes]
     print(tuner.format_table(results))
     return 0
 
@@ -67,4 +78,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shapes", nargs="*", help="B,T,H,K,V,M each (default: the benchmark shapes)")
     parser.add_argument("--layout", default="slot", choices=[x.value for x in GateLayout if x is not GateLayout.ABC])
     parser.add_argument("--quick", action="store_true", help=f"a 16-config space: {QUICK_SPACE}")
+    for name, help_text in (("chunk-sizes", "chunk sizes"), ("blocks", "BK/BV tiles"), ("warps", "num_warps"),
+                            ("stages", "num_stages")):
+        parser.add_argument(f"--{name}", default=None, help=f"comma-separated {help_text} to search")
     parser.add_argument("--ship", action="store_true", help="write autotune/<GPU>.json instead of the user cache")
