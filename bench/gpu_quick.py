@@ -50,5 +50,4 @@ for (B, T, H, D, M) in [bm.SHAPES[1], bm.SHAPES[0], bm.SHAPES[2]]:
     row["ours_fwdbwd_peak_mib"] = bm.peak_memory(bm._fwd_bwd(ours, inputs, do))
     row["kernels_fwdbwd_ms"] = bm.kernel_shares(bm._fwd_bwd(ours, inputs, do))
     record(**row)
-    del inputs, do
     torch.cuda.empty_cache()

@@ -168,7 +168,6 @@ def time_shapes(device, shapes):
         first_read = sum(x.numel() * x.element_size() for x in inputs) + do.numel() * do.element_size()
         row["hbm_floor_fwd_ms"] = first_read / 4.2e12 * 1e3  # read q, k, v, s, g once, write o once
         rows.append(row)
-        del inputs, do, qs, ks, vs
         torch.cuda.empty_cache()
     return rows
 
