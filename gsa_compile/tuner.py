@@ -43,13 +43,9 @@ _SOURCES = ("templates/*.jinja", "programs.py", "programs_backward.py", "blocks.
 
 
 @dataclasses.dataclass(frozen=True)
-class LaunchConfig:
-    """What the tuner chooses per key: the chunk size (a Spec field) and the TileConfig fields."""
+class LaunchConfig(TileConfig):
+    """What the tuner chooses per key: the TileConfig fields and the chunk size (a Spec field)."""
     chunk_size: int = 64
-    BK: int = 64
-    BV: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,7 +64,7 @@ class LaunchConfig:
         return cfg
 
     def tile_config(self) -> TileConfig:
-        return TileConfig(BK=self.BK, BV=self.BV, num_warps=self.num_warps, num_stages=self.num_stages)
+        return TileConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TileConfig)})
 
     def normalized(self, K: int, V: int) -> "LaunchConfig":
         """Tiles clamped as launch.block() does: a power of two >= 16, <= next_pow2(K or V)."""
@@ -85,7 +81,8 @@ DEFAULT_CONFIG = LaunchConfig()
 def search_space(spec_like, chunk_sizes=(32, 64, 128), blocks=(32, 64, 128), warps=(4, 8),
                  stages=(1, 2, 3)) -> list[LaunchConfig]:
     """Distinct configs for anything with K and V (Spec, TuningKey, Problem); the default first."""
-    configs = [LaunchConfig(*c) for c in itertools.product(chunk_sizes, blocks, blocks, warps, stages)]
+    configs = [LaunchConfig(chunk_size=c, BK=k, BV=v, num_warps=w, num_stages=n)
+               for c, k, v, w, n in itertools.product(chunk_sizes, blocks, blocks, warps, stages)]
     return list(dict.fromkeys(c.normalized(spec_like.K, spec_like.V) for c in [DEFAULT_CONFIG] + configs))
 
 

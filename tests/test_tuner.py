@@ -110,7 +110,7 @@ def test_lookup_exact_nearest_default(dirs):
     assert cache.lookup(key(M=32)) == (DEFAULT_CONFIG, "default")  # other shapes never borrow
     assert cache.lookup(key(varlen=True)) == (DEFAULT_CONFIG, "default")
     small = TuningKey.make(Spec(layout=GateLayout.HEAD, chunk_size=64, dtype="float32", K=16, V=32, M=8), 64, 1)
-    assert cache.lookup(small) == (LaunchConfig(64, 16, 32, 4, 2), "default")  # default clamped to K, V
+    assert cache.lookup(small) == (LaunchConfig(chunk_size=64, BK=16, BV=32, num_warps=4, num_stages=2), "default")  # default clamped to K, V
     # the user file wins over the shipped one; record() refreshes the memo
     assert cache.record(key(), OTHER, time_ms=0.5, default_ms=1.0)
     assert cache.lookup(key()) == (OTHER, "exact")
