@@ -6,9 +6,9 @@ import torch as _torch
 if not _torch.cuda.is_available():  # no GPU: the generated kernels run in Triton's interpreter (CPU tensors)
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .api import abc_gate, chunk_gsa
+from .api import abc_gate, chunk_gsa, recurrent_step
 from .reference import parallel_gsa, recurrent_gsa
 from .spec import GateLayout
 
-__all__ = ["GateLayout", "abc_gate", "chunk_gsa", "parallel_gsa", "recurrent_gsa"]
+__all__ = ["GateLayout", "abc_gate", "chunk_gsa", "parallel_gsa", "recurrent_gsa", "recurrent_step"]
 __version__ = "0.1.0"

@@ -75,3 +75,34 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
     if head_first:
         o = o.transpose(1, 2)
     return o, ((hk, hv) if output_final_state else None)
+
+
+def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
+                   g: Optional[torch.Tensor] = None, scale: Optional[float] = None, *,
+                   state: StateTuple, inplace: bool = False) -> Tuple[torch.Tensor, StateTuple]:
+    """Decode a few tokens (q [B, T, HQ, K], ... with small T) against `state` = (hk [B,H,K,M], hv [B,H,M,V]).
+
+    Same recurrence and layouts as chunk_gsa, except ABC (its running normaliser is not part of
+    the state). With `inplace=True` the float32, contiguous state tensors are updated in place
+    (torch.ops.gsa.recurrent_step_, usable under CUDA graphs); otherwise new states are returned.
+    Inference only: no gradients. Returns (o [B, T, HQ, V], (hk, hv)).
+    """
+    problem = validate_inputs(q, k, v, s, g, scale, state, None)
+    if problem.layout is GateLayout.ABC:
+        raise ValueError("recurrent_step does not support g=None (ABC): its log-normaliser is not part of "
+                         "the (hk, hv) state; decode ABC with chunk_gsa over the whole prefix")
+    if problem.dtype == torch.float64 and not ops.INTERPRETER:
+        raise TypeError("q has dtype float64: the GPU kernels take float32, float16 or bfloat16")
+    hk, hv = state
+    q, k, v, s, g = (_last_dim_contiguous(x) for x in (q, k, v, s, g))
+    layout = problem.layout.value
+    if inplace:
+        for name, x in (("state[0] (hk)", hk), ("state[1] (hv)", hv)):
+            if x.dtype != torch.float32 or not x.is_contiguous():
+                raise ValueError(f"inplace=True needs float32 contiguous states; {name} is {x.dtype}, "
+                                 f"contiguous={x.is_contiguous()}")
+        o = torch.ops.gsa.recurrent_step_(q, k, v, s, g, problem.scale, hk, hv, layout)
+        return o, (hk, hv)
+    o, hk, hv = torch.ops.gsa.recurrent_step(q, k, v, s, g, problem.scale, hk.float().contiguous(),
+                                             hv.float().contiguous(), layout)
+    return o, (hk, hv)

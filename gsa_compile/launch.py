@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 import triton
 
-from . import codegen, programs, programs_backward
+from . import codegen, programs, programs_backward, programs_decode
 from .spec import GateLayout, Spec, TileConfig, next_power_of_2
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -232,3 +232,19 @@ def gate_gradient(d_cumulative, final_terms, cu_seqlens, layout: GateLayout):
     if layout is GateLayout.DECAY_HEAD:
         return dg.sum((0, 1, 3))
     return dg.sum((0, 1))  # DECAY_SLOT
+
+
+def decode_(q, k, v, s, g, scale: float, hk, hv, layout: GateLayout, wrap: Callable = lambda kernel: kernel):
+    """T tokens against the states (hk [B,H,K,M], hv [B,H,M,V], float32, contiguous), updated in place.
+    Returns o [B, T, HQ, V]."""
+    B, T = q.shape[:2]
+    HQ, K, H, V, M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
+    spec = Spec(layout=layout, chunk_size=16, dtype=DTYPE_NAMES[q.dtype], K=K, V=V, M=M, group=HQ // H,
+                initial_state=True, final_state=True)
+    o = torch.empty(B, T, HQ, V, device=q.device, dtype=q.dtype)
+    consts = dict(K=K, V=V, M=M, G=spec.group, BG=next_power_of_2(spec.group), BK=block(K, 32), BV=block(V, 32),
+                  BM=spec.BM)
+    wrap(codegen.kernel(programs_decode.decode_step, spec))[(B * H,)](
+        q, k, v, s, g, hk, hv, o, T, H, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s),
+        *_gate_strides(g, layout), *_strides(o), **consts)
+    return o

@@ -6,6 +6,8 @@
     gsa::chunk_backward(do, dhk_final?, dhv_final?, q, k, v, s, g, scale, hk0?, hv0?, cu_seqlens?,
                         chunk_size, gate_layout) -> (dq, dk, dv, ds, dg, dhk0 f32, dhv0 f32)
         (recomputes the forward states; registered as chunk_forward's autograd formula)
+    gsa::recurrent_step_(q, k, v, s, g, scale, hk!, hv!, gate_layout) -> o      (decode, states in place)
+    gsa::recurrent_step(q, k, v, s, g, scale, hk, hv, gate_layout) -> (o, hk', hv')   (functional)
 
 `chunk_size` 0 means the tuned launch config (tuner.py); `g` is the log gate in the layout named by `gate_layout` (slot | head | decay_head | decay_slot);
 ABC is normalised to `slot` before the op. The final states are always produced (fixed arity).
@@ -88,3 +90,29 @@ def _forward_backward(ctx, do, dhk_final, dhv_final):
 
 
 chunk_forward.register_autograd(_forward_backward, setup_context=_forward_setup)
+
+
+@_define(f"{_LIB}::recurrent_step_", mutates_args=("hk", "hv"))
+def recurrent_step_(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale: float, hk: Tensor, hv: Tensor,
+                    gate_layout: str) -> Tensor:
+    """Decode: T tokens against (hk, hv), which are updated in place; returns o [B, T, HQ, V]."""
+    return launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap)
+
+
+@recurrent_step_.register_fake
+def _recurrent_step_fake(q, k, v, s, g, scale, hk, hv, gate_layout):
+    return q.new_empty(q.shape[:3] + v.shape[3:])
+
+
+@_define(f"{_LIB}::recurrent_step", mutates_args=())
+def recurrent_step(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale: float, hk: Tensor, hv: Tensor,
+                   gate_layout: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Functional decode: returns (o, new hk, new hv); the given states are not modified."""
+    hk, hv = hk.clone(), hv.clone()
+    o = launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap)
+    return o, hk, hv
+
+
+@recurrent_step.register_fake
+def _recurrent_step_functional_fake(q, k, v, s, g, scale, hk, hv, gate_layout):
+    return q.new_empty(q.shape[:3] + v.shape[3:]), torch.empty_like(hk), torch.empty_like(hv)

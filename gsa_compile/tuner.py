@@ -39,7 +39,9 @@ FORMAT, SCHEMA_VERSION = "gsa_compile.tuning", 1
 T_RANGE, BH_RANGE = (256, 1 << 20), (1, 4096)
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 _PACKAGE = Path(__file__).resolve().parent
-_SOURCES = ("templates/*.jinja", "programs.py", "programs_backward.py", "blocks.py", "ir.py", "codegen.py")
+# the sources of the tuned (forward) kernels: a change to any of them invalidates the tuning files
+_SOURCES = ("templates/common.py.jinja", "templates/state_pass.py.jinja", "templates/output_pass.py.jinja",
+            "programs.py", "blocks.py", "ir.py", "codegen.py")
 
 
 @dataclasses.dataclass(frozen=True)
