@@ -170,7 +170,7 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
     gc, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     cu, offsets = call.tables(hk_final)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     p, dl, x = call.f32(B, T, HQ, M), call.f32(B, T, HQ, M), call.f32(B, T, HQ, M)
     grid, chunk_seq, chunk_idx = call.chunk_grid(HQ, hk_final)
     call.run(programs_backward.slot_backward, grid,
@@ -195,7 +195,7 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
 
     final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3)  # [N, H, M]
     dg = gate_gradient(x.view(B, T, H, HQ // H, M).sum(3) - s.to(ds.dtype) * ds, final_terms, cu_seqlens, layout)
-    return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype), dhk0, dhv0
+    return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype).contiguous(), dhk0, dhv0
 
 
 def _suffix_sum(x):

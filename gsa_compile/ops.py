@@ -68,8 +68,9 @@ def _chunk_backward_fake(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv
     H, V, M = k.shape[2], v.shape[3], s.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     f32 = dict(dtype=torch.float32)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(s), torch.empty_like(g),
-            q.new_empty(N, H, K, M, **f32), q.new_empty(N, H, M, V, **f32))
+    # every gradient comes back contiguous, whatever the strides of the input it belongs to
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), s.new_empty(s.shape),
+            g.new_empty(g.shape), q.new_empty(N, H, K, M, **f32), q.new_empty(N, H, M, V, **f32))
 
 
 def _forward_setup(ctx, inputs, output):
