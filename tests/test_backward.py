@@ -14,12 +14,13 @@ at T=1), so the number of Hypothesis examples per (chunk size, layout) is small 
 the loaded Hypothesis profile ("ci": 20 examples -> x1, "gpu": 200 -> x10).
 """
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import Phase, given, settings, strategies as st
 
 from gsa_compile import abc_gate, chunk_gsa, recurrent_gsa
 from gsa_compile import ops as gsa_ops
@@ -28,8 +29,10 @@ CHUNK_SIZES = (16, 32, 64, 128)
 LAYOUTS = ("slot", "head", "decay_head", "decay_slot", "abc")
 TOL = 1e-4  # ||a - b|| / ||b|| for every float32 gradient against the float64 reference
 # Examples per (chunk size, layout) under the "ci" profile; a backward at chunk 128 costs ~10-20 s.
-BASE_EXAMPLES = {16: 4, 32: 2, 64: 2, 128: 1}
-T_MAX = {16: 61, 32: 79, 64: 99, 128: 139}  # the "above one chunk" regime draws odd T in (chunk, T_MAX]
+BASE_EXAMPLES = {16: 2, 32: 2, 64: 1, 128: 1}
+# Cap on (chunk rows) x (query heads) per example: the interpreter runs programs one by one.
+COST_CAP = {16: 16, 32: 8, 64: 4, 128: 3}
+T_MAX = {16: 49, 32: 69, 64: 89, 128: 135}  # the "above one chunk" regime draws odd T in (chunk, T_MAX]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +93,7 @@ def rotated(options, shift):
     return st.sampled_from(tuple(options[shift:]) + tuple(options[:shift]))
 
 
-HEADS = ((1, 2), (2, 1), (1, 3), (1, 1), (2, 2), (2, 3))  # (H, GQA group)
+HEADS = ((1, 2), (2, 1), (1, 3), (1, 1), (2, 2))  # (H, GQA group)
 K_DIMS = (5, 3, 7, 12, 1, 17, 24, 10, 20, 13)
 V_DIMS = (7, 11, 3, 24, 6, 1, 19, 9)
 M_DIMS = (3, 1, 5, 7, 12, 2, 9, 6)
@@ -98,6 +101,7 @@ M_DIMS = (3, 1, 5, 7, 12, 2, 9, 6)
 
 @st.composite
 def gradient_cases(draw, chunk, shift):
+    """One case: shapes, flags and a seed for the random inputs, within COST_CAP[chunk]."""
     regime = draw(rotated(("above", "below", "one", "exact"), shift))
     if regime == "one":
         T = 1
@@ -107,20 +111,25 @@ def gradient_cases(draw, chunk, shift):
         T = chunk * draw(st.sampled_from((1, 2) if chunk <= 32 else (1,)))
     else:  # odd T past the first chunk boundary
         T = draw(st.integers(chunk // 2, (T_MAX[chunk] - 1) // 2)) * 2 + 1
-    H, group = draw(rotated(HEADS, shift))
-    case = dict(T=T, H=H, HQ=H * group,
+    # interpreter time grows with (chunk rows) x (query heads): batch, sequences and heads within the cap
+    cap = COST_CAP[chunk] if gsa_ops.INTERPRETER else float("inf")
+    chunks = -(-T // chunk)
+    if draw(rotated(("varlen", "batch"), shift + 1)) == "varlen":
+        n_seq = draw(rotated([n for n in (2, 3, 1) if n <= T and chunks + n - 1 <= cap] or [1], shift))
+        cuts = sorted(draw(st.lists(st.integers(1, T - 1), min_size=n_seq - 1, max_size=n_seq - 1, unique=True))
+                      if n_seq > 1 else [])
+        B, cu_seqlens = 1, [0, *cuts, T]
+        chunk_rows = sum(-(-(b - a) // chunk) for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    else:
+        B, cu_seqlens = draw(rotated([b for b in (2, 1) if b * chunks <= cap] or [1], shift)), None
+        chunk_rows = B * chunks
+    heads = [hg for hg in HEADS if chunk_rows * hg[0] * hg[1] <= cap] or [(1, 1)]
+    H, group = draw(rotated(heads, shift))
+    return dict(T=T, B=B, cu_seqlens=cu_seqlens, H=H, HQ=H * group,
                 K=draw(rotated(K_DIMS, shift)), V=draw(rotated(V_DIMS, shift + 3)), M=draw(rotated(M_DIMS, shift)),
                 initial_state=draw(rotated((True, False), shift // 2)),
                 upstream=draw(rotated(("both", "o", "final"), shift)),
                 seed=draw(st.integers(0, 2**31 - 1)))
-    if draw(rotated(("varlen", "batch"), shift + 1)) == "varlen":
-        n_seq = min(T, draw(rotated((2, 3, 1), shift)))
-        cuts = sorted(draw(st.lists(st.integers(1, T - 1), min_size=n_seq - 1, max_size=n_seq - 1, unique=True))
-                      if n_seq > 1 else [])
-        case.update(B=1, cu_seqlens=[0, *cuts, T])
-    else:
-        case.update(B=draw(rotated((2, 1), shift)), cu_seqlens=None)
-    return case
 
 
 def check_gradients(layout, chunk_size, case, device):
@@ -162,7 +171,9 @@ def check_gradients(layout, chunk_size, case, device):
 
     leaves = [(n, x, r) for n, x, r in zip(names, inputs, ref_inputs) if x is not None]
     grads = torch.autograd.grad(loss, [x for _, x, _ in leaves])
-    grads_ref = torch.autograd.grad(loss_ref, [r for _, _, r in leaves])
+    # allow_unused: with gradients only through the final states, q does not reach the reference's loss
+    grads_ref = torch.autograd.grad(loss_ref, [r for _, _, r in leaves], allow_unused=True)
+    grads_ref = [torch.zeros_like(r) if b is None else b for (_, _, r), b in zip(leaves, grads_ref)]
     for (name, x, _), a, b in zip(leaves, grads, grads_ref):
         assert a is not None and a.shape == x.shape and a.dtype == x.dtype, name
         errors[f"d{name}"] = rel_err(a, b)
@@ -176,7 +187,9 @@ def _examples(chunk_size):
 
 def _gradient_test(chunk_size):
     @pytest.mark.parametrize("layout", LAYOUTS)
-    @settings(max_examples=_examples(chunk_size), deadline=None)
+    # No shrink phase: each rerun costs seconds in the interpreter; the failure message names the case.
+    @settings(max_examples=_examples(chunk_size), deadline=None,
+              phases=(Phase.explicit, Phase.reuse, Phase.generate))
     @given(data=st.data())
     def test(layout, data, device):
         shift = LAYOUTS.index(layout)
@@ -205,14 +218,14 @@ test_gradients_match_reference_chunk128 = _gradient_test(128)
 def test_learnable_decay_parameter_gradient(layout, device):
     """A decay nn.Parameter ([H] or [H, M]) used as g gets the reference gradient, directly and
     through a reparametrisation (g = -softplus(w)), summed over batch rows and packed sequences."""
-    B, T, HQ, H, K, V, M = 1, 37, 4, 2, 5, 6, 3
-    cu = torch.tensor([0, 9, 30, 37], dtype=torch.int32, device=device)
-    q, k, v, s, g, hk0, hv0 = make_inputs(layout, B, T, HQ, H, K, V, M, 3, True, seed=7, device=device)
+    B, T, HQ, H, K, V, M = 1, 25, 4, 2, 5, 6, 3
+    cu = torch.tensor([0, 3, 25], dtype=torch.int32, device=device)  # the second spans two chunks
+    q, k, v, s, g, hk0, hv0 = make_inputs(layout, B, T, HQ, H, K, V, M, 2, True, seed=7, device=device)
     decay = nn.Parameter(g.detach().clone())
     raw = nn.Parameter(torch.randn(decay.shape, generator=torch.Generator().manual_seed(3)).to(device))
     gen = torch.Generator().manual_seed(11)
     do = torch.randn(B, T, HQ, V, generator=gen).to(device)
-    dhk, dhv = torch.randn(3, H, K, M, generator=gen).to(device), torch.randn(3, H, M, V, generator=gen).to(device)
+    dhk, dhv = torch.randn(2, H, K, M, generator=gen).to(device), torch.randn(2, H, M, V, generator=gen).to(device)
 
     def loss_of(fn, gate, tensors, **kwargs):
         q_, k_, v_, s_, a, b = tensors
@@ -248,7 +261,40 @@ needs_interpreter = pytest.mark.skipif(not gsa_ops.INTERPRETER, reason="float64 
 GRADCHECK_LAYOUTS = [pytest.param(layout, marks=pytest.mark.xfail(
     _abc_gate_drops_float64(), run=False,
     reason="abc_gate casts the ABC gate to float32 (g.float()), so float64 finite differences see "
-           "float32 rounding")) if layout == "abc" else layout for layout in LAYOUTS]
+           "float32 rounding (a failing fast gradcheck then recomputes the full Jacobian: ~45 s); "
+           "test_float64_gradients_match_reference[*-abc] pins the bug")) if layout == "abc" else layout for layout in LAYOUTS]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout, varlen", [(layout, False) for layout in LAYOUTS] + [("slot", True), ("abc", True)],
+                         ids=[f"batch-{layout}" for layout in LAYOUTS] + ["varlen-slot", "varlen-abc"])
+def test_float64_gradients_match_reference(layout, varlen):
+    """Float64 kernels (interpreter) give the reference's gradients to float64 precision: every host
+    step of the backward (ABC normaliser, gate-gradient suffix sums) must keep float64 too."""
+    case = dict(T=21, H=2, HQ=4, K=5, V=3, M=3, initial_state=True, upstream="both", seed=3)
+    case.update(B=1, cu_seqlens=[0, 6, 21]) if varlen else case.update(B=2, cu_seqlens=None)
+    B, T, HQ, H, K, V, M = (case[n] for n in ("B", "T", "HQ", "H", "K", "V", "M"))
+    cu = None if case["cu_seqlens"] is None else torch.tensor(case["cu_seqlens"], dtype=torch.int32)
+    N = B if cu is None else cu.numel() - 1
+    inputs = make_inputs(layout, B, T, HQ, H, K, V, M, N, True, seed=3, dtype=torch.float64)
+    ref_inputs = tuple(None if x is None else x.detach().clone().requires_grad_() for x in inputs)
+    gen = torch.Generator().manual_seed(4)
+    do = torch.randn(B, T, HQ, V, generator=gen, dtype=torch.float64)
+    dhk = torch.randn(N, H, K, M, generator=gen, dtype=torch.float64)
+    dhv = torch.randn(N, H, M, V, generator=gen, dtype=torch.float64)
+
+    def loss(fn, tensors, **kwargs):
+        q, k, v, s, g, hk0, hv0 = tensors
+        o, (hk, hv) = fn(q, k, v, s, g, initial_state=(hk0, hv0), output_final_state=True, cu_seqlens=cu, **kwargs)
+        return (o * do).sum() + (hk * dhk).sum() + (hv * dhv).sum()
+
+    names = [n for n, x in zip(("q", "k", "v", "s", "g", "hk0", "hv0"), inputs) if x is not None]
+    grads = torch.autograd.grad(loss(chunk_gsa, inputs, chunk_size=16), [x for x in inputs if x is not None])
+    grads_ref = torch.autograd.grad(loss(recurrent_gsa, ref_inputs), [x for x in ref_inputs if x is not None])
+    errors = {f"d{n}": rel_err(a, b) for n, a, b in zip(names, grads, grads_ref)}
+    assert all(a.dtype == torch.float64 for a in grads)
+    bad = {n: e for n, e in errors.items() if not e <= 1e-10}
+    assert not bad, ", ".join(f"{n}={e:.1e}" for n, e in bad.items())
 
 
 def _gradcheck(layout, T, cu_seqlens=None, fast_mode=True, seed=0):
@@ -283,6 +329,9 @@ def test_gradcheck_float64_varlen():
 
 
 @needs_interpreter
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("GSA_SLOW_TESTS", "0") != "1",
+                    reason="~25 s in the interpreter; the CI command does not deselect slow tests: set GSA_SLOW_TESTS=1")
 def test_gradcheck_float64_full_jacobian():
     """Element-by-element Jacobian (slow mode) for one data-dependent layout."""
     _gradcheck("head", T=5, fast_mode=False, seed=2)
@@ -301,10 +350,10 @@ def _op_args(layout, B, T, HQ, H, K, V, M, initial_state, cu_seqlens, chunk_size
 
 OPCHECK_CASES = {
     "plain": dict(layout="slot", B=2, T=7, HQ=2, H=2, K=3, V=5, M=2, initial_state=False, cu_seqlens=None),
-    "gqa_initial_state": dict(layout="head", B=1, T=19, HQ=4, H=2, K=5, V=3, M=3, initial_state=True,
+    "gqa_initial_state": dict(layout="head", B=1, T=9, HQ=4, H=2, K=5, V=3, M=3, initial_state=True,
                               cu_seqlens=None),
-    "varlen": dict(layout="decay_slot", B=1, T=21, HQ=2, H=1, K=3, V=2, M=3, initial_state=True,
-                   cu_seqlens=[0, 4, 5, 21]),
+    "varlen": dict(layout="decay_slot", B=1, T=11, HQ=2, H=1, K=3, V=2, M=3, initial_state=True,
+                   cu_seqlens=[0, 4, 5, 11]),
 }
 
 
