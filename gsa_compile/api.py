@@ -12,7 +12,8 @@ AUTO_CHUNK_SIZE = None  # the tuned config of this GPU (autotune/<GPU>.json), el
 
 
 def abc_gate(s: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None):
-    """ABC normaliser: z_t = logcumsumexp(s) per sequence; returns (g, exp(s - z)) as f32.
+    """ABC normaliser: z_t = logcumsumexp(s) per sequence; returns (g in float32, or float64 for float64 s,
+    and exp(s - z) in s's dtype).
 
     g_t = z_{t-1} - z_t with g = 0 at each sequence start (see reference.py). Varlen runs without
     a host sync: each sequence's logits are lifted by `offset * sequence index`, with offset larger
@@ -32,7 +33,7 @@ def abc_gate(s: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None):
         z = torch.logcumsumexp(x, dim=1)
     previous = torch.cat([z[:, :1], z[:, :-1]], dim=1)
     g = torch.where(starts[..., None, None], torch.zeros_like(z), previous - z)
-    return g.float(), torch.exp(x - z).to(s.dtype)
+    return g.to(torch.promote_types(s.dtype, torch.float32)), torch.exp(x - z).to(s.dtype)
 
 
 def _last_dim_contiguous(x):

@@ -210,12 +210,12 @@ def gate_gradient(d_cumulative, final_terms, cu_seqlens, layout: GateLayout):
 
     Each sequence's final states scale with exp(Gamma_last): their terms join at its last token.
     dg_t = sum_{t' >= t in the same sequence} dGamma_t' (a reverse cumsum, in float64 for varlen,
-    where it is a difference of suffix sums of the packed batch; float32 otherwise).
+    where it is a difference of suffix sums of the packed batch; otherwise in the accumulator type).
     """
     B, T = d_cumulative.shape[:2]
     if cu_seqlens is None:
-        d = d_cumulative.float()
-        d[:, T - 1] += final_terms.float()
+        d = d_cumulative.to(torch.promote_types(d_cumulative.dtype, torch.float32), copy=True)
+        d[:, T - 1] += final_terms.to(d.dtype)
         dg = _suffix_sum(d)
     else:
         d = d_cumulative.double()

@@ -22,16 +22,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import Phase, given, settings, strategies as st
 
-from gsa_compile import abc_gate, chunk_gsa, recurrent_gsa
+from gsa_compile import chunk_gsa, recurrent_gsa
 from gsa_compile import ops as gsa_ops
 
 CHUNK_SIZES = (16, 32, 64, 128)
 LAYOUTS = ("slot", "head", "decay_head", "decay_slot", "abc")
-TOL = 1e-4  # ||a - b|| / ||b|| for every float32 gradient against the float64 reference
+TOL = 1e-4  # ||a - b|| / ||b|| (see rel_err) for every float32 gradient against the float64 reference
 # Examples per (chunk size, layout) under the "ci" profile; a backward at chunk 128 costs ~10-20 s.
 BASE_EXAMPLES = {16: 2, 32: 2, 64: 1, 128: 1}
 # Cap on (chunk rows) x (query heads) per example: the interpreter runs programs one by one.
-COST_CAP = {16: 16, 32: 8, 64: 4, 128: 3}
+COST_CAP = {16: 16, 32: 8, 64: 4, 128: 2}
 T_MAX = {16: 49, 32: 69, 64: 89, 128: 135}  # the "above one chunk" regime draws odd T in (chunk, T_MAX]
 
 
@@ -70,11 +70,17 @@ def make_inputs(layout, B, T, HQ, H, K, V, M, N, initial_state, seed, dtype=torc
     return tuple(None if x is None else x.to(device).requires_grad_() for x in (q, k, v, s, g, hk0, hv0))
 
 
-def rel_err(a, b):
-    """||a - b|| / ||b|| in float64 (||a|| when the reference is exactly zero)."""
+def rel_err(a, b, floor=1e-2):
+    """||a - b|| / max(||b||, floor * sqrt(numel)), in float64.
+
+    Relative, except where the reference is (near) zero, with an RMS element below `floor`: there
+    float32 round-off is all that is left to compare. E.g. ABC at T=1 without initial state: every
+    slot weight is 1 and the gate 0, so p is uniform and dq = dk = ds = 0 exactly; the kernel
+    returns ~1e-8 of round-off, the float64 reference ~1e-16, and their ratio means nothing.
+    Gradients of these random inputs have RMS elements of order 1, far above the floor.
+    """
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    ref = b.norm().item()
-    return (a - b).norm().item() / ref if ref > 0 else a.norm().item()
+    return (a - b).norm().item() / max(b.norm().item(), floor * max(b.numel(), 1) ** 0.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,13 +222,13 @@ test_gradients_match_reference_chunk128 = _gradient_test(128)
 
 @pytest.mark.parametrize("layout", ["decay_head", "decay_slot"])
 def test_learnable_decay_parameter_gradient(layout, device):
-    """A decay nn.Parameter ([H] or [H, M]) used as g gets the reference gradient, directly and
-    through a reparametrisation (g = -softplus(w)), summed over batch rows and packed sequences."""
+    """A decay nn.Parameter ([H] or [H, M]) used directly as g gets the reference gradient, summed
+    over packed sequences (one spanning two chunks) and all their tokens."""
     B, T, HQ, H, K, V, M = 1, 25, 4, 2, 5, 6, 3
-    cu = torch.tensor([0, 3, 25], dtype=torch.int32, device=device)  # the second spans two chunks
-    q, k, v, s, g, hk0, hv0 = make_inputs(layout, B, T, HQ, H, K, V, M, 2, True, seed=7, device=device)
-    decay = nn.Parameter(g.detach().clone())
-    raw = nn.Parameter(torch.randn(decay.shape, generator=torch.Generator().manual_seed(3)).to(device))
+    cu = torch.tensor([0, 3, 25], dtype=torch.int32, device=device)
+    q, k, v, s, g, hk0, hv0 = (x.detach() for x in make_inputs(layout, B, T, HQ, H, K, V, M, 2, True, seed=7,
+                                                                device=device))
+    decay = nn.Parameter(g.clone())
     gen = torch.Generator().manual_seed(11)
     do = torch.randn(B, T, HQ, V, generator=gen).to(device)
     dhk, dhv = torch.randn(2, H, K, M, generator=gen).to(device), torch.randn(2, H, M, V, generator=gen).to(device)
@@ -232,42 +238,26 @@ def test_learnable_decay_parameter_gradient(layout, device):
         o, (hk, hv) = fn(q_, k_, v_, s_, gate, initial_state=(a, b), output_final_state=True, cu_seqlens=cu, **kwargs)
         return (o * do).sum() + (hk * dhk).sum() + (hv * dhv).sum()
 
-    tensors = tuple(x.detach() for x in (q, k, v, s, hk0, hv0))
-    loss_of(chunk_gsa, decay, tensors, chunk_size=16).backward()
-    loss_of(chunk_gsa, -F.softplus(raw), tensors, chunk_size=16).backward()
+    loss_of(chunk_gsa, decay, (q, k, v, s, hk0, hv0), chunk_size=16).backward()
     assert decay.grad is not None and decay.grad.shape == decay.shape
-    assert raw.grad is not None and raw.grad.shape == raw.shape
-
-    ref = tuple(x.double() for x in tensors)
     decay_ref = decay.detach().double().requires_grad_()
-    raw_ref = raw.detach().double().requires_grad_()
-    loss_of(recurrent_gsa, decay_ref, ref).backward()
-    loss_of(recurrent_gsa, -F.softplus(raw_ref), ref).backward()
+    loss_of(recurrent_gsa, decay_ref, tuple(x.double() for x in (q, k, v, s, hk0, hv0))).backward()
     assert rel_err(decay.grad, decay_ref.grad) <= TOL
-    assert rel_err(raw.grad, raw_ref.grad) <= TOL
 
 
 # ----------------------------------------------------------------------------------------------
 # 2. gradcheck in float64 (interpreter only)
 # ----------------------------------------------------------------------------------------------
 
-def _abc_gate_drops_float64():
-    """abc_gate returns g in float32 even for float64 s: ABC then cannot pass a float64 gradcheck."""
-    return abc_gate(torch.zeros(1, 2, 1, 1, dtype=torch.float64))[0].dtype != torch.float64
-
-
 needs_interpreter = pytest.mark.skipif(not gsa_ops.INTERPRETER, reason="float64 kernels run only under the "
                                        "Triton interpreter")
-GRADCHECK_LAYOUTS = [pytest.param(layout, marks=pytest.mark.xfail(
-    _abc_gate_drops_float64(), run=False,
-    reason="abc_gate casts the ABC gate to float32 (g.float()), so float64 finite differences see "
-           "float32 rounding (a failing fast gradcheck then recomputes the full Jacobian: ~45 s); "
-           "test_float64_gradients_match_reference[*-abc] pins the bug")) if layout == "abc" else layout for layout in LAYOUTS]
+GRADCHECK_LAYOUTS = LAYOUTS
 
 
 @needs_interpreter
-@pytest.mark.parametrize("layout, varlen", [(layout, False) for layout in LAYOUTS] + [("slot", True), ("abc", True)],
-                         ids=[f"batch-{layout}" for layout in LAYOUTS] + ["varlen-slot", "varlen-abc"])
+@pytest.mark.parametrize("layout, varlen", [("slot", False), ("decay_head", False), ("abc", False), ("slot", True),
+                                             ("abc", True)],
+                         ids=["batch-slot", "batch-decay_head", "batch-abc", "varlen-slot", "varlen-abc"])
 def test_float64_gradients_match_reference(layout, varlen):
     """Float64 kernels (interpreter) give the reference's gradients to float64 precision: every host
     step of the backward (ABC normaliser, gate-gradient suffix sums) must keep float64 too."""
@@ -320,7 +310,7 @@ def _gradcheck(layout, T, cu_seqlens=None, fast_mode=True, seed=0):
 def test_gradcheck_float64(layout):
     """gradcheck (fast mode: finite differences along random directions of each input, against
     the backward's vector-Jacobian product) with initial state in and final states out."""
-    _gradcheck(layout, T=7, fast_mode=True)
+    _gradcheck(layout, T=5, fast_mode=True)
 
 
 @needs_interpreter
@@ -331,7 +321,7 @@ def test_gradcheck_float64_varlen():
 @needs_interpreter
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("GSA_SLOW_TESTS", "0") != "1",
-                    reason="~25 s in the interpreter; the CI command does not deselect slow tests: set GSA_SLOW_TESTS=1")
+                    reason="~25 s in the interpreter and the CI command runs slow tests: set GSA_SLOW_TESTS=1")
 def test_gradcheck_float64_full_jacobian():
     """Element-by-element Jacobian (slow mode) for one data-dependent layout."""
     _gradcheck("head", T=5, fast_mode=False, seed=2)
