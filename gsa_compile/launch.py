@@ -81,10 +81,11 @@ def _hint(size) -> int:
 
 def tuned_config(layout, dtype, K, V, M, group, varlen, T, BH, device):
     """(chunk_size, TileConfig) from the tuning cache: exact hit, nearest bucket or the default."""
+    import types
+
     from . import tuner
-    key = tuner.TuningKey(layout.value, DTYPE_NAMES[dtype], K, V, M, group, varlen,
-                          tuner.bucket(T, *tuner.T_RANGE), tuner.bucket(BH, *tuner.BH_RANGE))
-    config, _ = tuner.default_cache(device).lookup(key)
+    problem = types.SimpleNamespace(layout=layout, dtype=dtype, K=K, V=V, M=M, group=group, varlen=varlen)
+    config, _ = tuner.default_cache(device).lookup(tuner.TuningKey.make(problem, T=T, BH=BH))
     return config.chunk_size, config.tile_config()
 
 
