@@ -1,18 +1,27 @@
 """Building blocks shared by the forward and backward programs: gated products inside a chunk.
 
-Every intra-chunk term of GSA (and of its gradient) couples a row t and a row j of the same chunk
-through 2^(b_t - b_j) per slot, with b the chunk-local cumulative log2 gate. Rows are grouped in
-sub-chunks of BC: between sub-chunks i > j the factor is split at r = b(row before sub-chunk i),
-so both halves are <= 1; inside a sub-chunk it is computed pairwise as a [BC, BC, BM] tile.
+Every intra-chunk term of GSA (and of its gradient) couples a row t and a row j <= t of the same
+chunk through 2^(b_t - b_j) per slot, with b the chunk-local cumulative log2 gate (non-increasing).
+Rows are grouped in sub-chunks of BC; sub-chunk J has chunk rows J*BC .. J*BC + BC - 1.
 
-Sub-chunk i has rows ts:ts+BC, sub-chunk j rows tj:tj+BC (tj is defined by the caller's loop).
-`prefix` keeps the tile names of different uses in one program apart.
+- Different sub-chunks (j in J, t after J): the factor splits at r_J = b at J's last row,
+      2^(b_t - b_j) = after_J[t] * within_J[j],  after_J = 2^(b_t - r_J) <= 1,  within_J = 2^(r_J - b_j) <= 1,
+  so these terms are chunk-level matrix products, one per J (`ChunkGates.off_diagonal`).
+- The same sub-chunk: computed pairwise as a [BC, BC, BM] tile (`SubChunk`), reading the rows of
+  chunk-level products that the program stored to its f32 scratch rows (Triton cannot slice a
+  register tile; a barrier makes the other threads' stores visible).
+No exponent is ever positive.
 """
 from __future__ import annotations
 
-from .ir import Builder, View
+import contextlib
+import dataclasses
+
+from .ir import Builder, Tile, View
 
 LOG2E = "1.4426950408889634"
+ROWS = "tl.arange(0, BT)[:, None]"  # chunk-local row index of a [BT, ...] tile
+INSIDE_J = f"(({ROWS} >= J * BC) & ({ROWS} < (J + 1) * BC))"  # the rows of sub-chunk J
 
 
 def seq_view(name: str, cols: str, base: str = "", row_stride: str = "") -> View:
@@ -20,8 +29,13 @@ def seq_view(name: str, cols: str, base: str = "", row_stride: str = "") -> View
     return View(base or f"{name}_base", row_stride or f"stride_{name}t", cols)
 
 
+def scratch_view(name: str, cols: str) -> View:
+    """Rows of a contiguous f32 buffer [B, T, heads, cols] (cols M or BT) for this program's head."""
+    return View(f"{name}_base", "stride_pt" if cols == "M" else "stride_at", cols)
+
+
 def chunk_state(kind: str, transposed: bool = False) -> View:
-    """The f32 state at the start (or, for gradients, the end) of chunk i_c.
+    """The state at the start (or, for gradients, the end) of chunk i_c.
 
     hk [K, M] / hv [M, V] from `<kind>_chunks`; transposed views read hk^T [M, K] or hv^T [V, M].
     `boc` is the chunk row of the sequence's first chunk.
@@ -33,6 +47,78 @@ def chunk_state(kind: str, transposed: bool = False) -> View:
     return View(base, cols, cols)
 
 
+def chunk_rows(b: Builder, name: str, view: View, cols: str = "BM", col0: str = "0", dtype: str = "f32"):
+    return b.load(name, view, "t0", "eos", ("BT", cols), col0=col0, dtype=dtype)
+
+
+def chunk_products(b: Builder, p: str, left: View, right: View, state: View, dim: str, block: str):
+    """left_c State [BT, BM] and left_c right_c^T [BT, BT] for the chunk, in one loop over `dim`."""
+    inter, pairs = b.zeros(p + "x_c", ("BT", "BM")), b.zeros(p + "a_c", ("BT", "BT"))
+    with b.loop(p + "c0", "0", dim, step=block):
+        x = chunk_rows(b, p + "left_c", left, block, p + "c0", "in")
+        y = chunk_rows(b, p + "right_c", right, block, p + "c0", "in")
+        h = b.load(p + "state", state, p + "c0", dim, (block, "BM"))
+        b.dot(p + "x_c", x, h, acc=inter)
+        b.dot(p + "a_c", x, y, trans_b=True, acc=pairs)
+    return inter, pairs
+
+
+class ChunkGates:
+    """The chunk's gate tiles b (gc_c) and s (s_c), [BT, BM], and the factors between sub-chunks."""
+
+    def __init__(self, b: Builder, s: View, gc: View):
+        self.b, self.s_view, self.gc_view = b, s, gc
+        self.gc = chunk_rows(b, "gc_c", gc)
+        self.s = chunk_rows(b, "s_c", s)
+
+    @contextlib.contextmanager
+    def off_diagonal(self):
+        """A static loop over the sub-chunks J but the last; yields J's factors (`Block`)."""
+        b = self.b
+        with b.loop("J", "0", "BT // BC - 1", static=True):
+            last = b.load("r_J", self.gc_view, "tl.minimum(t0 + (J + 1) * BC, eos) - 1", "eos", ("BM",))
+            r = b.expand("r_row", last, "None, :")
+            within = b.map("s_within", f"tl.where({INSIDE_J}, {{0}} * tl.exp2(tl.minimum({{1}} - {{2}}, 0.0)), 0.0)",
+                           self.s, r, self.gc)
+            after = b.map("after", f"tl.where({ROWS} >= (J + 1) * BC, tl.exp2(tl.minimum({{0}} - {{1}}, 0.0)), 0.0)",
+                          self.gc, r)
+            yield Block(r, within, after)
+
+    def gated_rows(self, name, pairs, acc, blk: "Block"):
+        """acc[t] += sum_{j in J} pairs[t, j] s_j 2^(b_t - b_j) for the rows t after J."""
+        b = self.b
+        return b.map(name, "{0} + {1} * {2}", acc, b.dot(name + "_J", pairs, blk.s_within), blk.after)
+
+    def gated_cols(self, name, pairs, weights, acc, blk: "Block"):
+        """acc[j] += sum_{t after J} pairs[t, j] weights_t 2^(b_t - b_j) for the rows j in J."""
+        b = self.b
+        y = b.dot(name + "_J", pairs, b.map(name + "_after", "{0} * {1}", weights, blk.after), trans_a=True)
+        return b.map(name, f"{{0}} + tl.where({INSIDE_J}, {{1}} * tl.exp2(tl.minimum({{2}} - {{3}}, 0.0)), 0.0)",
+                     acc, y, blk.r, self.gc)
+
+    def attention(self, name, weights, acc, blk: "Block"):
+        """acc[t, j] += sum_m weights_t[m] s_j[m] 2^(b_t - b_j)[m] for the rows t after J, j in J."""
+        b = self.b
+        weighted = b.map(name + "_after", "{0} * {1}", weights, blk.after)
+        return b.map(name, "{0} + {1}", acc, b.dot(name + "_J", weighted, blk.s_within, trans_b=True))
+
+
+@dataclasses.dataclass
+class Block:
+    """Sub-chunk J's factors: r = b at its last row [1, BM]; s_within = s 2^(r - b) on J's rows, 0
+    elsewhere; after = 2^(b - r) on the rows after J, 0 elsewhere (both [BT, BM])."""
+    r: Tile
+    s_within: Tile
+    after: Tile
+
+
+def diagonal_blocks(b: Builder, name: str, view: View):
+    """A [BT, BT] scratch matrix of which only the causal parts of the BC x BC diagonal blocks were stored."""
+    x = b.load(name, view, "t0", "eos", ("BT", "BT"))
+    cols = "tl.arange(0, BT)[None, :]"
+    return b.map(name, f"tl.where(({cols} // BC == {ROWS} // BC) & ({cols} <= {ROWS}), {{0}}, 0.0)", x)
+
+
 def intra_decay(b: Builder, gc_i, p: str = ""):
     """d[t, j, m] = 2^(b_t - b_j) for j <= t inside one sub-chunk, else 0: [BC, BC, BM]."""
     causal = b.map(p + "causal", "(tl.arange(0, BC)[:, None] >= tl.arange(0, BC)[None, :])[:, :, None]",
@@ -42,80 +128,44 @@ def intra_decay(b: Builder, gc_i, p: str = ""):
     return b.map(p + "decay", "tl.where({0}, tl.exp2(tl.minimum({1} - {2}, 0.0)), 0.0)", causal, rows, cols)
 
 
-def reference_row(b: Builder, gc_view: View, p: str = ""):
-    """r = b at the row just before sub-chunk i (b is non-increasing: b_t <= r <= b_j)."""
-    return b.expand(p + "r_row", b.load(p + "r", gc_view, "ts - 1", "eos", ("BM",)), "None, :")
-
-
 class SubChunk:
+    """Rows ts:ts+BC of sub-chunk J (a static loop over J opened by `loop`): the pairwise terms."""
+
     def __init__(self, b: Builder, s: View, gc: View):
         self.b, self.s, self.gc = b, s, gc
 
-    def rows(self, view, name, t, cols="BM", col0="0", dtype="f32"):
+    @contextlib.contextmanager
+    def loop(self):
+        with self.b.loop("J", "0", "BT // BC", static=True):
+            self.b.map("ts", "t0 + J * BC", dtype="i64", shape=())
+            gc_i = self.rows(self.gc, "gc_i", "ts")
+            yield gc_i, self.b.expand("s3", self.rows(self.s, "s_i", "ts"), "None, :, :"), intra_decay(self.b, gc_i)
+
+    def rows(self, view, name, t="ts", cols="BM", col0="0", dtype="f32"):
         return self.b.load(name, view, t, "eos", ("BC", cols), col0=col0, dtype=dtype)
 
-    def pair(self, name, left: View, right: View, ti, tj, dim, block):
-        """[BC, BC] = left[ti rows] right[tj rows]^T, summed over `dim` in tiles of `block`."""
+    def block(self, name, view):
+        """The [BC, BC] diagonal block of a [BT, BT] scratch matrix."""
+        return self.b.load(name, view, "ts", "eos", ("BC", "BC"), col0="J * BC")
+
+    def scores(self, p, pairs_ii, s3, decay):
+        """[BC, BM]: sum_{j <= t in the sub-chunk} pairs[t, j] s_j 2^(b_t - b_j)."""
         b = self.b
-        acc = b.zeros(name, ("BC", "BC"))
-        with b.loop(name + "_c0", "0", dim, step=block):
-            x = self.rows(left, name + "_l", ti, block, name + "_c0", "in")
-            y = self.rows(right, name + "_r", tj, block, name + "_c0", "in")
-            b.dot(name, x, y, trans_b=True, acc=acc)
-        return acc
+        terms = b.map(p + "terms", "{0} * {1} * {2}", b.expand(p + "a3", pairs_ii, ":, :, None"), s3, decay)
+        return b.reduce(p + "diag", terms, 1)
 
-    def gated_scores(self, p, left: View, right: View, state: View, dim, block, gc_i):
-        """[BC, BM]: 2^b_t (left_t State) + sum_{j<=t} (left_t . right_j) s_j 2^(b_t - b_j).
-
-        (q, k, Hk) gives the slot logits; (do, v, Hv^T) gives dp."""
+    def attention(self, p, weights, s3, decay):
+        """[BC, BC]: sum_m weights_t[m] s_j[m] 2^(b_t[m] - b_j[m]) for j <= t in the sub-chunk."""
         b = self.b
-        acc = b.zeros(p + "acc", ("BC", "BM"))
-        with b.loop(p + "c0", "0", dim, step=block):
-            x = self.rows(left, p + "x_i", "ts", block, p + "c0", "in")
-            h = b.load(p + "state", state, p + "c0", dim, (block, "BM"))
-            b.dot(p + "acc", x, h, acc=acc)
-        acc = b.map(p + "acc", "{0} * tl.exp2({1})", acc, gc_i)
-        with b.loop("j_s", "0", "i_s"):
-            b.map("tj", "t0 + j_s * BC", dtype="i64", shape=())
-            r = reference_row(b, self.gc, p)
-            a = self.pair(p + "a", left, right, "ts", "tj", dim, block)
-            w = b.map(p + "w", "{0} * tl.exp2({1} - {2})", self.rows(self.s, p + "s_j", "tj"), r,
-                      self.rows(self.gc, p + "gc_j", "tj"))
-            inter = b.dot(p + "inter", a, w)
-            acc = b.map(p + "acc", "{0} + {1} * tl.exp2(tl.minimum({2} - {3}, 0.0))", acc, inter, gc_i, r)
-        a3 = b.expand(p + "a3", self.pair(p + "a_ii", left, right, "ts", "ts", dim, block), ":, :, None")
-        s3 = b.expand(p + "s3", self.rows(self.s, p + "s_i", "ts"), "None, :, :")
-        diag = b.reduce(p + "diag", b.map(p + "terms", "{0} * {1} * {2}", a3, s3, intra_decay(b, gc_i, p)), 1)
-        return b.map(p + "acc", "{0} + {1}", acc, diag)
+        return b.reduce(p + "att_ii", b.map(p + "att3", "{0} * {1} * {2}", b.expand(p + "w3", weights, ":, None, :"),
+                                            s3, decay), 2)
 
-    def diag_attention(self, p, weights, gc_i):
-        """[BC, BC]: sum_m weights_t[m] s_j[m] 2^(b_t[m] - b_j[m]) for t >= j inside sub-chunk i."""
+    def key_scores(self, p, pairs_ii, weights, decay):
+        """[BC, BM] for key rows j: sum_{t >= j in the sub-chunk} pairs[t, j] weights_t 2^(b_t - b_j)."""
         b = self.b
-        w3 = b.expand(p + "w3", weights, ":, None, :")
-        s3 = b.expand(p + "s3", self.rows(self.s, p + "s_i", "ts"), "None, :, :")
-        return b.reduce(p + "att_ii", b.map(p + "att3", "{0} * {1} * {2}", w3, s3, intra_decay(b, gc_i, p)), 2)
-
-    def off_diag_attention(self, p, weights, gc_i):
-        """[BC, BC] for sub-chunk i against an earlier sub-chunk j (both factors <= 1)."""
-        b = self.b
-        r = reference_row(b, self.gc, p)
-        wr = b.map(p + "w_r", "{0} * tl.exp2(tl.minimum({1} - {2}, 0.0))", weights, gc_i, r)
-        sr = b.map(p + "s_r", "{0} * tl.exp2({1} - {2})", self.rows(self.s, p + "s_j", "tj"), r,
-                   self.rows(self.gc, p + "gc_j", "tj"))
-        return b.dot(p + "att", wr, sr, trans_b=True)
-
-    def gated_mix(self, p, weights, gc_i, att_ii, value: View, state: View, col0, block):
-        """[BC, block]: (weights 2^b) State[:, col0:] + sum_{j<=t} att[t, j] value_j.
-
-        (p, Hv, v) gives o; (scale * dlogits, Hk^T, k) gives dq."""
-        b = self.b
-        h = b.load(p + "state", state, "0", "M", ("BM", block), col0=col0)
-        out = b.dot(p + "out", b.map(p + "w_decayed", "{0} * tl.exp2({1})", weights, gc_i), h)
-        with b.loop("j_s", "0", "i_s"):
-            b.map("tj", "t0 + j_s * BC", dtype="i64", shape=())
-            att = self.off_diag_attention(p, weights, gc_i)
-            b.dot(p + "out", att, self.rows(value, p + "value_j", "tj", block, col0, "in"), acc=out)
-        return b.dot(p + "out", att_ii, self.rows(value, p + "value_i", "ts", block, col0, "in"), acc=out)
+        terms = b.map(p + "terms", "{0} * {1} * {2}", b.expand(p + "a3", pairs_ii, ":, :, None"),
+                      b.expand(p + "w3", weights, ":, None, :"), decay)
+        return b.reduce(p + "diag", terms, 0)
 
 
 def softmax_slots(b: Builder, acc):

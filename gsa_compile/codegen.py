@@ -88,6 +88,9 @@ class _Emitter:
     def emit_expand(self, n: ir.Expand):
         return [f"{n.out.name} = {n.x.name}[{n.pattern}]"]
 
+    def emit_barrier(self, n: ir.Barrier):
+        return ["tl.debug_barrier()"]
+
     def emit_reduce(self, n: ir.Reduce):
         fn = {"sum": "tl.sum", "max": "tl.max", "cumsum": "tl.cumsum"}[n.op]
         return [f"{n.out.name} = {fn}({n.x.name}, axis={n.axis})"]

@@ -202,6 +202,15 @@ class Reduce(Node):
 
 
 @dataclasses.dataclass
+class Barrier(Node):
+    """All threads of the program reach this point (their global-memory writes become visible to
+    each other): what one thread stored to scratch, another may load after it."""
+
+    def describe(self):
+        return "barrier"
+
+
+@dataclasses.dataclass
 class For(Node):
     """A loop; tiles assigned in the body before use are loop-carried. static=True unrolls it."""
     var: str
@@ -288,6 +297,9 @@ class Builder:
 
     def store(self, view, value, row0, row_end, col0="0", when=""):
         self._blocks[-1].append(Store(view, value, row0, row_end, col0, when))
+
+    def barrier(self):
+        self._blocks[-1].append(Barrier())
 
     def dot(self, name, a, b, trans_a=False, trans_b=False, acc=None):
         node = Dot(Tile(name, (), "f32"), a, b, trans_a, trans_b, acc)

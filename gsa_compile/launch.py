@@ -115,6 +115,13 @@ class Call:
         """An accumulator-precision buffer: float32, or float64 for float64 inputs."""
         return torch.empty(*shape, device=self.device, dtype=self.acc_dtype)
 
+    def chunk_states(self, *shapes):
+        """Buffers of per-chunk states (or state gradients). The kernels only use them as bf16 operands
+        of tensor-core products when the inputs are bf16, so they are stored in bf16 then (half the
+        bytes, the same results); otherwise in the accumulator type (fp16's range is too small)."""
+        dtype = torch.bfloat16 if self.spec.dtype == "bfloat16" else self.acc_dtype
+        return tuple(torch.empty(*shape, device=self.device, dtype=dtype) for shape in shapes)
+
     def run(self, builder, grid, *args):
         name = builder.__name__
         self.wrap(codegen.kernel(builder, self.spec))[grid](*args, **self.consts[name], **self.launch)
@@ -139,7 +146,7 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0):
     """Chunk-start states of Hk and Hv, the gate cumsum and the final states."""
     H, K, V, M = call.H, call.K, call.V, call.M
     gc = call.f32(call.B, call.T, H, M)
-    hk_chunks, hv_chunks = call.f32(call.n_chunk_rows, H, K, M), call.f32(call.n_chunk_rows, H, M, V)
+    hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, H, K, M), (call.n_chunk_rows, H, M, V))
     hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
     cu, offsets = call.tables(hk_final)
     hk0 = hk0.to(call.acc_dtype).contiguous() if hk0 is not None else hk_final  # unused when the Spec has none
@@ -158,8 +165,10 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     o = torch.empty(call.B, call.T, call.HQ, call.V, device=q.device, dtype=q.dtype)
     cu, offsets = call.tables(hk_final)
     grid, chunk_seq, chunk_idx = call.chunk_grid(call.HQ, hk_final)
+    loff, pd = call.f32(call.B, call.T, call.HQ, call.M), call.f32(call.B, call.T, call.HQ, call.M)
+    aqk, attd = (call.f32(call.B, call.T, call.HQ, call.spec.chunk_size) for _ in range(2))
     call.run(programs.output_pass, grid,
-             q, k, v, s, gc, hk_chunks, hv_chunks, o, cu, offsets, chunk_seq, chunk_idx,
+             q, k, v, s, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
              call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s))
     return o, hk_final, hv_final
 
@@ -173,9 +182,13 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     cu, offsets = call.tables(hk_final)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     p, dl, x = call.f32(B, T, HQ, M), call.f32(B, T, HQ, M), call.f32(B, T, HQ, M)
+    att_dl, att_p, aqk, adov, attd, attd_p = (call.f32(B, T, HQ, call.spec.chunk_size) for _ in range(6))
+    dsi, loff, dpoff, dsd = (call.f32(B, T, HQ, M) for _ in range(4))
     grid, chunk_seq, chunk_idx = call.chunk_grid(HQ, hk_final)
     call.run(programs_backward.slot_backward, grid,
-             q, k, v, s, gc, hk_chunks, hv_chunks, do, dq, p, dl, x, cu, offsets, chunk_seq, chunk_idx,
+             q, k, v, s, gc, hk_chunks, hv_chunks, do, dq, p, dl, x, att_dl, att_p, dsi, aqk, adov, loff, dpoff, attd,
+             attd_p, dsd, cu, offsets,
+             chunk_seq, chunk_idx,
              T, H, HQ, scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_strides(do))
 
     dhk_chunks, dhv_chunks = torch.empty_like(hk_chunks), torch.empty_like(hv_chunks)
@@ -191,7 +204,7 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     ds = call.f32(B, T, H, M)
     grid, chunk_seq, chunk_idx = call.chunk_grid(H, hk_final)
     call.run(programs_backward.key_backward, grid,
-             q, k, v, s, gc, do, p, dl, dhk_chunks, dhv_chunks, dk, dv, ds, cu, offsets, chunk_seq, chunk_idx,
+             q, k, v, s, gc, do, att_dl, att_p, dsi, dhk_chunks, dhv_chunks, dk, dv, ds, cu, offsets, chunk_seq, chunk_idx,
              T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_strides(do))
 
     final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3)  # [N, H, M]

@@ -7,19 +7,22 @@ w = s * 2^(b_last - b) is each token's weight in the state at the chunk's end.
 1. state pass  (per kv head and K or V tile; sequential over chunks). Both recurrences need only
                k, v, s, g:   Hk_{c+1} = Hk_c * 2^{b_last} + k^T w,   Hv_{c+1} = 2^{b_last} Hv_c + w^T v.
                Stores every chunk-start state, the final states and the gate cumsum b (gc).
-2. output pass (per query head and chunk; all chunks in parallel), per sub-chunk:
+2. output pass (per query head and chunk; all chunks in parallel):
                logits = scale * (2^b (q Hk_c) + intra(q k^T, s)),  p = softmax_M(logits),
-               o = (p 2^b) Hv_c + intra(p s^T) v  -- p stays in registers.
+               o = (p 2^b) Hv_c + att v  with att[t, j] = sum_m p_t s_j 2^(b_t - b_j) (j <= t).
+               Everything but the pairwise terms inside each sub-chunk is a chunk-level matrix product
+               (see blocks.py for how the gate factors split between sub-chunks).
 
 Intra-chunk terms couple rows t >= j through 2^{b_t - b_j}. Between different sub-chunks this is
-factored through the reference r = b at the row before sub-chunk i, so both factors are <= 1;
-within a sub-chunk it is computed pairwise ([BC, BC, BM]). No exponent is ever positive.
+factored through r_J = b at the last row of j's sub-chunk J, so both factors are <= 1; within a
+sub-chunk it is computed pairwise ([BC, BC, BM]). No exponent is ever positive.
 
 The gate layout is a lowering rule: how a [BT, BM] tile of g is read (`gate_view`).
 """
 from __future__ import annotations
 
-from .blocks import LOG2E, SubChunk, chunk_state, seq_view, softmax_slots
+from .blocks import (LOG2E, ChunkGates, SubChunk, chunk_products, chunk_rows, chunk_state, diagonal_blocks,
+                     scratch_view, seq_view, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import GateLayout, Spec
 
@@ -81,18 +84,39 @@ def state_pass(spec: Spec) -> Program:
 
 
 def output_pass(spec: Spec) -> Program:
+    """Per (chunk, query head), in three phases joined by barriers through f32 scratch rows:
+    A. x = q Hk_c, a = q k^T (one loop over K); the logits' state and off-diagonal-block terms;
+    B. per sub-chunk: the diagonal-block terms, p = softmax, the attention's diagonal blocks;
+    C. att = those blocks + the off-diagonal blocks of sum_m p_t s_j 2^(b_t - b_j);
+       o = (p 2^b) Hv_c + att v per V tile."""
     b = Builder()
     q, k, v, o = seq_view("q", "K"), seq_view("k", "K"), seq_view("v", "V"), seq_view("o", "V")
-    sub = SubChunk(b, seq_view("s", "M"), seq_view("gc", "M"))
-    with b.loop("i_s", "0", "BT // BC"):
-        b.map("ts", "t0 + i_s * BC", dtype="i64", shape=())
-        gc_i = sub.rows(sub.gc, "gc_i", "ts")
-        probs = softmax_slots(b, sub.gated_scores("l_", q, k, chunk_state("hk"), "K", "BK", gc_i))
-        att_ii = sub.diag_attention("o_", probs, gc_i)
-        with b.loop("v0", "0", "V", step="BV"):
-            out = sub.gated_mix("o_", probs, gc_i, att_ii, v, chunk_state("hv"), "v0", "BV")
-            b.store(o, out, "ts", "eos", col0="v0")
-    return Program("gsa_output_pass", [q, k, v, sub.s, sub.gc, o], b.body).verify()
+    s_view, gc_view = seq_view("s", "M"), seq_view("gc", "M")
+    aqk, loff, pd, attd = (scratch_view(n, c) for n, c in (("aqk", "BT"), ("loff", "M"), ("pd", "M"), ("attd", "BT")))
+    gates = ChunkGates(b, s_view, gc_view)
+    x, a = chunk_products(b, "l_", q, k, chunk_state("hk"), "K", "BK")
+    logits = b.map("l_off", "{0} * tl.exp2({1})", x, gates.gc)
+    with gates.off_diagonal() as blk:
+        logits = gates.gated_rows("l_off", a, logits, blk)
+    b.store(aqk, a, "t0", "eos")
+    b.store(loff, logits, "t0", "eos")
+    b.barrier()
+    sub = SubChunk(b, s_view, gc_view)
+    with sub.loop() as (gc_i, s3, decay):
+        diag = sub.scores("l_", sub.block("a_ii", aqk), s3, decay)
+        probs = softmax_slots(b, b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), diag))
+        b.store(pd, probs, "ts", "eos")
+        b.store(attd, sub.attention("o_", probs, s3, decay), "ts", "eos", col0="J * BC")
+    b.barrier()
+    probs, att = chunk_rows(b, "p_c", pd), diagonal_blocks(b, "att_c", attd)
+    with gates.off_diagonal() as blk:
+        att = gates.attention("att_c", probs, att, blk)
+    weights = b.map("pw_c", "{0} * tl.exp2({1})", probs, gates.gc)
+    with b.loop("v0", "0", "V", step="BV"):
+        out = b.dot("o_c", weights, b.load("hv_tile", chunk_state("hv"), "0", "M", ("BM", "BV"), col0="v0"))
+        out = b.dot("o_c", att, chunk_rows(b, "v_c", v, "BV", "v0", "in"), acc=out)
+        b.store(o, out, "t0", "eos", col0="v0")
+    return Program("gsa_output_pass", [q, k, v, s_view, gc_view, o, aqk, loff, pd, attd], b.body).verify()
 
 
 FORWARD_PROGRAMS = (state_pass, output_pass)

@@ -5,7 +5,8 @@ With dl = dL/dlogits (natural units), p the slot probabilities and dp = dL/dp:
 1. slot backward (per query head and chunk, parallel): recompute logits and p, compute
         dp = 2^b (do Hv_c^T) + sum_{j<=t} (do_t . v_j) s_j 2^(b_t - b_j)   (gated_scores again)
         dl = p (dp - <p, dp>),   dq = scale * [(dl 2^b) Hk_c^T + sum_{j<=t} att(dl, s)[t, j] k_j]
-   and store p, dl and x = logits * dl + p * dp (the gate-gradient terms of this head).
+   and store p, dl and x = logits * dl + p * dp (the gate-gradient terms of this head), and the
+   chunk's attention matrix att(scale dl, s) for the key backward.
 2. state backward (per kv head and K or V tile, chunks in reverse): gradients of the states at each
    chunk's end, summed over the query heads of the group:
         dHk_c = dHk_{c+1} 2^{b_last} + scale * q^T (dl 2^b),   dHv_c = 2^{b_last} dHv_{c+1} + (p 2^b)^T do
@@ -13,46 +14,87 @@ With dl = dL/dlogits (natural units), p the slot probabilities and dp = dL/dp:
 3. key backward (per kv head and chunk, parallel), for key rows j, over query rows t >= j:
         dk_j = w_j dHk^T + sum_t att(scale dl, s)[t, j] q_t,  dv_j = w_j dHv + sum_t att(p, s)[t, j] do_t
         ds_j = 2^(B - b_j) (k_j dHk + v_j dHv^T) + sum_t 2^(b_t - b_j) (scale dl_t (q_t.k_j) + p_t (do_t.v_j))
-   with w_j = s_j 2^(B - b_j), B = b at the chunk's last row.
+   with w_j = s_j 2^(B - b_j), B = b at the chunk's last row. The slot backward leaves it the two
+   attention matrices and the last sum (per query head), so this pass is chunk-level products only.
 The gate gradient follows on the host: dGamma = sum_heads x - s ds (+ final-state terms at each
 sequence's last token), dg = reverse cumsum of dGamma over each sequence.
 """
 from __future__ import annotations
 
-from .blocks import SubChunk, chunk_state, intra_decay, seq_view, softmax_slots
+from .blocks import (ChunkGates, SubChunk, chunk_products, chunk_rows, chunk_state, diagonal_blocks, scratch_view,
+                     seq_view, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import Spec
 
 
 def _group_view(name: str, cols: str, internal: bool = False) -> View:
     """Rows of query head i_h * G + i_g (loops over the query heads of kv head i_h)."""
-    if internal:  # contiguous f32 [B, T, HQ, M] buffers of the backward
-        return View(f"({name} + (i_b * T * HQ + i_h * G + i_g) * M)", "stride_pt", cols)
+    if internal:  # contiguous f32 [B, T, HQ, cols] buffers of the backward (cols M or BT)
+        stride = "stride_pt" if cols == "M" else "stride_at"
+        return View(f"({name} + (i_b * T * HQ + i_h * G + i_g) * {cols})", stride, cols)
     return View(f"({name} + i_b * stride_{name}b + (i_h * G + i_g) * stride_{name}h)", f"stride_{name}t", cols)
 
 
 def slot_backward(spec: Spec) -> Program:
+    """Phases as in the forward's output pass, with dp beside the logits:
+    A. q Hk, q k^T, do Hv^T, do v^T; the state and off-diagonal-block terms of logits and dp;
+    B. per sub-chunk: the diagonal-block terms, p, dl, x and the diagonal blocks of att(dl), att(p), ds;
+    C. their off-diagonal blocks; dq = (scale dl 2^b) Hk_c^T + att(scale dl) k per K tile."""
     b = Builder()
     q, k, v, do, dq = (seq_view(n, c) for n, c in (("q", "K"), ("k", "K"), ("v", "V"), ("do", "V"), ("dq", "K")))
+    s_view, gc_view = seq_view("s", "M"), seq_view("gc", "M")
     p_view, dl_view, x_view = (seq_view(n, "M", row_stride="stride_pt") for n in ("p", "dl", "x"))
-    sub = SubChunk(b, seq_view("s", "M"), seq_view("gc", "M"))
-    with b.loop("i_s", "0", "BT // BC"):
-        b.map("ts", "t0 + i_s * BC", dtype="i64", shape=())
-        gc_i = sub.rows(sub.gc, "gc_i", "ts")
-        acc = sub.gated_scores("l_", q, k, chunk_state("hk"), "K", "BK", gc_i)
+    att_dl, att_p, dsi = scratch_view("att", "BT"), scratch_view("att_p", "BT"), scratch_view("dsi", "M")
+    aqk, adov, loff, dpoff, attd, attd_p, dsd = (scratch_view(n, c) for n, c in (
+        ("aqk", "BT"), ("adov", "BT"), ("loff", "M"), ("dpoff", "M"), ("attd", "BT"), ("attd_p", "BT"), ("dsd", "M")))
+    gates = ChunkGates(b, s_view, gc_view)
+    xl, qk = chunk_products(b, "l_", q, k, chunk_state("hk"), "K", "BK")
+    xdp, dov = chunk_products(b, "dp_", do, v, chunk_state("hv", transposed=True), "V", "BV")
+    logits = b.map("l_off", "{0} * tl.exp2({1})", xl, gates.gc)
+    dp = b.map("dp_off", "{0} * tl.exp2({1})", xdp, gates.gc)
+    with gates.off_diagonal() as blk:
+        logits = gates.gated_rows("l_off", qk, logits, blk)
+        dp = gates.gated_rows("dp_off", dov, dp, blk)
+    for view, tile in ((aqk, qk), (adov, dov), (loff, logits), (dpoff, dp)):
+        b.store(view, tile, "t0", "eos")
+    b.barrier()
+    sub = SubChunk(b, s_view, gc_view)
+    with sub.loop() as (gc_i, s3, decay):
+        qk_ii, dov_ii = sub.block("qk_ii", aqk), sub.block("dov_ii", adov)
+        acc = b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), sub.scores("l_", qk_ii, s3, decay))
         probs = softmax_slots(b, acc)
-        dp = sub.gated_scores("dp_", do, v, chunk_state("hv", transposed=True), "V", "BV", gc_i)
+        dp = b.map("dp_i", "{0} + {1}", sub.rows(dpoff, "dp_off_i"), sub.scores("dp_", dov_ii, s3, decay))
         mean = b.expand("p_dp", b.reduce("p_dp_sum", b.map("p_times_dp", "{0} * {1}", probs, dp), 1), ":, None")
         dl = b.map("dl_i", "{0} * ({1} - {2})", probs, dp, mean)
         b.store(p_view, probs, "ts", "eos")
         b.store(dl_view, dl, "ts", "eos")
         b.store(x_view, b.map("x_i", "{0} * scale * {1} + {2} * {3}", acc, dl, probs, dp), "ts", "eos")
         dls = b.map("dls_i", "{0} * scale", dl)
-        att_ii = sub.diag_attention("q_", dls, gc_i)
-        with b.loop("k0", "0", "K", step="BK"):
-            out = sub.gated_mix("q_", dls, gc_i, att_ii, k, chunk_state("hk", transposed=True), "k0", "BK")
-            b.store(dq, out, "ts", "eos", col0="k0")
-    return Program("gsa_slot_backward", [q, k, v, do, dq, sub.s, sub.gc, p_view, dl_view, x_view], b.body).verify()
+        b.store(attd, sub.attention("q_", dls, s3, decay), "ts", "eos", col0="J * BC")
+        b.store(attd_p, sub.attention("v_", probs, s3, decay), "ts", "eos", col0="J * BC")
+        ds = b.map("ds_i", "{0} + {1}", sub.key_scores("dsq_", qk_ii, dls, decay),
+                   sub.key_scores("dsv_", dov_ii, probs, decay))
+        b.store(dsd, ds, "ts", "eos")
+    b.barrier()
+    probs = chunk_rows(b, "p_c", p_view)
+    dls = b.map("dls_c", "{0} * scale", chunk_rows(b, "dl_c", dl_view))
+    mix_dl, mix_p = diagonal_blocks(b, "att_dl_c", attd), diagonal_blocks(b, "att_p_c", attd_p)
+    qk, dov, ds = chunk_rows(b, "qk_c", aqk, "BT"), chunk_rows(b, "dov_c", adov, "BT"), chunk_rows(b, "ds_c", dsd)
+    with gates.off_diagonal() as blk:
+        mix_dl = gates.attention("att_dl_c", dls, mix_dl, blk)
+        mix_p = gates.attention("att_p_c", probs, mix_p, blk)
+        ds = gates.gated_cols("ds_c", qk, dls, ds, blk)
+        ds = gates.gated_cols("ds_c", dov, probs, ds, blk)
+    for view, tile in ((att_dl, mix_dl), (att_p, mix_p), (dsi, ds)):
+        b.store(view, tile, "t0", "eos")
+    weights = b.map("dlw_c", "{0} * tl.exp2({1})", dls, gates.gc)
+    with b.loop("k0", "0", "K", step="BK"):
+        hk_t = b.load("hk_t", chunk_state("hk", transposed=True), "0", "M", ("BM", "BK"), col0="k0")
+        out = b.dot("dq_c", weights, hk_t)
+        out = b.dot("dq_c", mix_dl, chunk_rows(b, "k_c", k, "BK", "k0", "in"), acc=out)
+        b.store(dq, out, "t0", "eos", col0="k0")
+    return Program("gsa_slot_backward", [q, k, v, do, dq, s_view, gc_view, p_view, dl_view, x_view, att_dl, att_p,
+                                         dsi, aqk, adov, loff, dpoff, attd, attd_p, dsd], b.body).verify()
 
 
 def state_backward(spec: Spec) -> Program:
@@ -94,77 +136,51 @@ def state_backward(spec: Spec) -> Program:
 
 
 def key_backward(spec: Spec) -> Program:
+    """Chunk-level products only: the attention matrices and the intra part of ds come from the slot backward."""
     b = Builder()
     k, v = seq_view("k", "K"), seq_view("v", "V")
     dk, dv, ds_view = seq_view("dk", "K"), seq_view("dv", "V"), seq_view("ds", "M", row_stride="stride_dst")
     q, do = _group_view("q", "K"), _group_view("do", "V")
-    p_view, dl_view = _group_view("p", "M", internal=True), _group_view("dl", "M", internal=True)
-    sub = SubChunk(b, seq_view("s", "M"), seq_view("gc", "M"))
+    att_dl, att_p, dsi = (_group_view(n, c, internal=True) for n, c in (("att", "BT"), ("att_p", "BT"), ("dsi", "M")))
+    s_view, gc_view = seq_view("s", "M"), seq_view("gc", "M")
+    last = b.expand("last_row", b.load("gc_last", gc_view, "tl.minimum(t0 + BT, eos) - 1", "eos", ("BM",)), "None, :")
+    to_end = b.map("to_end", "tl.exp2({0} - {1})", last, b.load("gc_c", gc_view, "t0", "eos", ("BT", "BM")))
+    w_end = b.map("w_end", "{0} * {1}", b.load("s_c", s_view, "t0", "eos", ("BT", "BM")), to_end)
+    one_head = spec.group == 1  # then the attention matrices are loaded once, outside the tile loops
+    if one_head:
+        b.map("i_g", "0", dtype="i32", shape=())
+        mixes = {view.name: chunk_rows(b, f"mix_{n}", view, "BT") for n, view in (("dl", att_dl), ("p", att_p))}
 
-    def over_queries(body):
-        """body(gc_i, diagonal) for query sub-chunk i = j, then each later i, for each query head."""
-        with b.loop("i_g", "0", "G"):
-            b.map("ts", "tj", dtype="i64", shape=())
-            body(gc_j, True)
-            with b.loop("i_s", "j_s + 1", "BT // BC"):
-                b.map("ts", "t0 + i_s * BC", dtype="i64", shape=())
-                body(sub.rows(sub.gc, "gc_i", "ts"), False)
+    def grouped(out, view, rows, col0, block):
+        """out += sum over the query heads of the group of att_g^T rows_g[:, col0:col0+block]."""
+        def add():
+            mix = mixes[view.name] if one_head else chunk_rows(b, "mix", view, "BT")
+            x = b.load("rows_g", rows, "t0", "eos", ("BT", block), col0=col0, dtype="in")
+            b.dot(out.name, mix, x, trans_a=True, acc=out)
+        if one_head:
+            add()
+        else:
+            with b.loop("i_g", "0", "G"):
+                add()
 
-    def attention(name, weights, gc_i, diagonal):
-        return sub.diag_attention(name, weights, gc_i) if diagonal else sub.off_diag_attention(name, weights, gc_i)
-
-    with b.loop("j_s", "0", "BT // BC"):
-        b.map("tj", "t0 + j_s * BC", dtype="i64", shape=())
-        gc_j = sub.rows(sub.gc, "gc_j", "tj")
-        last = b.expand("last_row", b.load("gc_last", sub.gc, "tl.minimum(t0 + BT, eos) - 1", "eos", ("BM",)), "None, :")
-        to_end = b.map("to_end", "tl.exp2({0} - {1})", last, gc_j)
-        w_end = b.map("w_end", "{0} * {1}", sub.rows(sub.s, "s_jj", "tj"), to_end)
-        with b.loop("k0", "0", "K", step="BK"):
-            dk_j = b.dot("dk_j", w_end, b.load("dhk_t", chunk_state("dhk"), "k0", "K", ("BK", "BM")), trans_b=True)
-
-            def key_grad(gc_i, diagonal):
-                dls = b.map("dls_i", "{0} * scale", sub.rows(dl_view, "dl_i", "ts"))
-                att = attention("k_", dls, gc_i, diagonal)
-                b.dot("dk_j", att, sub.rows(q, "q_i", "ts", "BK", "k0", "in"), trans_a=True, acc=dk_j)
-            over_queries(key_grad)
-            b.store(dk, dk_j, "tj", "eos", col0="k0")
-        with b.loop("v0", "0", "V", step="BV"):
-            dv_j = b.dot("dv_j", w_end, b.load("dhv_t", chunk_state("dhv"), "0", "M", ("BM", "BV"), col0="v0"))
-
-            def value_grad(gc_i, diagonal):
-                att = attention("v_", sub.rows(p_view, "p_i", "ts"), gc_i, diagonal)
-                b.dot("dv_j", att, sub.rows(do, "do_i", "ts", "BV", "v0", "in"), trans_a=True, acc=dv_j)
-            over_queries(value_grad)
-            b.store(dv, dv_j, "tj", "eos", col0="v0")
-        ds = b.zeros("ds_j", ("BC", "BM"))
-        with b.loop("k0", "0", "K", step="BK"):
-            kj = sub.rows(k, "k_j", "tj", "BK", "k0", "in")
-            b.dot("ds_j", kj, b.load("dhk_t", chunk_state("dhk"), "k0", "K", ("BK", "BM")), acc=ds)
-        with b.loop("v0", "0", "V", step="BV"):
-            vj = sub.rows(v, "v_j", "tj", "BV", "v0", "in")
-            b.dot("ds_j", vj, b.load("dhv_t", chunk_state("dhv"), "0", "M", ("BM", "BV"), col0="v0"), trans_b=True, acc=ds)
-        ds = b.map("ds_j", "{0} * {1}", ds, to_end)
-
-        def slot_grad(gc_i, diagonal):
-            dls = b.map("dls_i", "{0} * scale", sub.rows(dl_view, "dl_i", "ts"))
-            probs = sub.rows(p_view, "p_i", "ts")
-            qk = sub.pair("qk", q, k, "ts", "tj", "K", "BK")
-            dov = sub.pair("dov", do, v, "ts", "tj", "V", "BV")
-            if diagonal:
-                pairs = [b.expand(n, x, pattern) for n, x, pattern in (
-                    ("qk3", qk, ":, :, None"), ("dls3", dls, ":, None, :"),
-                    ("dov3", dov, ":, :, None"), ("p3", probs, ":, None, :"))]
-                terms = b.map("ds_terms", "({0} * {1} + {2} * {3}) * {4}", *pairs, intra_decay(b, gc_i, "ds_"))
-                b.map("ds_j", "{0} + {1}", ds, b.reduce("ds_diag", terms, 0))
-            else:
-                r = b.expand("ds_r", b.load("ds_ref", sub.gc, "ts - 1", "eos", ("BM",)), "None, :")
-                to_r = b.map("to_r", "tl.exp2(tl.minimum({0} - {1}, 0.0))", gc_i, r)
-                y = b.dot("ds_y", qk, b.map("dls_r", "{0} * {1}", dls, to_r), trans_a=True)
-                y = b.dot("ds_y", dov, b.map("p_r", "{0} * {1}", probs, to_r), trans_a=True, acc=y)
-                b.map("ds_j", "{0} + {1} * tl.exp2({2} - {3})", ds, y, r, gc_j)
-        over_queries(slot_grad)
-        b.store(ds_view, ds, "tj", "eos")
-    return Program("gsa_key_backward", [k, v, dk, dv, ds_view, q, do, p_view, dl_view], b.body).verify()
+    ds = b.zeros("ds_c", ("BT", "BM"))
+    with b.loop("k0", "0", "K", step="BK"):
+        dhk = b.load("dhk_t", chunk_state("dhk"), "k0", "K", ("BK", "BM"))
+        out = b.dot("dk_c", w_end, dhk, trans_b=True)
+        grouped(out, att_dl, q, "k0", "BK")
+        b.store(dk, out, "t0", "eos", col0="k0")
+        b.dot("ds_c", b.load("k_c", k, "t0", "eos", ("BT", "BK"), col0="k0", dtype="in"), dhk, acc=ds)
+    with b.loop("v0", "0", "V", step="BV"):
+        dhv = b.load("dhv_t", chunk_state("dhv"), "0", "M", ("BM", "BV"), col0="v0")
+        out = b.dot("dv_c", w_end, dhv)
+        grouped(out, att_p, do, "v0", "BV")
+        b.store(dv, out, "t0", "eos", col0="v0")
+        b.dot("ds_c", b.load("v_c", v, "t0", "eos", ("BT", "BV"), col0="v0", dtype="in"), dhv, trans_b=True, acc=ds)
+    ds = b.map("ds_c", "{0} * {1}", ds, to_end)
+    with b.loop("i_g", "0", "G"):
+        b.map("ds_c", "{0} + {1}", ds, b.load("dsi_g", dsi, "t0", "eos", ("BT", "BM")))
+    b.store(ds_view, ds, "t0", "eos")
+    return Program("gsa_key_backward", [k, v, dk, dv, ds_view, q, do, att_dl, att_p, dsi], b.body).verify()
 
 
 BACKWARD_PROGRAMS = (slot_backward, state_backward, key_backward)

@@ -82,9 +82,10 @@ DEFAULT_CONFIG = LaunchConfig()
 
 def search_space(spec_like, chunk_sizes=(32, 64, 128), blocks=(32, 64, 128), warps=(4, 8),
                  stages=(1, 2, 3)) -> list[LaunchConfig]:
-    """Distinct configs for anything with K and V (Spec, TuningKey, Problem); the default first."""
-    configs = [LaunchConfig(chunk_size=c, BK=k, BV=v, num_warps=w, num_stages=n)
-               for c, k, v, w, n in itertools.product(chunk_sizes, blocks, blocks, warps, stages)]
+    """Distinct configs for anything with K and V (Spec, TuningKey, Problem); the default first.
+    One tile size serves K and V (BK = BV before clamping to the head dims)."""
+    configs = [LaunchConfig(chunk_size=c, BK=blk, BV=blk, num_warps=w, num_stages=n)
+               for c, blk, w, n in itertools.product(chunk_sizes, blocks, warps, stages)]
     return list(dict.fromkeys(c.normalized(spec_like.K, spec_like.V) for c in [DEFAULT_CONFIG] + configs))
 
 

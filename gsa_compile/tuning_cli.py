@@ -1,19 +1,28 @@
 """`python -m gsa_compile tune`: tune the standard shapes on this GPU and record the winners.
 
-For each shape: the search space of tuner.search_space, pruned to configs whose generated kernels
-fit in shared memory (compiled for this GPU's architecture without launching), then tuner.tune
-(validated against the default config, timed with do_bench). Winners go to the user cache, or with
---ship to autotune/<GPU>.json to be committed.
+For each shape: the search space of tuner.search_space, compiled first in parallel worker processes
+(each runs the forward of one config at the tuning shape: the compiled kernels land in Triton's
+on-disk cache; a config whose kernels fail to compile or launch, e.g. out of shared memory, or
+fault, is dropped without harming the timing process), then tuner.tune (validated against the
+default config, timed with do_bench) in this process; the winners' backward is checked the same
+way (else the default is kept). Winners go to the user cache, or with --ship to autotune/<GPU>.json.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+import os
+import time
+from typing import Optional
+
 import torch
 
-from . import launch, programs, tuner
+from . import launch, tuner
 from .benchmark import SHAPES, make_inputs
 from .spec import GateLayout, Spec
 
 QUICK_SPACE = dict(chunk_sizes=(64, 128), blocks=(64, 128), warps=(4, 8), stages=(1, 2))
+STANDARD_SPACE = dict(chunk_sizes=(32, 64, 128), blocks=(64, 128), warps=(4, 8), stages=(1, 2, 3))
 
 
 def parse_shape(text: str):
@@ -24,19 +33,9 @@ def parse_shape(text: str):
     return values
 
 
-def _kernels(spec_like: Spec):
-    """config -> [(builder, spec, constexprs)] of the forward, for shared-memory pruning."""
-    def kernels(config: tuner.LaunchConfig):
-        spec = Spec(spec_like.layout, config.chunk_size, spec_like.dtype, spec_like.K, spec_like.V, spec_like.M,
-                    spec_like.group, final_state=True)
-        consts = launch.kernel_constants(spec, config.tile_config())
-        return [(builder, spec, consts[builder.__name__]) for builder in programs.FORWARD_PROGRAMS]
-    return kernels
-
-
 def _space_options(args) -> dict:
     """search_space keyword arguments from --quick and the explicit --chunk-sizes/--blocks/... lists."""
-    options = dict(QUICK_SPACE) if args.quick else {}
+    options = dict(QUICK_SPACE if args.quick else STANDARD_SPACE)
     for name in ("chunk_sizes", "blocks", "warps", "stages"):
         value = getattr(args, name)
         if value:
@@ -44,23 +43,56 @@ def _space_options(args) -> dict:
     return options
 
 
-def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None, ship=False):
-    q, k, v, s, g = make_inputs(B, T, H, K, V, M, layout, dtype, "cuda")
+def _try_config(job) -> Optional[str]:
+    """In a fresh worker process: one config's forward (or, with `backward`, forward and backward),
+    once, at the tuning shape. This compiles its kernels into the shared on-disk caches, and a config
+    that fails to compile or launch (out of shared memory, or a fault, which would poison the CUDA
+    context) fails here rather than in the timing process. Returns None, or why the config fails."""
+    layout, dtype_name, shape, config, backward = job
+    try:
+        B, T, H, K, V, M = shape
+        inputs = make_inputs(B, T, H, K, V, M, layout, getattr(torch, dtype_name), "cuda")
+        o = launch.forward(*inputs, K ** -0.5, None, None, None, config.chunk_size, GateLayout(layout),
+                           config.tile_config())[0]
+        if backward:
+            launch.backward(torch.ones_like(o), None, None, *inputs, K ** -0.5, None, None, None, config.chunk_size,
+                            GateLayout(layout), config.tile_config())
+        torch.cuda.synchronize()
+        return None
+    except Exception as err:  # noqa: BLE001 - OutOfResources, compile errors, faults: the config is dropped
+        return f"{type(err).__name__}: {err}"[:300]
+
+
+def try_configs(jobs_list, jobs: Optional[int] = None) -> list:
+    """_try_config for each job, each in its own process, `jobs` at a time (default: one per CPU)."""
+    context = multiprocessing.get_context("spawn")
+    workers = min(jobs or os.cpu_count() or 1, len(jobs_list))
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1) as pool:
+        return list(pool.map(_try_config, jobs_list))
+
+
+def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None, ship=False, jobs=None):
+    """Tune the forward of one shape; returns (TuneResult, the job that checks the winner's backward)."""
     spec_like = Spec(GateLayout(layout), 64, launch.DTYPE_NAMES[dtype], K, V, M, group=1)
     key = tuner.TuningKey.make(spec_like, T=T, BH=B * H)
-    arch = int("%d%d" % torch.cuda.get_device_capability())
     space = tuner.search_space(spec_like, **(space or {}))
-    fits = tuner.footprint_fits(_kernels(spec_like), arch=arch)
-    candidates = tuner.prune(space, fits)
+    shape, dtype_name = (B, T, H, K, V, M), launch.DTYPE_NAMES[dtype]
+    errors = try_configs([(layout, dtype_name, shape, c, False) for c in space], jobs)
+    candidates = [c for c, err in zip(space, errors) if err is None]
+    dropped = [(c, err) for c, err in zip(space, errors) if err is not None]
+    for config, reason in dropped:
+        print(f"{key.to_str()}: dropped {config.short()}: {reason}", flush=True)
+    if space[0] not in candidates:
+        raise RuntimeError(f"the default config fails on {key.to_str()}: {errors[0]}")
+    q, k, v, s, g = make_inputs(B, T, H, K, V, M, layout, dtype, "cuda")
 
     def run(config):
         return launch.forward(q, k, v, s, g, K ** -0.5, None, None, None, config.chunk_size, GateLayout(layout),
                               config.tile_config())[0]
 
     result = tuner.tune(key, candidates, run, progress=True)
-    if result.refused is None:
-        tuner.default_cache().record(key, result.best, result.best_ms, result.default_ms, shipped=ship)
-    return result
+    result.trials.extend(tuner.Trial(config, "skipped", None, reason) for config, reason in dropped)
+    return result, (layout, dtype_name, shape, result.best, True)
 
 
 def main(args) -> int:
@@ -69,16 +101,32 @@ def main(args) -> int:
         return 2
     shapes = [parse_shape(x) for x in args.shapes] if args.shapes else [(B, T, H, D, D, M) for B, T, H, D, M in SHAPES]
     space = _space_options(args)
-    results = [tune_shape(*shape, layout=args.layout, space=space, ship=args.ship) for shape in shapes]
+    start = time.perf_counter()
+    tuned = [tune_shape(*shape, layout=args.layout, space=space, jobs=args.jobs) for shape in shapes]
+    # the forward chose; the backward runs with the same config: check it, else keep the default
+    checks = try_configs([check for _, check in tuned], args.jobs)
+    results = []
+    for (result, _), problem in zip(tuned, checks):
+        if problem is not None and result.refused is None:
+            print(f"{result.key.to_str()}: {result.best.short()} fails in the backward ({problem}); "
+                  "keeping the default")
+            result.trials.append(tuner.Trial(result.best, "skipped", None, f"backward: {problem}"))
+            result.best, result.best_ms = result.trials[0].config, result.default_ms
+        if result.refused is None:
+            tuner.default_cache().record(result.key, result.best, result.best_ms, result.default_ms, shipped=args.ship)
+        results.append(result)
     print(tuner.format_table(results))
+    print(f"tuned {len(results)} shapes in {time.perf_counter() - start:.0f} s")
     return 0
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--shapes", nargs="*", help="B,T,H,K,V,M each (default: the benchmark shapes)")
     parser.add_argument("--layout", default="slot", choices=[x.value for x in GateLayout if x is not GateLayout.ABC])
-    parser.add_argument("--quick", action="store_true", help=f"a 16-config space: {QUICK_SPACE}")
+    parser.add_argument("--quick", action="store_true", help=f"a 16-config space: {QUICK_SPACE} (default: "
+                        f"{STANDARD_SPACE}, 36 configs)")
     for name, help_text in (("chunk-sizes", "chunk sizes"), ("blocks", "BK/BV tiles"), ("warps", "num_warps"),
                             ("stages", "num_stages")):
         parser.add_argument(f"--{name}", default=None, help=f"comma-separated {help_text} to search")
     parser.add_argument("--ship", action="store_true", help="write autotune/<GPU>.json instead of the user cache")
+    parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: one per CPU)")

@@ -66,7 +66,7 @@ def test_buckets():
 
 def test_search_space_and_prune():
     space = tuner.search_space(SPEC)
-    assert space[0] == DEFAULT_CONFIG and len(space) == len(set(space)) == 3 * 3 * 3 * 2 * 3
+    assert space[0] == DEFAULT_CONFIG and len(space) == len(set(space)) == 3 * 3 * 2 * 3
     small = tuner.search_space(Spec(layout=GateLayout.SLOT, chunk_size=64, dtype="float32", K=24, V=16, M=8))
     assert {c.BK for c in small} == {32} and {c.BV for c in small} == {16} and small[0].BK == 32
     assert len(small) == 3 * 2 * 3
