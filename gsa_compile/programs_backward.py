@@ -19,7 +19,7 @@ sequence's last token), dg = reverse cumsum of dGamma over each sequence.
 """
 from __future__ import annotations
 
-from .blocks import SubChunk, chunk_state, intra_decay, seq_view, softmax_slots
+from .blocks import SubChunk, chunk_state, intra_decay, seq_view, slot_mod_backward, softmax_slots
 from .ir import Builder, Program, View
 from .spec import Spec
 
@@ -28,7 +28,8 @@ def _group_view(name: str, cols: str, internal: bool = False) -> View:
     """Rows of query head i_h * G + i_g (loops over the query heads of kv head i_h)."""
     if internal:  # contiguous f32 [B, T, HQ, M] buffers of the backward
         return View(f"({name} + (i_b * T * HQ + i_h * G + i_g) * M)", "stride_pt", cols)
-    return View(f"({name} + i_b * stride_{name}b + (i_h * G + i_g) * stride_{name}h)", f"stride_{name}t", cols)
+    return View(f"({name} + i_b * stride_{name}b + (i_h * G + i_g) * stride_{name}h)", f"stride_{name}t", cols,
+                tensor=name)
 
 
 def slot_backward(spec: Spec) -> Program:
@@ -44,6 +45,7 @@ def slot_backward(spec: Spec) -> Program:
         dp = sub.gated_scores("dp_", do, v, chunk_state("hv", transposed=True), "V", "BV", gc_i)
         mean = b.expand("p_dp", b.reduce("p_dp_sum", b.map("p_times_dp", "{0} * {1}", probs, dp), 1), ":, None")
         dl = b.map("dl_i", "{0} * ({1} - {2})", probs, dp, mean)
+        dl = slot_mod_backward(b, spec, acc, dl)
         b.store(p_view, probs, "ts", "eos")
         b.store(dl_view, dl, "ts", "eos")
         b.store(x_view, b.map("x_i", "{0} * scale * {1} + {2} * {3}", acc, dl, probs, dp), "ts", "eos")
