@@ -113,9 +113,10 @@ def _clamp_triton(x, lo, hi):
 
 
 def _minmax(fn):
-    def run(a, b):
+    def run(a, b):  # an integer index against a float: compare in the float's dtype
         a, b = torch.as_tensor(a), torch.as_tensor(b)
-        return fn(a, b.to(a.dtype) if a.is_floating_point() else b)
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        return fn(a.to(dtype), b.to(dtype))
     return run
 
 
@@ -393,10 +394,10 @@ def evaluate(root: Expr, leaves: Dict[str, torch.Tensor], params: Optional[torch
     """The DAG on torch tensors: `leaves` holds "input" and the index tensors (broadcastable),
     `params` the flat captured values. Float results are in the input's dtype."""
     values: Dict[int, object] = {}
-    dtype = leaves["input"].dtype
+    dtype, device = leaves["input"].dtype, leaves["input"].device
     for node in topological(root):
-        if node.op == "const":
-            values[id(node)] = node.value
+        if node.op == "const":  # floats as tensors of the input's dtype (not torch's default dtype)
+            values[id(node)] = torch.tensor(node.value, dtype=dtype, device=device) if node.kind == "float" else node.value
         elif node.op == "input":
             values[id(node)] = leaves["input"]
         elif node.op == "index":
@@ -404,16 +405,9 @@ def evaluate(root: Expr, leaves: Dict[str, torch.Tensor], params: Optional[torch
         elif node.op == "param":
             values[id(node)] = _gather(node, [values[id(a)] for a in node.args], params, dtype)
         else:
-            args = [values[id(a)] for a in node.args]
-            if node.op in ("mul", "add", "sub", "div") and not any(isinstance(a, torch.Tensor) for a in args):
-                args[0] = torch.tensor(args[0], dtype=dtype)
-            values[id(node)] = OPS[node.op][2](*args, *node.attr)
+            values[id(node)] = OPS[node.op][2](*[values[id(a)] for a in node.args], *node.attr)
     out = values[id(root)]
-    if root.kind != "float":
-        return out
-    if not isinstance(out, torch.Tensor):
-        out = torch.tensor(out, dtype=dtype, device=leaves["input"].device)
-    return out.to(dtype)
+    return out.to(dtype) if root.kind == "float" else out
 
 
 def _flat_position(offset, shape, index):

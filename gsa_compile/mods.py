@@ -21,7 +21,8 @@ Where each mod applies (every program: forward, backward and decode, with no edi
 Each function is traced once, at construction, into an element-wise `Expr` DAG (mod_expr.py) that
 codegen prints as Triton. Supported: arithmetic, neg, abs, exp, log, log1p, expm1, sqrt, rsqrt, sigmoid,
 logsigmoid, tanh, relu, silu, elu, softplus, where, minimum, maximum, clamp, comparisons, logical
-and/or/not, pow with a constant, dtype casts, and captured tensors: one-element tensors anywhere,
+and/or/not, pow with a constant, zeros/ones/full_like, dtype casts (ignored: mods compute in the
+accumulator type, float32, and the kernels round mapped q, k, v to the input dtype), and captured tensors: one-element tensors anywhere,
 larger ones indexed by the index arguments (and integers) with one index per dimension, in slot_mod.
 Anything else raises TypeError naming the op. Captured tensors reach the kernels flattened into one
 `mod_params` argument (the op's `mod_params` input), so their gradients flow back through autograd.
@@ -49,6 +50,7 @@ from torch import fx
 
 from . import mod_expr
 from .mod_expr import Expr, derivative, evaluate, op, params_of, scatter_index
+from .spec import GateLayout
 
 LOAD_MODS = ("q_map", "k_map", "v_map", "gate_mod")
 _ARITY = {"q_map": 1, "k_map": 1, "v_map": 1, "gate_mod": 1, "slot_mod": 5}
@@ -155,6 +157,7 @@ _FUNCTIONS: Dict[object, str] = {
     F.relu: "relu", F.silu: "silu", F.elu: "elu", F.softplus: "softplus", F.logsigmoid: "logsigmoid",
     torch.special.expit: "sigmoid", torch.where: "where", torch.clamp: "clamp", torch.clip: "clamp",
     torch.clamp_min: "clamp_min", torch.clamp_max: "clamp_max", torch.square: "square",
+    torch.zeros_like: "zeros_like", torch.ones_like: "ones_like", torch.full_like: "full_like",
 }
 for _name in _UNARY_NAMES + _BINARY_NAMES + ("subtract", "multiply", "true_divide", "divide", "negative",
                                              "greater", "less", "greater_equal", "less_equal", "not_equal"):
@@ -171,7 +174,8 @@ _SIGNATURES = {  # op -> parameter names (defaults after '=')
     "elu": ("input", "alpha=1.0", "inplace=False"), "softplus": ("input", "beta=1.0", "threshold=20.0"),
     "logsigmoid": ("input",), "where": ("condition", "input", "other"),
     "clamp": ("input", "min=None", "max=None"), "clamp_min": ("input", "min"), "clamp_max": ("input", "max"),
-    "getitem": ("input", "index"),
+    "getitem": ("input", "index"), "zeros_like": ("input", "dtype=None"), "ones_like": ("input", "dtype=None"),
+    "full_like": ("input", "fill_value", "dtype=None"),
 }
 SUPPORTED = sorted(set(_SIGNATURES) - {"getitem", "pos"})
 
@@ -248,6 +252,8 @@ def _apply(role: str, node: fx.Node, name: str, a: Dict[str, object]) -> Expr:
         raise TypeError(f"{role}: {_target_name(node)} needs a constant exponent (or a positive constant base)")
     if name == "pos":
         return x["input"]
+    if name in ("zeros_like", "ones_like", "full_like"):  # a constant broadcast like the input
+        return mod_expr.const(float({"zeros_like": 0.0, "ones_like": 1.0}.get(name, a.get("fill_value"))))
     if name == "square":
         return op("mul", x["input"], x["input"])
     if name in ("relu", "silu", "logsigmoid"):
@@ -402,6 +408,7 @@ class GSAMods:
             gate = exprs.get("gate_mod", Expr("input"))
             loads["s"] = op("sub", 1.0, op("exp", gate))
         self.captured: Tuple[torch.Tensor, ...] = tuple(captured)
+        self.slot_uses_t = "slot_mod" in exprs and mod_expr.uses_index(exprs["slot_mod"], "t")
         text = "\n".join([f"s_from_gate={self.s_from_gate}"] + [f"{role}: {exprs[role].describe()}" for role in sorted(exprs)])
         self.key = "m" + hashlib.sha256(text.encode()).hexdigest()[:16]
         self.description = text
@@ -423,14 +430,13 @@ class GSAMods:
 
     def check(self, layout, decode: bool = False):
         """ValueError where a mod cannot apply to this call's gate layout (or to decode)."""
-        from .spec import GateLayout
         has_gate = self.functions["gate_mod"] is not None
         if layout is GateLayout.ABC and (has_gate or self.s_from_gate):
             raise ValueError("gate_mod and s_from_gate need a gate g; the ABC layout (g=None) has none")
         if self.s_from_gate and layout is not GateLayout.SLOT:
             raise ValueError(f"s_from_gate needs the slot gate layout (g [B, T, H, M], the shape of s); got "
                              f"layout {layout.value!r}")
-        if decode and self.traced.slot is not None and mod_expr.uses_index(self.traced.slot, "t"):
+        if decode and self.slot_uses_t:
             raise ValueError("slot_mod uses the position t, which recurrent_step does not know: decode with "
                              "chunk_gsa, or write the slot_mod without t")
 
