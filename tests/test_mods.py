@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gsa_compile import GatedSlotAttention, GSAMods, chunk_gsa, codegen, programs, recurrent_gsa, recurrent_step
+from gsa_compile import (
+    GatedSlotAttention,
+    GSAMods,
+    chunk_gsa,
+    codegen,
+    programs,
+    recurrent_gsa,
+    recurrent_step,
+)
 from gsa_compile.mod_expr import Expr, derivative, evaluate
 from gsa_compile.spec import GateLayout, Spec
 
@@ -269,7 +277,7 @@ def test_invalid_mod_calls_are_refused():
 
 def test_same_mod_never_recompiles_and_different_mods_get_their_own_kernels():
     q, k, v, s, g = (x.detach() for x in make_inputs("slot", T=8))
-    first, equal, other = (GSAMods(k_map=lambda x: F.softplus(x) * c) for c in (2.0, 2.0, 3.0))
+    first, equal, other = (GSAMods(k_map=lambda x, c=c: F.softplus(x) * c) for c in (2.0, 2.0, 3.0))
     o_first, _ = chunk_gsa(q, k, v, s, g, chunk_size=16, mods=first)
     compiled = set(codegen._MODULES)
     o_equal, _ = chunk_gsa(q, k, v, s, g, chunk_size=16, mods=equal)
