@@ -42,7 +42,7 @@ def _last_dim_contiguous(x):
 
 
 def _mods_inputs(mods, q, s, g):
-    """(s, mods key, mod_params) for the ops: with s_from_gate the kernels read the raw gate as s."""
+    """s for the ops (with s_from_gate the kernels read the raw gate as s), the mods key and mod_params."""
     if mods is None:
         return s, "", None
     if not isinstance(mods, GSAMods):
@@ -53,10 +53,10 @@ def _mods_inputs(mods, q, s, g):
         if not isinstance(g, torch.Tensor) or g.dim() != 4:
             raise ValueError("s_from_gate needs the slot gate layout, g [B, T, H, M] (the shape of s); got "
                              f"g {None if g is None else tuple(g.shape)}")
-        if g.dtype != q.dtype:
+        if isinstance(q, torch.Tensor) and g.dtype != q.dtype:
             raise TypeError(f"with s_from_gate the kernels read g as s, so g must have q's dtype {q.dtype}; got {g.dtype}")
         s = g
-    return s, mods.key, mods.params(q)
+    return s, mods.key, mods.params(q) if isinstance(q, torch.Tensor) else None
 
 
 def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,

@@ -4,6 +4,11 @@ Each IR node becomes one or two Triton statements (`emit`); the template of the 
 fixed frame (signature, program ids, sequence bounds, base pointers). Generated modules are cached
 in memory by (program, Spec) and on disk by a hash of their source, so identical Specs never
 regenerate and a new process only re-imports.
+
+User mods (mods.py, named by `Spec.mods`) enter here only: a load from a view whose `tensor` the mods
+map (q, k, v, s, g) is followed by the mod's element-wise Triton code, `SlotMod` nodes print the
+slot_mod (or its derivatives), and the mods' kernel parameters are appended to the signature.
+Without mods the generated source is exactly what it is without this feature.
 """
 from __future__ import annotations
 

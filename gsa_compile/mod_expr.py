@@ -19,6 +19,7 @@ tensors; both read the same `OPS` table, so the kernels and the host agree by co
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -311,6 +312,7 @@ def _silu_slope(a):
     return op("mul", s, op("add", 1.0, op("mul", a, op("sub", 1.0, s))))
 
 
+@functools.cache  # nodes are interned: identity is equality
 def derivative(root: Expr, leaf: Expr) -> Expr:
     """d root / d leaf as an Expr (const 0.0 when root does not depend on it)."""
     tangents: Dict[int, Optional[Expr]] = {}
@@ -396,8 +398,9 @@ def evaluate(root: Expr, leaves: Dict[str, torch.Tensor], params: Optional[torch
     values: Dict[int, object] = {}
     dtype, device = leaves["input"].dtype, leaves["input"].device
     for node in topological(root):
-        if node.op == "const":  # floats as tensors of the input's dtype (not torch's default dtype)
-            values[id(node)] = torch.tensor(node.value, dtype=dtype, device=device) if node.kind == "float" else node.value
+        if node.op == "const":  # floats as tensors of the input's dtype (torch.full: no host-to-device copy)
+            values[id(node)] = torch.full((), node.value, dtype=dtype, device=device) if node.kind == "float" \
+                else node.value
         elif node.op == "input":
             values[id(node)] = leaves["input"]
         elif node.op == "index":
@@ -426,7 +429,7 @@ def _gather(node, index, params, dtype):
     if not index:
         value = params[offset].to(dtype)
     else:
-        position, valid = _flat_position(offset, shape, [torch.as_tensor(i, device=params.device) for i in index])
+        position, valid = _flat_position(offset, shape, [_index_tensor(i, params.device) for i in index])
         value = torch.where(valid, params[position].to(dtype), torch.zeros((), dtype=dtype, device=params.device))
     return value != 0 if is_bool else value
 
@@ -435,7 +438,11 @@ def scatter_index(node: Expr, leaves: Dict[str, torch.Tensor], device):
     """(flat positions, in range) of a param leaf for index tensors `leaves` (its gradient's destination)."""
     offset, shape, _ = node.attr
     if not node.args:
-        return torch.tensor(offset, device=device), torch.tensor(True, device=device)
-    index = [torch.as_tensor(evaluate(a, {"input": torch.zeros((), device=device), **leaves}, None), device=device)
+        return _index_tensor(offset, device), torch.full((), True, device=device)
+    index = [_index_tensor(evaluate(a, {"input": torch.zeros((), device=device), **leaves}, None), device)
              for a in node.args]
     return _flat_position(offset, shape, index)
+
+
+def _index_tensor(index, device):
+    return index if isinstance(index, torch.Tensor) else torch.full((), index, dtype=torch.long, device=device)

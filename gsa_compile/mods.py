@@ -41,6 +41,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
+import math
 import operator
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -117,7 +118,7 @@ class _Captured:
 
     def leaf(self, index: Tuple, role: str) -> Expr:
         if len(index) != len(self.shape):
-            if not index and _numel(self.shape) == 1:
+            if not index and math.prod(self.shape) == 1:
                 return Expr("param", (), (self.offset, (), self.is_bool))
             raise ValueError(f"{role}: a captured tensor of shape {self.shape} must be indexed with one index per "
                              f"dimension (got {len(index)}) to stay element-wise")
@@ -129,13 +130,6 @@ class _Captured:
                                 f"integer arithmetic on them and integers; got {type(i).__name__}")
             args.append(node)
         return Expr("param", args, (self.offset, self.shape, self.is_bool))
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # fx targets -> (op name, parameter names with defaults)
