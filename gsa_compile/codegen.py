@@ -78,6 +78,10 @@ class _Emitter:
         ptr, mask = self._offsets(n.view, n.row0, n.row_end, n.col0, n.out.shape)
         cast = "" if n.out.dtype == "in" else f".to({self.dtype(n.out.dtype)})"
         load_mod = self.mods.loads.get(n.view.tensor) if self.mods is not None else None
+        if self.mods is not None and not n.view.tensor and any(
+                n.view.name == f"{t}_base" or n.view.name.startswith(f"({t} +") for t in self.mods.loads):
+            raise ir.IRError(f"{n.describe()} reads a mapped input through a View without `tensor`: the mods "
+                             f"would not apply to it")
         if load_mod is None:
             return [f"{n.out.name} = tl.load({ptr}, mask={mask}, other={n.other}){cast}"]
         # a mapped load: the mod runs in the accumulator type; masked elements keep `other`

@@ -293,6 +293,16 @@ def test_same_mod_never_recompiles_and_different_mods_get_their_own_kernels():
     assert rel(o_other, o_first) > 1e-3
 
 
+def test_codegen_refuses_an_untagged_view_of_a_mapped_input():
+    """A program that read q through a View without `tensor` would silently skip q_map: refused."""
+    from gsa_compile import ir
+    b = ir.Builder()
+    b.load("x", ir.View("q_base", "stride_qt", "K"), "t0", "eos", ("BT", "BK"))
+    spec = Spec(layout=GateLayout.SLOT, chunk_size=16, dtype="float32", K=8, V=8, M=4, mods=GSAMods(q_map=F.silu).key)
+    with pytest.raises(ir.IRError, match="without `tensor`"):
+        codegen.render_body(ir.Program("p", [], b.body), spec)
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. ops, layer, torch.compile
 # --------------------------------------------------------------------------------------------------
