@@ -8,9 +8,10 @@ if not _torch.cuda.is_available():  # no GPU: the generated kernels run in Trito
 
 from .api import abc_gate, chunk_gsa, recurrent_step
 from .layer import GatedSlotAttention, GSACache
+from .mods import GSAMods
 from .reference import parallel_gsa, recurrent_gsa
 from .spec import GateLayout
 
-__all__ = ["GSACache", "GateLayout", "GatedSlotAttention", "abc_gate", "chunk_gsa", "parallel_gsa", "recurrent_gsa",
+__all__ = ["GSACache", "GSAMods", "GateLayout", "GatedSlotAttention", "abc_gate", "chunk_gsa", "parallel_gsa", "recurrent_gsa",
            "recurrent_step"]
 __version__ = "0.1.0"

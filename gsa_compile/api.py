@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.gsa.*)
+from .mods import GSAMods
 from .spec import GateLayout, StateTuple, check_chunk_size, validate_inputs
 
 AUTO_CHUNK_SIZE = None  # the tuned config of this GPU (autotune/<GPU>.json), else chunk 64
@@ -40,12 +41,30 @@ def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _mods_inputs(mods, q, s, g):
+    """s for the ops (with s_from_gate the kernels read the raw gate as s), the mods key and mod_params."""
+    if mods is None:
+        return s, "", None
+    if not isinstance(mods, GSAMods):
+        raise TypeError(f"mods must be a gsa_compile.GSAMods or None, got {type(mods).__name__}")
+    if mods.s_from_gate:
+        if s is not None:
+            raise ValueError("s must be None with s_from_gate: s = 1 - exp(gate_mod(g)) is computed in the kernels")
+        if not isinstance(g, torch.Tensor) or g.dim() != 4:
+            raise ValueError("s_from_gate needs the slot gate layout, g [B, T, H, M] (the shape of s); got "
+                             f"g {None if g is None else tuple(g.shape)}")
+        if isinstance(q, torch.Tensor) and g.dtype != q.dtype:
+            raise TypeError(f"with s_from_gate the kernels read g as s, so g must have q's dtype {q.dtype}; got {g.dtype}")
+        s = g
+    return s, mods.key, mods.params(q) if isinstance(q, torch.Tensor) else None
+
+
 def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
               g: Optional[torch.Tensor] = None, scale: Optional[float] = None,
               initial_state: Optional[StateTuple] = None, output_final_state: bool = False,
               checkpoint_level: Optional[int] = None, cu_seqlens: Optional[torch.Tensor] = None,
               head_first: bool = False, *, chunk_size: Optional[int] = AUTO_CHUNK_SIZE,
-              gate_layout=None) -> Tuple[torch.Tensor, Optional[StateTuple]]:
+              gate_layout=None, mods: Optional[GSAMods] = None) -> Tuple[torch.Tensor, Optional[StateTuple]]:
     """Gated Slot Attention, chunked. Same arguments and results as `reference.recurrent_gsa`.
 
     q [B,T,HQ,K], k [B,T,H,K], v [B,T,H,V], s [B,T,H,M]; g per-slot [B,T,H,M], per-head [B,T,H],
@@ -54,7 +73,10 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
     `chunk_size=None` takes the launch config tuned for this GPU (see autotune/README.md); an explicit
     16/32/64/128 forces it. `checkpoint_level` is accepted for fla compatibility (the backward always recomputes);
     `head_first=True` takes [B,H,T,D] inputs and returns o as [B,HQ,T,V], as fla's did.
+    `mods` (gsa_compile.GSAMods) fuses user feature maps, gate_mod and slot_mod into the kernels; then
+    q, k, v, g are raw inputs the kernels map, and s is None when the mods derive it from g (s_from_gate).
     """
+    s, mods_key, mod_params = _mods_inputs(mods, q, s, g)
     if head_first:
         q, k, v, s = (x.transpose(1, 2) for x in (q, k, v, s))
         if g is not None and g.dim() >= 3:
@@ -62,6 +84,8 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
     problem = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, gate_layout)
     if chunk_size is not None:
         check_chunk_size(chunk_size)
+    if mods is not None:
+        mods.check(problem.layout)
     if problem.dtype == torch.float64 and not ops.INTERPRETER:
         raise TypeError("q has dtype float64: the GPU kernels take float32, float16 or bfloat16 (float64 runs "
                         "only under the Triton interpreter, for gradcheck; use gsa_compile.recurrent_gsa)")
@@ -72,7 +96,7 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
     q, k, v, s, g = (_last_dim_contiguous(x) for x in (q, k, v, s, g))
     hk0, hv0 = initial_state if initial_state is not None else (None, None)
     o, hk, hv = torch.ops.gsa.chunk_forward(q, k, v, s, g, problem.scale, hk0, hv0, cu_seqlens,
-                                            chunk_size or 0, layout.value)
+                                            chunk_size or 0, layout.value, mods_key, mod_params)
     if head_first:
         o = o.transpose(1, 2)
     return o, ((hk, hv) if output_final_state else None)
@@ -80,15 +104,20 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
 
 def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
                    g: Optional[torch.Tensor] = None, scale: Optional[float] = None, *,
-                   state: StateTuple, inplace: bool = False) -> Tuple[torch.Tensor, StateTuple]:
+                   state: StateTuple, inplace: bool = False,
+                   mods: Optional[GSAMods] = None) -> Tuple[torch.Tensor, StateTuple]:
     """Decode a few tokens (q [B, T, HQ, K], ... with small T) against `state` = (hk [B,H,K,M], hv [B,H,M,V]).
 
     Same recurrence and layouts as chunk_gsa, except ABC (its running normaliser is not part of
     the state). With `inplace=True` the float32, contiguous state tensors are updated in place
     (torch.ops.gsa.recurrent_step_, usable under CUDA graphs); otherwise new states are returned.
-    Inference only: no gradients. Returns (o [B, T, HQ, V], (hk, hv)).
+    Inference only: no gradients. Returns (o [B, T, HQ, V], (hk, hv)). `mods` as for chunk_gsa (a
+    slot_mod must not use the position t, which decode does not know).
     """
+    s, mods_key, mod_params = _mods_inputs(mods, q, s, g)
     problem = validate_inputs(q, k, v, s, g, scale, state, None)
+    if mods is not None:
+        mods.check(problem.layout, decode=True)
     if problem.layout is GateLayout.ABC:
         raise ValueError("recurrent_step does not support g=None (ABC): its log-normaliser is not part of "
                          "the (hk, hv) state; decode ABC with chunk_gsa over the whole prefix")
@@ -102,8 +131,8 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.T
             if x.dtype != torch.float32 or not x.is_contiguous():
                 raise ValueError(f"inplace=True needs float32 contiguous states; {name} is {x.dtype}, "
                                  f"contiguous={x.is_contiguous()}")
-        o = torch.ops.gsa.recurrent_step_(q, k, v, s, g, problem.scale, hk, hv, layout)
+        o = torch.ops.gsa.recurrent_step_(q, k, v, s, g, problem.scale, hk, hv, layout, mods_key, mod_params)
         return o, (hk, hv)
     o, hk, hv = torch.ops.gsa.recurrent_step(q, k, v, s, g, problem.scale, hk.float().contiguous(),
-                                             hv.float().contiguous(), layout)
+                                             hv.float().contiguous(), layout, mods_key, mod_params)
     return o, (hk, hv)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-from .ir import Builder, Tile, View
+from . import mods
+from .ir import Builder, SlotIndex, Tile, View
 
 LOG2E = "1.4426950408889634"
 ROWS = "tl.arange(0, BT)[:, None]"  # chunk-local row index of a [BT, ...] tile
@@ -26,7 +27,7 @@ INSIDE_J = f"(({ROWS} >= J * BC) & ({ROWS} < (J + 1) * BC))"  # the rows of sub-
 
 def seq_view(name: str, cols: str, base: str = "", row_stride: str = "") -> View:
     """Token rows of a [.., T, .., cols] tensor for the current batch row and head."""
-    return View(base or f"{name}_base", row_stride or f"stride_{name}t", cols)
+    return View(base or f"{name}_base", row_stride or f"stride_{name}t", cols, tensor=name)
 
 
 def scratch_view(name: str, cols: str) -> View:
@@ -168,11 +169,27 @@ class SubChunk:
         return b.reduce(p + "diag", terms, 0)
 
 
-def softmax_slots(b: Builder, acc):
+CHUNK_ROWS = SlotIndex(b="i_n", h="i_hq", t="(ts - bos + tl.arange(0, BC))[:, None]")  # slot_mod's b, h, t
+
+
+def softmax_slots(b: Builder, acc, index: SlotIndex = CHUNK_ROWS):
     """p = softmax over the M valid slots of scale * acc (exp2, with scale_log2 = scale * log2 e)."""
     valid = b.map("slot_valid", "(tl.arange(0, BM) < M)[None, :]", dtype="i1", shape=("1", "BM"))
     logits = b.map("logits", "tl.where({1}, {0} * scale_log2, float('-inf'))", acc, valid)
+    logits = b.slot_mod("logits", logits, acc, index)  # the Spec's slot_mod, if any (mods.py)
     top = b.expand("top", b.reduce("row_max", logits, 1, "max"), ":, None")
     e = b.map("e", "tl.exp2({0} - {1})", logits, top)
     total = b.expand("total", b.reduce("row_sum", e, 1), ":, None")
     return b.map("probs", "{0} / {1}", e, total)
+
+
+def slot_mod_backward(b: Builder, spec, acc, dl, index: SlotIndex = CHUNK_ROWS):
+    """dl = dL/d(modded logits) -> dL/d(logits) through the Spec's slot_mod (no-op without one).
+
+    Per float captured leaf of the slot_mod, also stores dl * d slot_mod / d leaf into `mod_terms`
+    ([B, T, HQ, leaves, M], f32) for the host to scatter into the captured tensors' gradients."""
+    n = mods.slot_leaf_count(spec.mods)
+    for leaf in range(n):
+        term = b.slot_mod(f"mod_term{leaf}", dl, acc, index, mode="term", leaf=leaf)
+        b.store(View(f"(mod_terms + ((i_b * T * HQ + i_hq) * {n} + {leaf}) * M)", f"HQ * {n} * M", "M"), term, "ts", "eos")
+    return b.slot_mod(dl.name, dl, acc, index, mode="grad")

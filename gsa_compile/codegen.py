@@ -4,6 +4,11 @@ Each IR node becomes one or two Triton statements (`emit`); the template of the 
 fixed frame (signature, program ids, sequence bounds, base pointers). Generated modules are cached
 in memory by (program, Spec) and on disk by a hash of their source, so identical Specs never
 regenerate and a new process only re-imports.
+
+User mods (mods.py, named by `Spec.mods`) enter here only: a load from a view whose `tensor` the mods
+map (q, k, v, s, g) is followed by the mod's element-wise Triton code, `SlotMod` nodes print the
+slot_mod (or its derivatives), and the mods' kernel parameters are appended to the signature.
+Without mods the generated source is exactly what it is without this feature.
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from typing import Callable, Dict, List, Tuple
 
 import jinja2
 
-from . import ir
+from . import ir, mods
+from .mod_expr import Expr, TritonWriter, derivative
 from .spec import Spec
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -33,9 +39,14 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+LN2, LOG2E = "0.6931471805599453", "1.4426950408889634"
+
+
 class _Emitter:
     def __init__(self, spec: Spec):
         self.spec = spec
+        self.mods = mods.lookup(spec.mods)  # user mods (mods.py), or None
+        self._temporaries = 0
 
     def dtype(self, d: str) -> str:
         if d == "in" or (d == "f32" and self.spec.dtype == "float64"):  # f32 is the accumulator type
@@ -66,7 +77,41 @@ class _Emitter:
     def emit_load(self, n: ir.Load):
         ptr, mask = self._offsets(n.view, n.row0, n.row_end, n.col0, n.out.shape)
         cast = "" if n.out.dtype == "in" else f".to({self.dtype(n.out.dtype)})"
-        return [f"{n.out.name} = tl.load({ptr}, mask={mask}, other={n.other}){cast}"]
+        load_mod = self.mods.loads.get(n.view.tensor) if self.mods is not None else None
+        if self.mods is not None and not n.view.tensor and any(
+                n.view.name == f"{t}_base" or n.view.name.startswith(f"({t} +") for t in self.mods.loads):
+            raise ir.IRError(f"{n.describe()} reads a mapped input through a View without `tensor`: the mods "
+                             f"would not apply to it")
+        if load_mod is None:
+            return [f"{n.out.name} = tl.load({ptr}, mask={mask}, other={n.other}){cast}"]
+        # a mapped load: the mod runs in the accumulator type; masked elements keep `other`
+        writer = self._writer({"input": f"{n.out.name}_raw"})
+        value = writer(load_mod)
+        cast = "" if n.out.dtype == "f32" else f".to({self.dtype(n.out.dtype)})"
+        return [f"{n.out.name}_raw = tl.load({ptr}, mask={mask}, other=0.0).to({self.dtype('f32')})",
+                *writer.lines, f"{n.out.name} = tl.where({mask}, {value}, {n.other}){cast}"]
+
+    def _writer(self, leaves) -> TritonWriter:
+        self._temporaries += 1
+        return TritonWriter(f"mod{self._temporaries}_", leaves)
+
+    def emit_slotmod(self, n: ir.SlotMod):
+        slot = self.mods.slot if self.mods is not None else None
+        if slot is None:
+            if n.mode == "term" or n.out.name != n.x.name:
+                raise ir.IRError(f"{n.describe()}: the Spec has no slot_mod, so this node must be a no-op")
+            return []
+        leaves = {"input": f"{n.out.name}_logit", "b": n.index.b, "h": n.index.h, "m": "tl.arange(0, BM)[None, :]"}
+        if n.index.t is not None:
+            leaves["t"] = n.index.t
+        writer = self._writer(leaves)
+        valid = "(tl.arange(0, BM) < M)[None, :]"
+        if n.mode == "value":
+            result = f"tl.where({valid}, {writer(slot)} * {LOG2E}, float('-inf'))"
+        else:
+            wrt = Expr("input") if n.mode == "grad" else self.mods.slot_leaves[n.leaf]
+            result = f"tl.where({valid}, {n.x.name} * {writer(derivative(slot, wrt))}, 0.0)"
+        return [f"{n.out.name}_logit = {n.acc.name} * scale_log2 * {LN2}", *writer.lines, f"{n.out.name} = {result}"]
 
     def emit_store(self, n: ir.Store):
         ptr, mask = self._offsets(n.view, n.row0, n.row_end, n.col0, n.value.shape)
@@ -130,11 +175,31 @@ def _check_no_shadowing(program: ir.Program, source_text: str):
         raise ir.IRError(f"{program.name}: tiles {sorted(clash)} shadow kernel arguments of the same name")
 
 
+def _has_slot_terms(body) -> bool:
+    return any(_has_slot_terms(node.body) if isinstance(node, (ir.For, ir.If)) else
+               isinstance(node, ir.SlotMod) and node.mode == "term" for node in body)
+
+
+def _add_kernel_params(source_text: str, name: str, params: List[str]) -> str:
+    """Append `params` to the signature of kernel `name` (after its last parameter; passed by keyword)."""
+    if not params:
+        return source_text
+    kernel_def = next(n for n in ast.parse(source_text).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    last = kernel_def.args.args[-1]
+    lines = source_text.split("\n")
+    line = lines[last.end_lineno - 1]
+    lines[last.end_lineno - 1] = line[:last.end_col_offset] + "".join(f", {p}" for p in params) + line[last.end_col_offset:]
+    return "\n".join(lines)
+
+
 def render(program: ir.Program, spec: Spec, template: str) -> str:
-    """Triton source of one kernel module."""
+    """Triton source of one kernel module; the Spec's mods add their kernel parameters (mods.py)."""
     text = _ENV.get_template(template).render(
         name=program.name, body=render_body(program, spec), varlen=spec.varlen,
-        acc_dtype=_Emitter(spec).dtype("f32"), spec_comment=repr(spec))
+        acc_dtype=_Emitter(spec).dtype("f32"), spec_comment=repr(spec) + (f" mods={spec.mods}" if spec.mods else ""))
+    traced = mods.lookup(spec.mods)
+    if traced is not None:
+        text = _add_kernel_params(text, program.name, traced.kernel_params(_has_slot_terms(program.body)))
     _check_no_shadowing(program, text)
     return text
 

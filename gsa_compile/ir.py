@@ -41,6 +41,7 @@ class View:
     row_stride: str
     col_limit: str  # columns >= col_limit are masked (K, V or M)
     col_stride: str = "1"
+    tensor: str = ""  # the kernel input it reads (q, k, v, s, g, ...): codegen applies the Spec's load mods
 
 
 def broadcast(shapes: Sequence[Shape]) -> Shape:
@@ -159,6 +160,42 @@ class Map(Node):
 
     def describe(self):
         return f"{self.out} = {self.expr.format(*[a.name for a in self.args])}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotIndex:
+    """Triton expressions of the slot_mod's index arguments for the rows of a [rows, BM] tile:
+    b (sequence), h (query head), t (position in the sequence; None where the kernel cannot know it)."""
+    b: str
+    h: str
+    t: Optional[str]
+
+
+@dataclasses.dataclass
+class SlotMod(Node):
+    """The Spec's user slot_mod (mods.py) at the slot logits; the natural logit is acc * scale_log2 * ln 2.
+
+    mode "value": out = where(m < M, slot_mod(logit, b, h, t, m) * log2(e), -inf)  (replaces the logits x)
+    mode "grad":  out = x * d slot_mod / d logit   (x = dL/d modded logits; gives dL/d logits)
+    mode "term":  out = x * d slot_mod / d (captured value `leaf`)   (for the captured tensors' gradients)
+    Without a slot_mod in the Spec codegen emits nothing: value and grad nodes must then have out == x.
+    """
+    out: Tile
+    x: Tile
+    acc: Tile
+    index: SlotIndex
+    mode: str = "value"
+    leaf: int = 0
+
+    def operands(self):
+        return [self.x, self.acc]
+
+    def result_shape(self):
+        return self.x.shape
+
+    def describe(self):
+        extra = f", leaf {self.leaf}" if self.mode == "term" else ""
+        return f"{self.out} = slot_mod_{self.mode}({self.x.name}, logit={self.acc.name}{extra})"
 
 
 @dataclasses.dataclass
@@ -311,6 +348,9 @@ class Builder:
         if shape is None:
             node.out = Tile(name, node.result_shape(), dtype)
         return self._add(node)
+
+    def slot_mod(self, name, x, acc, index: SlotIndex, mode="value", leaf=0):
+        return self._add(SlotMod(Tile(name, x.shape, x.dtype), x, acc, index, mode, leaf))
 
     def expand(self, name, x, pattern):
         node = Expand(Tile(name, (), x.dtype), x, pattern)

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 import triton
 
-from . import codegen, programs, programs_backward, programs_decode
+from . import codegen, mods, programs, programs_backward, programs_decode
 from .spec import GateLayout, Spec, TileConfig, next_power_of_2
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -92,7 +92,7 @@ def tuned_config(layout, dtype, K, V, M, group, varlen, T, BH, device):
 class Call:
     """Sizes, Spec, constants and chunk tables of one forward or backward call."""
 
-    def __init__(self, q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap):
+    def __init__(self, q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key="", mod_params=None):
         self.B, self.T = q.shape[:2]
         # head counts and dims are kernel constants: specialise on them even under dynamic shapes
         self.HQ, self.K, self.H, self.V, self.M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
@@ -103,7 +103,9 @@ class Call:
                                               q.device if q.device.type == "cuda" else "cpu")
         self.spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[q.dtype], K=self.K, V=self.V,
                          M=self.M, group=self.HQ // self.H, varlen=cu_seqlens is not None,
-                         initial_state=hk0 is not None, final_state=True)
+                         initial_state=hk0 is not None, final_state=True, mods=mods_key)
+        self.mods, self.mod_params = mods.lookup(mods_key), mod_params
+        self.mod_args = {"mod_params": mod_params} if self.mods is not None and self.mods.n_params else {}
         config = config or TileConfig()
         self.consts = kernel_constants(self.spec, config)
         self.launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
@@ -122,9 +124,10 @@ class Call:
         dtype = torch.bfloat16 if self.spec.dtype == "bfloat16" else self.acc_dtype
         return tuple(torch.empty(*shape, device=self.device, dtype=dtype) for shape in shapes)
 
-    def run(self, builder, grid, *args):
+    def run(self, builder, grid, *args, **extra):
         name = builder.__name__
-        self.wrap(codegen.kernel(builder, self.spec))[grid](*args, **self.consts[name], **self.launch)
+        self.wrap(codegen.kernel(builder, self.spec))[grid](*args, **self.mod_args, **extra, **self.consts[name],
+                                                            **self.launch)
 
     def tables(self, unused):
         """(cu_seqlens, chunk offsets) pointers, `unused` where the Spec compiles them out."""
@@ -158,9 +161,12 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0):
 
 
 def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, layout: GateLayout,
-            config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel):
-    """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32)."""
-    call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap)
+            config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel, mods_key: str = "",
+            mod_params: Optional[torch.Tensor] = None):
+    """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32).
+
+    With mods (mods.py), q, k, v, s, g are the raw inputs the kernels map on load."""
+    call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params)
     gc, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     o = torch.empty(call.B, call.T, call.HQ, call.V, device=q.device, dtype=q.dtype)
     cu, offsets = call.tables(hk_final)
@@ -174,9 +180,13 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
 
 
 def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int,
-             layout: GateLayout, config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel):
-    """Gradients of chunk_forward: (dq, dk, dv, ds, dg, dhk0, dhv0). Recomputes the forward states."""
-    call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap)
+             layout: GateLayout, config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel,
+             mods_key: str = "", mod_params: Optional[torch.Tensor] = None):
+    """Gradients of chunk_forward: (dq, dk, dv, ds, dg, dhk0, dhv0, d mod_params). Recomputes the forward states.
+
+    With mods, the kernels' gradients w.r.t. the mapped inputs go through the mods' chain rule on the
+    host; d mod_params is empty without captured tensors."""
+    call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params)
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
     gc, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     cu, offsets = call.tables(hk_final)
@@ -185,11 +195,14 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     att_dl, att_p, aqk, adov, attd, attd_p = (call.f32(B, T, HQ, call.spec.chunk_size) for _ in range(6))
     dsi, loff, dpoff, dsd = (call.f32(B, T, HQ, M) for _ in range(4))
     grid, chunk_seq, chunk_idx = call.chunk_grid(HQ, hk_final)
+    n_terms = len(call.mods.slot_leaves) if call.mods is not None else 0
+    terms = {"mod_terms": call.f32(B, T, HQ, n_terms, M)} if n_terms else {}  # slot_mod parameter terms
     call.run(programs_backward.slot_backward, grid,
              q, k, v, s, gc, hk_chunks, hv_chunks, do, dq, p, dl, x, att_dl, att_p, dsi, aqk, adov, loff, dpoff, attd,
              attd_p, dsd, cu, offsets,
              chunk_seq, chunk_idx,
-             T, H, HQ, scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_strides(do))
+             T, H, HQ, scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_strides(do),
+             **terms)
 
     dhk_chunks, dhv_chunks = torch.empty_like(hk_chunks), torch.empty_like(hv_chunks)
     dhk0, dhv0 = call.f32(N, H, K, M), call.f32(N, H, M, V)
@@ -208,8 +221,15 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
              T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_strides(do))
 
     final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3)  # [N, H, M]
-    dg = gate_gradient(x.view(B, T, H, HQ // H, M).sum(3) - s.to(ds.dtype) * ds, final_terms, cu_seqlens, layout)
-    return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype).contiguous(), dhk0, dhv0
+    s_used = s if call.mods is None or "s" not in call.mods.loads else call.mods.host_map("s", s.to(ds.dtype), mod_params)
+    dg = gate_gradient(x.view(B, T, H, HQ // H, M).sum(3) - s_used.to(ds.dtype) * ds, final_terms, cu_seqlens, layout)
+    grads = {"q": dq, "k": dk, "v": dv, "s": ds, "g": dg}
+    dparams = torch.zeros(0, device=q.device, dtype=torch.float32)
+    if call.mods is not None:
+        grads, dparams = call.mods.raw_gradients(dict(q=q, k=k, v=v, s=s, g=g), grads, mod_params,
+                                                 terms.get("mod_terms"), cu_seqlens)
+    dq, dk, dv, ds, dg = (grads[n] for n in "qkvsg")
+    return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype).contiguous(), dhk0, dhv0, dparams
 
 
 def _suffix_sum(x):
@@ -248,17 +268,20 @@ def gate_gradient(d_cumulative, final_terms, cu_seqlens, layout: GateLayout):
     return dg.sum((0, 1))  # DECAY_SLOT
 
 
-def decode_(q, k, v, s, g, scale: float, hk, hv, layout: GateLayout, wrap: Callable = lambda kernel: kernel):
+def decode_(q, k, v, s, g, scale: float, hk, hv, layout: GateLayout, wrap: Callable = lambda kernel: kernel,
+            mods_key: str = "", mod_params: Optional[torch.Tensor] = None):
     """T tokens against the states (hk [B,H,K,M], hv [B,H,M,V], float32, contiguous), updated in place.
     Returns o [B, T, HQ, V]."""
     B, T = q.shape[:2]
     HQ, K, H, V, M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
     spec = Spec(layout=layout, chunk_size=16, dtype=DTYPE_NAMES[q.dtype], K=K, V=V, M=M, group=HQ // H,
-                initial_state=True, final_state=True)
+                initial_state=True, final_state=True, mods=mods_key)
+    traced = mods.lookup(mods_key)
+    mod_args = {"mod_params": mod_params} if traced is not None and traced.n_params else {}
     o = torch.empty(B, T, HQ, V, device=q.device, dtype=q.dtype)
     consts = dict(K=K, V=V, M=M, G=spec.group, BG=next_power_of_2(spec.group), BK=block(K, 32), BV=block(V, 32),
                   BM=spec.BM)
     wrap(codegen.kernel(programs_decode.decode_step, spec))[(B * H,)](
         q, k, v, s, g, hk, hv, o, T, H, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s),
-        *_gate_strides(g, layout), *_strides(o), **consts)
+        *_gate_strides(g, layout), *_strides(o), **mod_args, **consts)
     return o

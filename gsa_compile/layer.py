@@ -16,8 +16,12 @@ Per token (x the layer input, per head; G = num_heads / num_kv_heads query heads
     o = GSA(q, k, v, s, g=f, scale)                   (per kv head states, shared by the G query heads)
     y = o_proj(RMSNorm(silu(o)))                      (RMSNorm over all value_dim channels at once)
 
-phi is the feature map (swish | relu | t2r: relu(Linear)). fla keeps `use_output_gate`/`use_norm`
-as attributes but its forward ignores them (always silu + norm); so does this layer. fla's forward
+phi is the feature map (swish | relu | t2r: relu(Linear)). With `fuse_mods=True` (the default) the
+element-wise parts (phi's activation, silu of v, logsigmoid(f) / normalizer and s = 1 - exp(f)) are
+not separate torch ops: they run inside the generated kernels as GSAMods (mods.py), on every load of
+q, k, v and f, forward, backward and decode; padded tokens get f = +inf there (gate 0, s 0).
+`fuse_mods=False` runs them in torch (same parameters, same results up to rounding). fla keeps
+`use_output_gate`/`use_norm` as attributes but its forward ignores them (always silu + norm); so does this layer. fla's forward
 calls `rms_norm_linear` without an eps, i.e. it always normalises with eps=1e-5; here g_norm uses
 `norm_eps` (the two agree for the default norm_eps=1e-5).
 
@@ -29,6 +33,7 @@ the short-conv inputs there; outputs at padded positions are 0. `cu_seqlens` pac
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -37,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .api import chunk_gsa, recurrent_step
+from .mods import GSAMods
 
 StatePair = Tuple[torch.Tensor, torch.Tensor]
 
@@ -77,6 +83,17 @@ class T2RFeatureMap(nn.Module):
 
     def forward(self, x):
         return F.relu(self.layer(x))
+
+
+def log_forget_gate(f, normalizer):
+    """The layer's gate_mod: logsigmoid(f) / gate_logit_normalizer (0 at f = +inf)."""
+    return F.logsigmoid(f) / normalizer
+
+
+def _fused_mods(feature_map: str, gate_logit_normalizer) -> GSAMods:
+    phi = F.silu if feature_map == "swish" else F.relu  # t2r: relu after its Linear, which runs in torch
+    return GSAMods(q_map=phi, k_map=phi, v_map=F.silu, s_from_gate=True,
+                   gate_mod=functools.partial(log_forget_gate, normalizer=gate_logit_normalizer))
 
 
 def _positions(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
@@ -159,7 +176,7 @@ class GatedSlotAttention(nn.Module):
                  elementwise_affine: Optional[bool] = True, norm_eps: float = 1e-5, gate_logit_normalizer: int = 8,
                  feature_map: str = "swish", use_output_gate: bool = False, use_norm: bool = True,
                  layer_idx: Optional[int] = None, scale: Optional[float] = 1.0, chunk_size: Optional[int] = None,
-                 **kwargs):
+                 fuse_mods: bool = True, **kwargs):
         super().__init__()
         if mode not in ("chunk", "fused_recurrent"):
             raise NotImplementedError(f"mode {mode!r} is not supported: use 'chunk' or 'fused_recurrent'")
@@ -183,6 +200,7 @@ class GatedSlotAttention(nn.Module):
         self.scale = scale
         self.num_slots = self.head_k_dim if num_slots is None else num_slots
         self.layer_idx, self.chunk_size = layer_idx, chunk_size
+        self.fuse_mods = fuse_mods
 
         # registration order matches fla's, so state_dict keys come in the same order
         self.register_module("feature_map", None)
@@ -194,6 +212,7 @@ class GatedSlotAttention(nn.Module):
             self.feature_map = T2RFeatureMap(self.head_k_dim, self.head_k_dim)
         else:
             raise NotImplementedError(f"feature_map {feature_map!r} is not supported: use 'swish', 'relu' or 't2r'")
+        self.mods = _fused_mods(feature_map, gate_logit_normalizer) if fuse_mods else None
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim_per_group, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.value_dim_per_group, bias=False)
@@ -241,15 +260,23 @@ class GatedSlotAttention(nn.Module):
             v, cv = self.v_conv1d(v, mask=mask, cache=cv, output_final_state=use_cache, cu_seqlens=cu_seqlens)
             conv_state = (cq, ck, cv) if use_cache else None
         f = self.f_proj(x)
-
-        q = self.feature_map(q.reshape(B, T, self.num_heads, self.head_k_dim))
-        k = self.feature_map(k.reshape(B, T, self.num_kv_heads, self.head_k_dim))
-        v = F.silu(v.reshape(B, T, self.num_kv_heads, self.head_v_dim))
-        f = F.logsigmoid(f.reshape(B, T, self.num_kv_heads, self.num_slots)) / self.gate_logit_normalizer
-        s = (1 - f.exp()).to(q.dtype)
-        if mask is not None:  # padded tokens neither write (s = 0) nor decay (f = 0) the state
-            keep = mask[:, :, None, None].to(f.dtype)
-            f, s = f * keep, s * keep.to(s.dtype)
+        q = q.reshape(B, T, self.num_heads, self.head_k_dim)
+        k = k.reshape(B, T, self.num_kv_heads, self.head_k_dim)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_v_dim)
+        f = f.reshape(B, T, self.num_kv_heads, self.num_slots)
+        if self.mods is not None:  # maps, gate and s run inside the kernels (self.mods)
+            if isinstance(self.feature_map, T2RFeatureMap):
+                q, k = self.feature_map.layer(q), self.feature_map.layer(k)
+            if mask is not None:  # padded tokens: gate_mod(+inf) = 0 (no decay) and s = 0 (no write)
+                f = f.masked_fill(~mask[:, :, None, None].bool(), float("inf"))
+            s, f = None, f.to(q.dtype)  # the kernels read f as s too
+        else:
+            q, k, v = self.feature_map(q), self.feature_map(k), F.silu(v)
+            f = F.logsigmoid(f) / self.gate_logit_normalizer
+            s = (1 - f.exp()).to(q.dtype)
+            if mask is not None:  # padded tokens neither write (s = 0) nor decay (f = 0) the state
+                keep = mask[:, :, None, None].to(f.dtype)
+                f, s = f * keep, s * keep.to(s.dtype)
         k, v = k.to(q.dtype), v.to(q.dtype)
 
         state = cache.recurrent_state if cache is not None else None
@@ -257,10 +284,10 @@ class GatedSlotAttention(nn.Module):
             if state is None:
                 H, K, M, V = self.num_kv_heads, self.head_k_dim, self.num_slots, self.head_v_dim
                 state = (q.new_zeros(B, H, K, M, dtype=torch.float32), q.new_zeros(B, H, M, V, dtype=torch.float32))
-            o, state = recurrent_step(q, k, v, s, f, self.scale, state=state)
+            o, state = recurrent_step(q, k, v, s, f, self.scale, state=state, mods=self.mods)
         else:
             o, state = chunk_gsa(q, k, v, s, f, self.scale, initial_state=state, output_final_state=use_cache,
-                                 cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+                                 cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, mods=self.mods)
 
         o = self.o_proj(self.g_norm(F.silu(o.reshape(B, T, self.value_dim))))
         if mask is not None:

@@ -1,13 +1,20 @@
 """torch.library registrations: every op's schema, fake (shape-only) kernel and autograd, in one place.
 
-    gsa::chunk_forward(q, k, v, s, g, scale, hk0?, hv0?, cu_seqlens?, chunk_size, gate_layout)
+    gsa::chunk_forward(q, k, v, s, g, scale, hk0?, hv0?, cu_seqlens?, chunk_size, gate_layout,
+                       mods="", mod_params?=None)
         -> (o [B,T,HQ,V] in q's dtype, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32)
 
     gsa::chunk_backward(do, dhk_final?, dhv_final?, q, k, v, s, g, scale, hk0?, hv0?, cu_seqlens?,
-                        chunk_size, gate_layout) -> (dq, dk, dv, ds, dg, dhk0 f32, dhv0 f32)
+                        chunk_size, gate_layout, mods="", mod_params?=None)
+        -> (dq, dk, dv, ds, dg, dhk0 f32, dhv0 f32, d mod_params (empty without))
         (recomputes the forward states; registered as chunk_forward's autograd formula)
-    gsa::recurrent_step_(q, k, v, s, g, scale, hk!, hv!, gate_layout) -> o      (decode, states in place)
-    gsa::recurrent_step(q, k, v, s, g, scale, hk, hv, gate_layout) -> (o, hk', hv')   (functional)
+    gsa::recurrent_step_(q, k, v, s, g, scale, hk!, hv!, gate_layout, mods="", mod_params?=None) -> o
+        (decode, states in place)
+    gsa::recurrent_step(q, k, v, s, g, scale, hk, hv, gate_layout, mods="", mod_params?=None) -> (o, hk', hv')
+        (functional)
+
+`mods` is the key of traced user mods (mods.py: feature maps, gate_mod, slot_mod fused into the
+kernels; q, k, v, s, g are then the raw inputs) and `mod_params` their captured tensors, flattened.
 
 `chunk_size` 0 means the tuned launch config (tuner.py); `g` is the log gate in the layout named by `gate_layout` (slot | head | decay_head | decay_slot);
 ABC is normalised to `slot` before the op. The final states are always produced (fixed arity).
@@ -38,13 +45,15 @@ else:
 @_define(f"{_LIB}::chunk_forward", mutates_args=())
 def chunk_forward(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale: float,
                   hk0: Optional[Tensor], hv0: Optional[Tensor], cu_seqlens: Optional[Tensor],
-                  chunk_size: int, gate_layout: str) -> Tuple[Tensor, Tensor, Tensor]:
+                  chunk_size: int, gate_layout: str, mods: str = "",
+                  mod_params: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     return launch.forward(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, GateLayout(gate_layout),
-                          wrap=_wrap)
+                          wrap=_wrap, mods_key=mods, mod_params=mod_params)
 
 
 @chunk_forward.register_fake
-def _chunk_forward_fake(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout):
+def _chunk_forward_fake(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout, mods="",
+                        mod_params=None):
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[3], s.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -55,39 +64,41 @@ def _chunk_forward_fake(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, 
 @_define(f"{_LIB}::chunk_backward", mutates_args=())
 def chunk_backward(do: Tensor, dhk_final: Optional[Tensor], dhv_final: Optional[Tensor], q: Tensor, k: Tensor,
                    v: Tensor, s: Tensor, g: Tensor, scale: float, hk0: Optional[Tensor], hv0: Optional[Tensor],
-                   cu_seqlens: Optional[Tensor], chunk_size: int, gate_layout: str
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   cu_seqlens: Optional[Tensor], chunk_size: int, gate_layout: str, mods: str = "",
+                   mod_params: Optional[Tensor] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return launch.backward(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size,
-                           GateLayout(gate_layout), wrap=_wrap)
+                           GateLayout(gate_layout), wrap=_wrap, mods_key=mods, mod_params=mod_params)
 
 
 @chunk_backward.register_fake
 def _chunk_backward_fake(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size,
-                         gate_layout):
+                         gate_layout, mods="", mod_params=None):
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[3], s.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     f32 = dict(dtype=torch.float32)
     # every gradient comes back contiguous, whatever the strides of the input it belongs to
+    dparams = q.new_empty(0, **f32) if mod_params is None else torch.empty_like(mod_params)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), s.new_empty(s.shape),
-            g.new_empty(g.shape), q.new_empty(N, H, K, M, **f32), q.new_empty(N, H, M, V, **f32))
+            g.new_empty(g.shape), q.new_empty(N, H, K, M, **f32), q.new_empty(N, H, M, V, **f32), dparams)
 
 
 def _forward_setup(ctx, inputs, output):
-    q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout = inputs
-    ctx.save_for_backward(q, k, v, s, g, hk0, hv0, cu_seqlens)
-    ctx.scale, ctx.chunk_size, ctx.gate_layout = scale, chunk_size, gate_layout
+    q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout, mods, mod_params = inputs
+    ctx.save_for_backward(q, k, v, s, g, hk0, hv0, cu_seqlens, mod_params)
+    ctx.scale, ctx.chunk_size, ctx.gate_layout, ctx.mods = scale, chunk_size, gate_layout, mods
 
 
 def _forward_backward(ctx, do, dhk_final, dhv_final):
-    q, k, v, s, g, hk0, hv0, cu_seqlens = ctx.saved_tensors
+    q, k, v, s, g, hk0, hv0, cu_seqlens, mod_params = ctx.saved_tensors
     if do is None:
         do = torch.zeros(q.shape[:3] + v.shape[3:], device=q.device, dtype=q.dtype)
-    dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_backward(
+    dq, dk, dv, ds, dg, dhk0, dhv0, dparams = chunk_backward(
         do.contiguous(), dhk_final, dhv_final, q, k, v, s, g, ctx.scale, hk0, hv0, cu_seqlens,
-        ctx.chunk_size, ctx.gate_layout)
+        ctx.chunk_size, ctx.gate_layout, ctx.mods, mod_params)
     return (dq, dk, dv, ds, dg, None, dhk0 if hk0 is not None else None, dhv0 if hv0 is not None else None,
-            None, None, None)
+            None, None, None, None, dparams if mod_params is not None else None)
 
 
 chunk_forward.register_autograd(_forward_backward, setup_context=_forward_setup)
@@ -95,25 +106,28 @@ chunk_forward.register_autograd(_forward_backward, setup_context=_forward_setup)
 
 @_define(f"{_LIB}::recurrent_step_", mutates_args=("hk", "hv"))
 def recurrent_step_(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale: float, hk: Tensor, hv: Tensor,
-                    gate_layout: str) -> Tensor:
+                    gate_layout: str, mods: str = "", mod_params: Optional[Tensor] = None) -> Tensor:
     """Decode: T tokens against (hk, hv), which are updated in place; returns o [B, T, HQ, V]."""
-    return launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap)
+    return launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
+                          mod_params=mod_params)
 
 
 @recurrent_step_.register_fake
-def _recurrent_step_fake(q, k, v, s, g, scale, hk, hv, gate_layout):
+def _recurrent_step_fake(q, k, v, s, g, scale, hk, hv, gate_layout, mods="", mod_params=None):
     return q.new_empty(q.shape[:3] + v.shape[3:])
 
 
 @_define(f"{_LIB}::recurrent_step", mutates_args=())
 def recurrent_step(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale: float, hk: Tensor, hv: Tensor,
-                   gate_layout: str) -> Tuple[Tensor, Tensor, Tensor]:
+                   gate_layout: str, mods: str = "", mod_params: Optional[Tensor] = None
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
     """Functional decode: returns (o, new hk, new hv); the given states are not modified."""
     hk, hv = hk.clone(), hv.clone()
-    o = launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap)
+    o = launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
+                       mod_params=mod_params)
     return o, hk, hv
 
 
 @recurrent_step.register_fake
-def _recurrent_step_functional_fake(q, k, v, s, g, scale, hk, hv, gate_layout):
+def _recurrent_step_functional_fake(q, k, v, s, g, scale, hk, hv, gate_layout, mods="", mod_params=None):
     return q.new_empty(q.shape[:3] + v.shape[3:]), torch.empty_like(hk), torch.empty_like(hv)

@@ -38,7 +38,7 @@ def gate_view(layout: GateLayout) -> View:
     if layout not in rule:
         raise ValueError(f"no gate lowering rule for layout {layout.value!r} (ABC is normalised before the kernels)")
     row_stride, col_stride = rule[layout]
-    return View("g_base", row_stride, "M", col_stride)
+    return View("g_base", row_stride, "M", col_stride, tensor="g")
 
 
 def state_pass(spec: Spec) -> Program:

@@ -22,7 +22,7 @@ sequence's last token), dg = reverse cumsum of dGamma over each sequence.
 from __future__ import annotations
 
 from .blocks import (ChunkGates, SubChunk, chunk_products, chunk_rows, chunk_state, diagonal_blocks, scratch_view,
-                     seq_view, softmax_slots)
+                     seq_view, slot_mod_backward, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import Spec
 
@@ -32,7 +32,8 @@ def _group_view(name: str, cols: str, internal: bool = False) -> View:
     if internal:  # contiguous f32 [B, T, HQ, cols] buffers of the backward (cols M or BT)
         stride = "stride_pt" if cols == "M" else "stride_at"
         return View(f"({name} + (i_b * T * HQ + i_h * G + i_g) * {cols})", stride, cols)
-    return View(f"({name} + i_b * stride_{name}b + (i_h * G + i_g) * stride_{name}h)", f"stride_{name}t", cols)
+    return View(f"({name} + i_b * stride_{name}b + (i_h * G + i_g) * stride_{name}h)", f"stride_{name}t", cols,
+                tensor=name)
 
 
 def slot_backward(spec: Spec) -> Program:
@@ -66,6 +67,7 @@ def slot_backward(spec: Spec) -> Program:
         dp = b.map("dp_i", "{0} + {1}", sub.rows(dpoff, "dp_off_i"), sub.scores("dp_", dov_ii, s3, decay))
         mean = b.expand("p_dp", b.reduce("p_dp_sum", b.map("p_times_dp", "{0} * {1}", probs, dp), 1), ":, None")
         dl = b.map("dl_i", "{0} * ({1} - {2})", probs, dp, mean)
+        dl = slot_mod_backward(b, spec, acc, dl)
         b.store(p_view, probs, "ts", "eos")
         b.store(dl_view, dl, "ts", "eos")
         b.store(x_view, b.map("x_i", "{0} * scale * {1} + {2} * {3}", acc, dl, probs, dp), "ts", "eos")

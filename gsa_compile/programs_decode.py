@@ -10,7 +10,7 @@ then updates Hv tile by tile while accumulating the outputs:
 from __future__ import annotations
 
 from .blocks import LOG2E, softmax_slots
-from .ir import Builder, Program, View
+from .ir import Builder, Program, SlotIndex, View
 from .programs import gate_view
 from .spec import Spec
 
@@ -18,7 +18,10 @@ from .spec import Spec
 def _token_view(name: str, cols: str, head: str, rows: str = "") -> View:
     """Token i_tok of the current sequence; rows are heads (the query heads of a group) if `rows`."""
     base = f"({name} + i_n * stride_{name}b + i_tok * stride_{name}t + {head} * stride_{name}h)"
-    return View(base, rows or "0", cols)
+    return View(base, rows or "0", cols, tensor=name)
+
+
+DECODE_ROWS = SlotIndex(b="i_n", h="(i_h * G + tl.arange(0, BG))[:, None]", t=None)  # rows: the query heads
 
 
 def decode_step(spec: Spec) -> Program:
@@ -42,7 +45,7 @@ def decode_step(spec: Spec) -> Program:
             q = b.load("q_g", q_view, "0", "G", ("BG", "BK"), col0="k0")
             terms = b.map("qk_terms", "{0} * {1}", b.expand("q3", q, ":, :, None"), b.expand("hk3", hk, "None, :, :"))
             b.map("logits_acc", "{0} + {1}", logits, b.reduce("qk", terms, 1))
-        probs = softmax_slots(b, logits)
+        probs = softmax_slots(b, logits, DECODE_ROWS)
         with b.loop("v0", "0", "V", step="BV"):
             hv = b.load("hv_tile", hv_view, "0", "M", ("BM", "BV"), col0="v0")
             v_t = b.expand("v_row", b.load("v_t", v_view, "0", "1", ("BV",), col0="v0"), "None, :")

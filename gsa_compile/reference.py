@@ -59,8 +59,12 @@ def _initial(initial_state, n, H, K, M, V, like):
 
 
 def recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False,
-                  cu_seqlens=None):
-    """Float64 token-by-token GSA. Returns (o [B,T,HQ,V] float64, final_state or None)."""
+                  cu_seqlens=None, slot_mod=None):
+    """Float64 token-by-token GSA. Returns (o [B,T,HQ,V] float64, final_state or None).
+
+    `slot_mod(logit, b, h, t, m)` (optional, as for gsa_compile.GSAMods) modifies the slot logits before
+    the softmax; it gets integer tensors: b the sequence, h the query head, t the position in the
+    sequence, m the slot (broadcastable against the logits)."""
     p = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, require_float=False)
     f64 = torch.float64
     q, k, v, s = (x.to(f64) for x in (q, k, v, s))
@@ -75,7 +79,12 @@ def recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_fin
             hk = hk * decay[:, None, :] + k[b, t][:, :, None] * weight[b, t][:, None, :]
             hv = hv * decay[:, :, None] + weight[b, t][:, :, None] * v[b, t][:, None, :]
             q_t = q[b, t].view(p.H, p.group, p.K)
-            probs = torch.softmax(p.scale * torch.einsum("hgk,hkm->hgm", q_t, hk), dim=-1)
+            logits = p.scale * torch.einsum("hgk,hkm->hgm", q_t, hk)
+            if slot_mod is not None:
+                heads = torch.arange(p.HQ, device=q.device).view(p.H, p.group, 1)
+                logits = slot_mod(logits, torch.tensor(n, device=q.device), heads,
+                                  torch.tensor(t - tsel.start, device=q.device), torch.arange(p.M, device=q.device))
+            probs = torch.softmax(logits, dim=-1)
             o_seq.append(torch.einsum("hgm,hmv->hgv", probs, hv).reshape(p.HQ, p.V))
         outputs.append(torch.stack(o_seq, dim=0))
         final_hk.append(hk)

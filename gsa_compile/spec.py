@@ -248,6 +248,7 @@ class Spec:
     varlen: bool = False
     initial_state: bool = False
     final_state: bool = False
+    mods: str = dataclasses.field(default="", repr=False)  # key of the user mods fused in (mods.py); "" = none
 
     @property
     def BM(self) -> int:
