@@ -143,7 +143,7 @@ def test_mods_pickle_and_deepcopy_by_retracing():
     mods = GSAMods(q_map=F.silu, gate_mod=F.logsigmoid, s_from_gate=True)
     assert pickle.loads(pickle.dumps(mods)).key == mods.key
     assert copy.deepcopy(mods).key == mods.key
-    layer = GatedSlotAttention(hidden_size=16, num_heads=2, num_slots=4)
+    layer = GatedSlotAttention(hidden_size=16, num_heads=2, num_slots=4, fuse_mods=True)
     assert copy.deepcopy(layer).mods.key == pickle.loads(pickle.dumps(layer)).mods.key == layer.mods.key
 
 
@@ -333,7 +333,7 @@ CFG = dict(hidden_size=32, num_heads=4, num_kv_heads=2, num_slots=8, use_short_c
 def layer_pair(**overrides):
     torch.manual_seed(0)
     unfused = GatedSlotAttention(**{**CFG, **overrides}, fuse_mods=False)
-    fused = GatedSlotAttention(**{**CFG, **overrides})
+    fused = GatedSlotAttention(**{**CFG, **overrides}, fuse_mods=True)
     fused.load_state_dict(unfused.state_dict())
     return unfused, fused
 
