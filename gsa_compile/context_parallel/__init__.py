@@ -63,10 +63,10 @@ from .passes import (
     local_final_states,
     log_decay,
 )
-from .topology import RankSpan, SimulatedGroup, make_link, plan_span
+from .topology import IsolatedRank, RankSpan, SimulatedGroup, make_link, plan_span
 
-__all__ = ["RankSpan", "SimulatedGroup", "chunk_gsa_cp", "combine", "decay_states", "local_final_states", "log_decay",
-           "plan_span"]
+__all__ = ["IsolatedRank", "RankSpan", "SimulatedGroup", "chunk_gsa_cp", "combine", "decay_states",
+           "local_final_states", "log_decay", "plan_span"]
 
 # ----------------------------------------------------------------------------------------------
 # Public entry point
@@ -97,7 +97,8 @@ def _rank_lengths(link, problem, chunk_size, has_initial, bounds, device, failur
             raise failure
         lengths = list(rank_lengths)
         if len(lengths) != link.world or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
-            raise ValueError(f"rank_lengths must list {link.world} positive ints (T_r of every rank), got {rank_lengths!r}")
+            raise ValueError(f"rank_lengths must list {link.world} positive ints (T_r of every rank), "
+                             f"got {rank_lengths!r}")
         if lengths[link.rank] != problem.T:
             raise ValueError(f"rank_lengths[{link.rank}] = {lengths[link.rank]} but this rank's q has T = {problem.T} "
                              "tokens")
@@ -134,7 +135,8 @@ def chunk_gsa_cp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Ten
     See the module docstring for the convention (slices in rank order, GLOBAL cu_seqlens, shares of
     the gradients of unsplit tensors, final states on the rank where each sequence ends), the
     schedule and its cost. `group`: a torch.distributed ProcessGroup (None: the default group), or
-    `SimulatedGroup(R).rank(r)` to run R ranks one after the other in one process. `rank_lengths`:
+    `SimulatedGroup(R).rank(r)` to run R ranks one after the other in one process, or
+    `IsolatedRank(r, R)` to time one rank alone (neighbours answer zeros). `rank_lengths`:
     T_r of every rank; when given, the per-call all_gather that checks the ranks agree is skipped.
     Differentiable in q, k, v, s, g and initial_state; gradients come back to each rank's slices.
     """

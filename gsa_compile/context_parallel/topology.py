@@ -137,8 +137,29 @@ class _SimulatedLink:
     gather = None  # no collective: rank_lengths must be given
 
 
+class IsolatedRank:
+    """Rank `rank` of a `world_size`-rank group whose neighbours answer at once with zeros and drop
+    what it sends: to time one rank's own work on one device (bench/cp_sim.py); needs rank_lengths."""
+
+    def __init__(self, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.rank, self.world = rank, world_size
+
+    def send(self, tensor, step, tag):
+        pass
+
+    def recv(self, numel, dtype, device, step, tag):
+        return torch.zeros(numel, dtype=dtype, device=device)
+
+    def flush(self):
+        pass
+
+    gather = None
+
+
 def make_link(group):
-    if isinstance(group, _SimulatedLink):
+    if isinstance(group, (_SimulatedLink, IsolatedRank)):
         return group
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -147,5 +168,5 @@ def make_link(group):
         group = dist.group.WORLD
     elif not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed ProcessGroup, None (the default group) or "
-                        f"SimulatedGroup(...).rank(r), got {type(group).__name__}")
+                        f"SimulatedGroup(...).rank(r) or IsolatedRank, got {type(group).__name__}")
     return _GroupLink(group)
