@@ -34,8 +34,10 @@ Schedule and cost on rank r (T_r tokens; one "pass" = the work of chunk_gsa on t
     pass alone (no outputs) gives F_r; receive S_r, send A_r S_r + F_r, then chunk_gsa's forward with
     S_r. Backward: chunk_backward for o (which gives the gradient at S_r), receive E_{r+1}, send
     E_r, then a second chunk_backward with do = 0 and the final-state gradient E_{r+1} (the kernels
-    have no states-only backward, so this one costs a full backward pass). About 1.3-1.5x the
-    forward and 2x the backward of chunk_gsa on T_r tokens; the chain adds R-1 message latencies.
+    have no states-only backward, so this one costs a full backward pass). So chunk_gsa's forward
+    plus its state pass, and twice its backward, on T_r tokens (bench/cp_sim.py measures it);
+    the chain adds R-1 message latencies each way. Sends are asynchronous (isend) and overlap the
+    compute that follows them; they are waited for at the end of the call.
 No host synchronisation beyond reading cu_seqlens and one small all_gather of every rank's sizes
 per call (skipped when `rank_lengths` is given).
 """
@@ -125,6 +127,7 @@ def _rank_lengths(link, problem, chunk_size, has_initial, bounds, device, failur
     return [r[1] for r in rows]
 
 
+@torch.compiler.disable  # point-to-point messages and host reads: runs eagerly inside compiled models
 def chunk_gsa_cp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor,
                  g: torch.Tensor | None = None, scale: float | None = None, *, group=None,
                  initial_state: StateTuple | None = None, output_final_state: bool = False,
