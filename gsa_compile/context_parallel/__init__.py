@@ -172,7 +172,9 @@ def chunk_gsa_cp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Ten
         layout = GateLayout.SLOT
     q, k, v, s, g = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, s, g))
     cfg = _Config(problem.scale, chunk_size or 0, layout, problem.H, problem.K, problem.V, problem.M, N,
-                  torch.float64 if problem.dtype == torch.float64 else torch.float32)
+                  torch.float64 if problem.dtype == torch.float64 else torch.float32, bool(output_final_state))
     hk0, hv0 = initial_state if initial_state is not None else (None, None)
+    if not output_final_state:
+        return _ContextParallelGSA.apply(span, link, cfg, q, k, v, s, g, hk0, hv0), None
     o, hk, hv = _ContextParallelGSA.apply(span, link, cfg, q, k, v, s, g, hk0, hv0)
-    return o, ((hk, hv) if output_final_state else None)
+    return o, (hk, hv)

@@ -63,6 +63,11 @@ class _Config(NamedTuple):
     M: int
     N: int
     state_dtype: torch.dtype
+    final_state: bool  # return the final states
+
+    @property
+    def state_shapes(self):
+        return (self.H, self.K, self.M), (self.H, self.M, self.V)
 
     def unpack(self, buffer, rows) -> StateTuple:
         split = rows * self.H * self.K * self.M
@@ -174,7 +179,7 @@ def _rank_backward(span: RankSpan, link, cfg: _Config, x: _Tokens, initial, inco
         d_end = None
         if span.sends or d_final is not None:
             d_end = tuple(torch.zeros(len(span.tail_rows), *shape, device=x.q.device, dtype=cfg.state_dtype)
-                          for shape in ((cfg.H, cfg.K, cfg.M), (cfg.H, cfg.M, cfg.V)))
+                          for shape in cfg.state_shapes)
             visible = len(span.visible_tail_rows)
             if d_final is not None and visible:
                 for end, d in zip(d_end, _rows(d_final, span.visible_tail_rows)):
@@ -201,33 +206,35 @@ def _rank_backward(span: RankSpan, link, cfg: _Config, x: _Tokens, initial, inco
 
 
 class _ContextParallelGSA(torch.autograd.Function):
+    """(q, k, v, s, g, hk0, hv0) -> o, or (o, hk, hv) with the final states when cfg.final_state."""
+
     @staticmethod
     def forward(ctx, span, link, cfg, q, k, v, s, g, hk0, hv0):
         ctx.set_materialize_grads(False)
         initial = None if hk0 is None else (hk0, hv0)
         o, finals, incoming = _rank_forward(span, link, cfg, _Tokens(q, k, v, s, g), initial)
-        hk = torch.zeros(cfg.N, cfg.H, cfg.K, cfg.M, device=q.device, dtype=cfg.state_dtype)
-        hv = torch.zeros(cfg.N, cfg.H, cfg.M, cfg.V, device=q.device, dtype=cfg.state_dtype)
+        ctx.span, ctx.link, ctx.cfg = span, link, cfg
+        ctx.save_for_backward(q, k, v, s, g, hk0, hv0, *(incoming or (None, None)))
+        if not cfg.final_state:
+            return o
+        hk, hv = (torch.zeros(cfg.N, *shape, device=q.device, dtype=cfg.state_dtype) for shape in cfg.state_shapes)
         for rows, part_k, part_v in finals:
             if rows:
                 index = torch.tensor(rows, device=q.device)
                 hk.index_copy_(0, index, part_k)
                 hv.index_copy_(0, index, part_v)
-        ctx.span, ctx.link, ctx.cfg = span, link, cfg
-        ctx.save_for_backward(q, k, v, s, g, hk0, hv0, *(incoming or (None, None)))
         return o, hk, hv
 
     @staticmethod
-    def backward(ctx, do, dhk, dhv):
+    def backward(ctx, do, *d_finals):
         q, k, v, s, g, hk0, hv0, in_k, in_v = ctx.saved_tensors
         cfg = ctx.cfg
         if do is None:
             do = torch.zeros(q.shape[:3] + (cfg.V,), device=q.device, dtype=q.dtype)
         d_final = None
-        if dhk is not None or dhv is not None:
-            d_final = (dhk if dhk is not None else torch.zeros(cfg.N, cfg.H, cfg.K, cfg.M, device=q.device),
-                       dhv if dhv is not None else torch.zeros(cfg.N, cfg.H, cfg.M, cfg.V, device=q.device))
-            d_final = tuple(d.to(cfg.state_dtype) for d in d_final)
+        if any(d is not None for d in d_finals):
+            d_final = tuple(torch.zeros(cfg.N, *shape, device=q.device, dtype=cfg.state_dtype) if d is None
+                            else d.to(cfg.state_dtype) for d, shape in zip(d_finals, cfg.state_shapes))
         grads = _rank_backward(ctx.span, ctx.link, cfg, _Tokens(q, k, v, s, g), None if hk0 is None else (hk0, hv0),
                                None if in_k is None else (in_k, in_v), do, d_final)
         return (None, None, None, *grads)
