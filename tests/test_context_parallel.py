@@ -46,7 +46,7 @@ CASES = [
     ("abc-gqa", "abc", 1, 2, 1, None, True),
     ("varlen-slot-gqa", "slot", 1, 2, 1, BOUNDS_A, True),
     ("varlen-abc", "abc", 1, 1, 1, BOUNDS_B, True),
-    ("varlen-decay_slot", "decay_slot", 1, 1, 1, BOUNDS_A, True),
+    ("varlen-decay_head", "decay_head", 1, 1, 1, BOUNDS_A, True),  # 2 ranks: rank 1 sums two shares of dg
     ("varlen-head", "head", 1, 1, 1, BOUNDS_B, False),
 ]
 

@@ -199,9 +199,14 @@ def _rank_backward(span: RankSpan, link, cfg: _Config, x: _Tokens, initial, inco
     link.flush()
     if initial is not None and d_initial is None:
         d_initial = tuple(torch.zeros_like(h) for h in initial)
-    grads = [torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0] for pieces in zip(*parts)]
-    if len(parts) > 1 and not cfg.layout.data_dependent:  # a constant decay: the pieces' shares add up
-        grads[4] = parts[0][4] + parts[1][4]
+    def join(pieces, name):
+        if len(pieces) == 1:
+            return pieces[0]
+        if name == "g" and not cfg.layout.data_dependent:  # a constant decay [H] / [H, M]: the shares add up
+            return pieces[0] + pieces[1]
+        return torch.cat(pieces, 1)  # the head's and the tail's tokens
+
+    grads = [join(pieces, name) for pieces, name in zip(zip(*parts), "qkvsg")]
     return (*grads, *(d_initial or (None, None)))
 
 
