@@ -12,8 +12,10 @@ sequence n starts. Returns o [B, T_r, HQ, V] and, with output_final_state=True, 
 hv [N, H, M, V]) that hold sequence n's final state on the rank where n ends and zeros elsewhere (the
 sum over the group is the whole). Every rank must call it with the same sizes, dtype, gate layout,
 chunk size and cu_seqlens, and must backpropagate through its output o (the backward exchanges state
-gradients with its neighbours, like a collective). Use a dedicated process group if other traffic
-(e.g. data-parallel gradient reduction) could interleave with these point-to-point messages.
+gradients with its neighbours, like a collective). Messages between two ranks are matched in call
+order, so all ranks make their calls (and run their backwards) in the same order, as with
+collectives; use a dedicated process group if other traffic (e.g. data-parallel gradient
+reduction) could interleave with these point-to-point messages.
 
 Math. Both recurrences are affine in the state. Over a span without a sequence start the state
 leaving a rank is S_{r+1} = A_r (.) S_r + F_r (`combine`): F_r is what the span's tokens produce from

@@ -55,7 +55,7 @@ def plan_span(rank: int, lengths: Sequence[int], batch: int, bounds: Sequence[in
         if rank == 0:
             return RankSpan(rank, offset, length, 0, (), rows, None, batch, False, world > 1)
         return RankSpan(rank, offset, length, length, rows, (), None, batch, True, rank < world - 1)
-    starts = [n for n, c in enumerate(bounds[:-1]) if offset <= c < end]
+    starts = range(bisect.bisect_left(bounds, offset), min(bisect.bisect_left(bounds, end), len(bounds) - 1))
     first = bisect.bisect_right(bounds, offset) - 1  # the sequence holding the first local token
     last = bisect.bisect_right(bounds, end - 1) - 1
     head = bounds[starts[0]] - offset if starts else length
