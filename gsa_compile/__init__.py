@@ -7,11 +7,12 @@ if not _torch.cuda.is_available():  # no GPU: the generated kernels run in Trito
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .api import abc_gate, chunk_gsa, recurrent_step
+from .context_parallel import chunk_gsa_cp
 from .layer import GatedSlotAttention, GSACache
 from .mods import GSAMods
 from .reference import parallel_gsa, recurrent_gsa
 from .spec import GateLayout
 
-__all__ = ["GSACache", "GSAMods", "GateLayout", "GatedSlotAttention", "abc_gate", "chunk_gsa", "parallel_gsa", "recurrent_gsa",
-           "recurrent_step"]
+__all__ = ["GSACache", "GSAMods", "GateLayout", "GatedSlotAttention", "abc_gate", "chunk_gsa", "chunk_gsa_cp",
+           "parallel_gsa", "recurrent_gsa", "recurrent_step"]
 __version__ = "0.1.0"
