@@ -37,10 +37,6 @@ def abc_gate(s: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None):
     return g.to(torch.promote_types(s.dtype, torch.float32)), torch.exp(x - z).to(s.dtype)
 
 
-def _last_dim_contiguous(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _mods_inputs(mods, q, s, g):
     """s for the ops (with s_from_gate the kernels read the raw gate as s), the mods key and mod_params."""
     if mods is None:
@@ -81,7 +77,8 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
         q, k, v, s = (x.transpose(1, 2) for x in (q, k, v, s))
         if g is not None and g.dim() >= 3:
             g = g.transpose(1, 2)
-    problem = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, gate_layout)
+    problem = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, gate_layout,
+                              check_values=False if mods is not None else None)
     if chunk_size is not None:
         check_chunk_size(chunk_size)
     if mods is not None:
@@ -93,7 +90,6 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
     if layout is GateLayout.ABC:
         g, s = abc_gate(s, cu_seqlens)
         layout = GateLayout.SLOT
-    q, k, v, s, g = (_last_dim_contiguous(x) for x in (q, k, v, s, g))
     hk0, hv0 = initial_state if initial_state is not None else (None, None)
     o, hk, hv = torch.ops.gsa.chunk_forward(q, k, v, s, g, problem.scale, hk0, hv0, cu_seqlens,
                                             chunk_size or 0, layout.value, mods_key, mod_params)
@@ -115,7 +111,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.T
     slot_mod must not use the position t, which decode does not know).
     """
     s, mods_key, mod_params = _mods_inputs(mods, q, s, g)
-    problem = validate_inputs(q, k, v, s, g, scale, state, None)
+    problem = validate_inputs(q, k, v, s, g, scale, state, None, check_values=False if mods is not None else None)
     if mods is not None:
         mods.check(problem.layout, decode=True)
     if problem.layout is GateLayout.ABC:
@@ -124,7 +120,6 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.T
     if problem.dtype == torch.float64 and not ops.INTERPRETER:
         raise TypeError("q has dtype float64: the GPU kernels take float32, float16 or bfloat16")
     hk, hv = state
-    q, k, v, s, g = (_last_dim_contiguous(x) for x in (q, k, v, s, g))
     layout = problem.layout.value
     if inplace:
         for name, x in (("state[0] (hk)", hk), ("state[1] (hv)", hv)):
@@ -133,6 +128,5 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.T
                                  f"contiguous={x.is_contiguous()}")
         o = torch.ops.gsa.recurrent_step_(q, k, v, s, g, problem.scale, hk, hv, layout, mods_key, mod_params)
         return o, (hk, hv)
-    o, hk, hv = torch.ops.gsa.recurrent_step(q, k, v, s, g, problem.scale, hk.float().contiguous(),
-                                             hv.float().contiguous(), layout, mods_key, mod_params)
+    o, hk, hv = torch.ops.gsa.recurrent_step(q, k, v, s, g, problem.scale, hk, hv, layout, mods_key, mod_params)
     return o, (hk, hv)

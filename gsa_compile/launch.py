@@ -49,6 +49,18 @@ def _strides(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def unit_last_stride(*tensors):
+    """The kernels read rows with a unit last stride and take every other stride as an argument: only a
+    tensor whose last dimension is strided (or broadcast) is copied."""
+    return tuple(x if x is None or x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous() for x in tensors)
+
+
+def gate_for_kernels(g: torch.Tensor, layout: GateLayout) -> torch.Tensor:
+    """g as the kernels read it: per-slot layouts need a unit slot stride; per-head ones use only
+    stride(0..2) (head: [B, T, H]) or stride(0) (decay_head: [H]), so any strides do."""
+    return unit_last_stride(g)[0] if layout in (GateLayout.SLOT, GateLayout.DECAY_SLOT) else g
+
+
 def _gate_strides(g: torch.Tensor, layout: GateLayout):
     """(stride_gb, stride_gt, stride_gh) for each gate layout; the lowering rule zeroes the rest."""
     if layout in (GateLayout.SLOT, GateLayout.HEAD):
@@ -166,6 +178,8 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32).
 
     With mods (mods.py), q, k, v, s, g are the raw inputs the kernels map on load."""
+    q, k, v, s = unit_last_stride(q, k, v, s)
+    g = gate_for_kernels(g, layout)
     call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params)
     gc, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     o = torch.empty(call.B, call.T, call.HQ, call.V, device=q.device, dtype=q.dtype)
@@ -186,6 +200,8 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
 
     With mods, the kernels' gradients w.r.t. the mapped inputs go through the mods' chain rule on the
     host; d mod_params is empty without captured tensors."""
+    q, k, v, s, do = unit_last_stride(q, k, v, s, do)
+    g = gate_for_kernels(g, layout)
     call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params)
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
     gc, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
@@ -272,6 +288,8 @@ def decode_(q, k, v, s, g, scale: float, hk, hv, layout: GateLayout, wrap: Calla
             mods_key: str = "", mod_params: Optional[torch.Tensor] = None):
     """T tokens against the states (hk [B,H,K,M], hv [B,H,M,V], float32, contiguous), updated in place.
     Returns o [B, T, HQ, V]."""
+    q, k, v, s = unit_last_stride(q, k, v, s)
+    g = gate_for_kernels(g, layout)
     B, T = q.shape[:2]
     HQ, K, H, V, M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
     spec = Spec(layout=layout, chunk_size=16, dtype=DTYPE_NAMES[q.dtype], K=K, V=V, M=M, group=HQ // H,

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from . import launch
-from .spec import GateLayout
+from . import mods as _mods
+from .spec import GateLayout, validate_op_inputs
 
 _LIB = "gsa"
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -42,11 +43,48 @@ else:
     _define, _wrap = torch.library.triton_op, torch.library.wrap_triton
 
 
+def _validate(q, k, v, s, g, scale, hk, hv, cu_seqlens, gate_layout, mods, mod_params, chunk_size=None,
+              state_name="hk0/hv0"):
+    """The ops are public entry points too: every argument is checked, and errors name it."""
+    problem = validate_op_inputs(q, k, v, s, g, scale, hk, hv, cu_seqlens, gate_layout, chunk_size, state_name,
+                                 check_values=False if mods else None)
+    if problem.dtype == torch.float64 and not INTERPRETER:
+        raise TypeError("q has dtype float64: the GPU kernels take float32, float16 or bfloat16 (float64 runs "
+                        "only under the Triton interpreter, for gradcheck; use gsa_compile.recurrent_gsa)")
+    if not isinstance(mods, str):
+        raise TypeError(f"mods must be the str key of a GSAMods ('' for none), got {type(mods).__name__}")
+    try:
+        traced = _mods.lookup(mods)
+    except KeyError as error:
+        raise ValueError(f"mods={mods!r}: {error.args[0]}") from None
+    n_params = traced.n_params if traced is not None else 0
+    if n_params:
+        _check_like("mod_params", mod_params, (n_params,), q.device)
+    elif mod_params is not None:
+        raise ValueError(f"mod_params must be None for mods={mods!r}, which capture no tensors")
+    return problem
+
+
+def _check_like(name, x, shape, device, dtype=None):
+    """An extra tensor argument (an upstream gradient, mod parameters) of a known shape."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {tuple(shape)}, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but q is on {device}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but q has {dtype}")
+
+
 @_define(f"{_LIB}::chunk_forward", mutates_args=())
 def chunk_forward(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale: float,
                   hk0: Optional[Tensor], hv0: Optional[Tensor], cu_seqlens: Optional[Tensor],
                   chunk_size: int, gate_layout: str, mods: str = "",
                   mod_params: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    _validate(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, gate_layout, mods, mod_params, chunk_size)
     return launch.forward(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, GateLayout(gate_layout),
                           wrap=_wrap, mods_key=mods, mod_params=mod_params)
 
@@ -67,6 +105,12 @@ def chunk_backward(do: Tensor, dhk_final: Optional[Tensor], dhv_final: Optional[
                    cu_seqlens: Optional[Tensor], chunk_size: int, gate_layout: str, mods: str = "",
                    mod_params: Optional[Tensor] = None
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    p = _validate(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, gate_layout, mods, mod_params, chunk_size)
+    _check_like("do", do, (p.B, p.T, p.HQ, p.V), q.device, q.dtype)
+    for name, x, shape in (("dhk_final", dhk_final, (p.N, p.H, p.K, p.M)),
+                           ("dhv_final", dhv_final, (p.N, p.H, p.M, p.V))):
+        if x is not None:
+            _check_like(name, x, shape, q.device)
     return launch.backward(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size,
                            GateLayout(gate_layout), wrap=_wrap, mods_key=mods, mod_params=mod_params)
 
@@ -95,7 +139,7 @@ def _forward_backward(ctx, do, dhk_final, dhv_final):
     if do is None:
         do = torch.zeros(q.shape[:3] + v.shape[3:], device=q.device, dtype=q.dtype)
     dq, dk, dv, ds, dg, dhk0, dhv0, dparams = chunk_backward(
-        do.contiguous(), dhk_final, dhv_final, q, k, v, s, g, ctx.scale, hk0, hv0, cu_seqlens,
+        do, dhk_final, dhv_final, q, k, v, s, g, ctx.scale, hk0, hv0, cu_seqlens,
         ctx.chunk_size, ctx.gate_layout, ctx.mods, mod_params)
     return (dq, dk, dv, ds, dg, None, dhk0 if hk0 is not None else None, dhv0 if hv0 is not None else None,
             None, None, None, None, dparams if mod_params is not None else None)
@@ -108,6 +152,11 @@ chunk_forward.register_autograd(_forward_backward, setup_context=_forward_setup)
 def recurrent_step_(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale: float, hk: Tensor, hv: Tensor,
                     gate_layout: str, mods: str = "", mod_params: Optional[Tensor] = None) -> Tensor:
     """Decode: T tokens against (hk, hv), which are updated in place; returns o [B, T, HQ, V]."""
+    _validate(q, k, v, s, g, scale, hk, hv, None, gate_layout, mods, mod_params, state_name="hk/hv")
+    for name, x in (("hk", hk), ("hv", hv)):
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"{name} must be a float32 contiguous state to be updated in place, got {x.dtype} "
+                             f"with strides {x.stride()}")
     return launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
                           mod_params=mod_params)
 
@@ -121,8 +170,9 @@ def _recurrent_step_fake(q, k, v, s, g, scale, hk, hv, gate_layout, mods="", mod
 def recurrent_step(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale: float, hk: Tensor, hv: Tensor,
                    gate_layout: str, mods: str = "", mod_params: Optional[Tensor] = None
                    ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Functional decode: returns (o, new hk, new hv); the given states are not modified."""
-    hk, hv = hk.clone(), hv.clone()
+    """Functional decode: returns (o, new hk, new hv) in float32; the given states are not modified."""
+    _validate(q, k, v, s, g, scale, hk, hv, None, gate_layout, mods, mod_params, state_name="hk/hv")
+    hk, hv = (torch.empty(x.shape, device=x.device, dtype=torch.float32).copy_(x) for x in (hk, hv))
     o = launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
                        mod_params=mod_params)
     return o, hk, hv
@@ -130,4 +180,5 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale:
 
 @recurrent_step.register_fake
 def _recurrent_step_functional_fake(q, k, v, s, g, scale, hk, hv, gate_layout, mods="", mod_params=None):
-    return q.new_empty(q.shape[:3] + v.shape[3:]), torch.empty_like(hk), torch.empty_like(hv)
+    return (q.new_empty(q.shape[:3] + v.shape[3:]), hk.new_empty(hk.shape, dtype=torch.float32),
+            hv.new_empty(hv.shape, dtype=torch.float32))

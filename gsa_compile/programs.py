@@ -24,7 +24,7 @@ from __future__ import annotations
 from .blocks import (LOG2E, ChunkGates, SubChunk, chunk_products, chunk_rows, chunk_state, diagonal_blocks,
                      scratch_view, seq_view, softmax_slots)
 from .ir import Builder, Program, View
-from .spec import GateLayout, Spec
+from .spec import GATE_FLOOR, GateLayout, Spec
 
 
 def gate_view(layout: GateLayout) -> View:
@@ -48,7 +48,8 @@ def state_pass(spec: Spec) -> Program:
 
     def gate_weights():
         g = b.load("g_c", gate_view(spec.layout), "t0", "eos", ("BT", "BM"))
-        g2 = b.map("g2", "{0} * " + LOG2E, g)
+        # floor the log gate (so -inf, a reset, never meets -inf in a difference; see spec.GATE_FLOOR)
+        g2 = b.map("g2", f"tl.maximum({{0}}, {GATE_FLOOR}) * " + LOG2E, g)
         gc = b.reduce("gc_c", g2, 0, "cumsum")
         total = b.reduce("g_total", g2, 0, "sum")
         last = b.expand("b_last", total, "None, :")

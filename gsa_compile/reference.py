@@ -65,7 +65,7 @@ def recurrent_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_fin
     `slot_mod(logit, b, h, t, m)` (optional, as for gsa_compile.GSAMods) modifies the slot logits before
     the softmax; it gets integer tensors: b the sequence, h the query head, t the position in the
     sequence, m the slot (broadcastable against the logits)."""
-    p = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, require_float=False)
+    p = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, require_float=False, check_values=False)
     f64 = torch.float64
     q, k, v, s = (x.to(f64) for x in (q, k, v, s))
     gate, weight = expand_gate(None if g is None else g.to(f64), s, p.layout, cu_seqlens)
@@ -102,7 +102,7 @@ def parallel_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_fina
         logits_t = scale * (sum_j D[t,j] * s_j * (q_t . k_j) + exp(Gc_t) * (Hk_0^T q_t))
         o_t      = sum_j (sum_m p_t[m] D[t,j,m] s_j[m]) v_j + Hv_0^T (p_t * exp(Gc_t))
     """
-    p = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, require_float=False)
+    p = validate_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens, require_float=False, check_values=False)
     f64 = torch.float64
     q, k, v, s = (x.to(f64) for x in (q, k, v, s))
     gate, weight = expand_gate(None if g is None else g.to(f64), s, p.layout, cu_seqlens)

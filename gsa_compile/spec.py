@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -23,6 +24,15 @@ SUPPORTED_CHUNK_SIZES = (16, 32, 64, 128)
 MAX_HEAD_DIM = 1024  # K and V are tiled; any size up to this is supported
 MAX_SLOTS = 256  # the softmax over M needs all slots of a row in one tile
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The chunked kernels read a log gate g as max(g, GATE_FLOOR): exp(-40) = 4e-18, so a gate at or below
+# the floor (-1e4, -inf) still resets the state to float32 precision, while the chunk-local cumulative
+# gates stay small enough that their differences keep ~1e-6 relative precision (a floor of -1e4 or
+# -inf would cancel every later gate of the chunk, or give -inf - -inf = nan).
+GATE_FLOOR = -40.0
+# Opt-in value checks (they read the inputs: one host synchronisation per call on a GPU). With
+# GSA_CHECK_VALUES=1 the kernels' entry points reject non-finite q, k, v, s, states and positive or
+# nan gates with a ValueError instead of returning a silently wrong or nan result.
+CHECK_VALUES = os.environ.get("GSA_CHECK_VALUES", "0") == "1"
 
 
 class GateLayout(str, enum.Enum):
@@ -109,8 +119,10 @@ def _check_dims(name, x, expected_desc, dims):
 
 
 def validate_inputs(q, k, v, s, g=None, scale=None, initial_state=None, cu_seqlens=None,
-                    gate_layout=None, require_float=True) -> Problem:
-    """Check every input of a GSA call; return the problem sizes. Raises ValueError/TypeError."""
+                    gate_layout=None, require_float=True, check_values=None) -> Problem:
+    """Check every input of a GSA call; return the problem sizes. Raises ValueError/TypeError.
+
+    `check_values` (default: CHECK_VALUES) also reads the values: finite inputs and g <= 0."""
     _check_tensor("q", q, 4, "[B, T, HQ, K]")
     B, T, HQ, K = q.shape
     _check_tensor("k", k, 4, "[B, T, H, K]")
@@ -174,6 +186,9 @@ def validate_inputs(q, k, v, s, g=None, scale=None, initial_state=None, cu_seqle
         N = _validate_cu_seqlens(cu_seqlens, B, T, device)
     if initial_state is not None:
         _validate_state("initial_state", initial_state, N, H, K, M, V, device)
+    if (CHECK_VALUES if check_values is None else check_values) and not _is_fake(q):
+        states = list(zip(("initial_state[0] (hk)", "initial_state[1] (hv)"), initial_state or ()))
+        check_input_values(named[:4] + states, g)
     return Problem(B=B, T=T, HQ=HQ, H=H, K=K, V=V, M=M, N=N, layout=layout, dtype=dtype, scale=float(scale))
 
 
@@ -188,14 +203,47 @@ def _validate_cu_seqlens(cu, B, T, device) -> int:
         raise ValueError(f"cu_seqlens is on {cu.device} but q is on {device}")
     if B != 1:
         raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={B}")
-    # Value checks read the tensor: done once, on the host copy, and skipped while tracing.
-    if not _is_fake(cu):
-        values = cu.tolist()
-        if values[0] != 0 or values[-1] != T:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={T}, got {values[0]} ... {values[-1]}")
-        if any(b <= a for a, b in zip(values, values[1:])):
-            raise ValueError("cu_seqlens must be strictly increasing (every sequence needs >= 1 token)")
+    if not _values_known(cu, T):
+        _check_cu_seqlens_values(cu, T)
     return cu.numel() - 1
+
+
+# Reading cu_seqlens is a host synchronisation on a GPU. Its values are read once per tensor (and
+# again after an in-place change, which bumps the tensor's version): every layer of a model and the
+# backward pass reuse the packing of their batch without another read. Inference tensors have no
+# version counter: they are read on every call. Not read while tracing or during CUDA graph capture
+# (reading is impossible then: a warm-up call before capture validates the static buffer).
+_CHECKED_CU_SEQLENS = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _values_known(cu: torch.Tensor, T: int) -> bool:
+    if _is_fake(cu) or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return True
+    return not cu.is_inference() and _CHECKED_CU_SEQLENS.get(cu) == (cu._version, T)
+
+
+def _check_cu_seqlens_values(cu: torch.Tensor, T: int):
+    values = cu.tolist()
+    if values[0] != 0 or values[-1] != T:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T={T}, got {values[0]} ... {values[-1]}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError("cu_seqlens must be strictly increasing (every sequence needs >= 1 token)")
+    if not cu.is_inference():
+        _CHECKED_CU_SEQLENS[cu] = (cu._version, T)
+
+
+def check_input_values(named, g):
+    """ValueError for non-finite entries of the (name, tensor) pairs, or a log gate g with positive or nan
+    entries (-inf, a full reset, is allowed). Reads the values: a host synchronisation on a GPU."""
+    for name, x in named:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} has non-finite entries (nan or inf)")
+    if g is not None:
+        if bool(torch.isnan(g).any()):
+            raise ValueError("g has nan entries")
+        largest = float(g.max())
+        if largest > 0:
+            raise ValueError(f"g must be <= 0 (a log forget gate such as logsigmoid(x)), got max(g) = {largest:g}")
 
 
 def _is_fake(x: torch.Tensor) -> bool:
@@ -220,6 +268,28 @@ def _validate_state(name, state, N, H, K, M, V, device):
             raise TypeError(f"{part} must be floating point, got {x.dtype}")
         if x.device != device:
             raise ValueError(f"{part} is on {x.device} but q is on {device}")
+
+
+def validate_op_inputs(q, k, v, s, g, scale, hk, hv, cu_seqlens, gate_layout, chunk_size=None,
+                       state_name="hk0/hv0", check_values=None) -> Problem:
+    """Checks of the torch.ops.gsa.* ops, which take the kernels' arguments directly: as validate_inputs,
+    plus an explicit non-ABC gate layout and tensor g, a scale given as a number, the state pair
+    (`state_name`, None or both tensors) and, for the chunked ops, chunk_size 0 (tuned) or a supported size."""
+    layout = parse_gate_layout(gate_layout)
+    if layout is GateLayout.ABC:
+        raise ValueError("gate_layout='abc' is not a kernel layout: normalise s with gsa_compile.abc_gate "
+                         "and pass its g with gate_layout='slot' (chunk_gsa does this)")
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"g must be a torch.Tensor for gate_layout={layout.value!r}, got {type(g).__name__}")
+    if scale is None:
+        raise TypeError("scale must be a float, got None (the ops take the scale explicitly)")
+    if (hk is None) != (hv is None):
+        raise ValueError(f"{state_name}: give both states or neither, got "
+                         f"{'hk' if hk is not None else 'hv'} only")
+    if chunk_size is not None and chunk_size != 0:
+        check_chunk_size(chunk_size)
+    return validate_inputs(q, k, v, s, g, scale, None if hk is None else (hk, hv), cu_seqlens, layout,
+                           check_values=check_values)
 
 
 def check_chunk_size(chunk_size) -> int:
