@@ -241,6 +241,7 @@ class GatedSlotAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 cache: Optional[GSACache] = None, use_cache: bool = False,
                 cu_seqlens: Optional[torch.Tensor] = None, **kwargs) -> Tuple[torch.Tensor, Optional[GSACache]]:
+        self._check_inputs(hidden_states, cache)
         B, T, _ = hidden_states.shape
         mask = None
         if attention_mask is not None:
@@ -299,6 +300,23 @@ class GatedSlotAttention(nn.Module):
             return o, None
         seen = (cache.seen_tokens if cache is not None else 0) + T
         return o, GSACache(recurrent_state=state, conv_state=conv_state, seen_tokens=seen)
+
+    def _check_inputs(self, hidden_states, cache):
+        """ValueError/TypeError naming the argument (cu_seqlens and the cached states are checked by the ops)."""
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states must be a torch.Tensor [batch, seq_len, {self.hidden_size}], "
+                            f"got {type(hidden_states).__name__}")
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"hidden_states must have shape [batch, seq_len, hidden_size={self.hidden_size}], "
+                             f"got {tuple(hidden_states.shape)}")
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be floating point, got {hidden_states.dtype}")
+        weight = self.q_proj.weight
+        if hidden_states.device != weight.device:
+            raise ValueError(f"hidden_states is on {hidden_states.device} but the layer's parameters are on "
+                             f"{weight.device}")
+        if cache is not None and not isinstance(cache, GSACache):
+            raise TypeError(f"cache must be a GSACache or None, got {type(cache).__name__}")
 
     def state_size(self) -> int:
         """Floats in one sequence's recurrent state (per kv head: K*M + M*V)."""

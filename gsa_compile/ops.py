@@ -92,6 +92,7 @@ def chunk_forward(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale: 
 @chunk_forward.register_fake
 def _chunk_forward_fake(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout, mods="",
                         mod_params=None):
+    _validate(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, gate_layout, mods, mod_params, chunk_size)
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[3], s.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -105,19 +106,27 @@ def chunk_backward(do: Tensor, dhk_final: Optional[Tensor], dhv_final: Optional[
                    cu_seqlens: Optional[Tensor], chunk_size: int, gate_layout: str, mods: str = "",
                    mod_params: Optional[Tensor] = None
                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _validate_backward(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout,
+                       mods, mod_params)
+    return launch.backward(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size,
+                           GateLayout(gate_layout), wrap=_wrap, mods_key=mods, mod_params=mod_params)
+
+
+def _validate_backward(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout,
+                       mods, mod_params):
     p = _validate(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, gate_layout, mods, mod_params, chunk_size)
     _check_like("do", do, (p.B, p.T, p.HQ, p.V), q.device, q.dtype)
     for name, x, shape in (("dhk_final", dhk_final, (p.N, p.H, p.K, p.M)),
                            ("dhv_final", dhv_final, (p.N, p.H, p.M, p.V))):
         if x is not None:
             _check_like(name, x, shape, q.device)
-    return launch.backward(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size,
-                           GateLayout(gate_layout), wrap=_wrap, mods_key=mods, mod_params=mod_params)
 
 
 @chunk_backward.register_fake
 def _chunk_backward_fake(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size,
                          gate_layout, mods="", mod_params=None):
+    _validate_backward(do, dhk_final, dhv_final, q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout,
+                       mods, mod_params)
     B, T, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[3], s.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -152,17 +161,22 @@ chunk_forward.register_autograd(_forward_backward, setup_context=_forward_setup)
 def recurrent_step_(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale: float, hk: Tensor, hv: Tensor,
                     gate_layout: str, mods: str = "", mod_params: Optional[Tensor] = None) -> Tensor:
     """Decode: T tokens against (hk, hv), which are updated in place; returns o [B, T, HQ, V]."""
+    _validate_decode_(q, k, v, s, g, scale, hk, hv, gate_layout, mods, mod_params)
+    return launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
+                          mod_params=mod_params)
+
+
+def _validate_decode_(q, k, v, s, g, scale, hk, hv, gate_layout, mods, mod_params):
     _validate(q, k, v, s, g, scale, hk, hv, None, gate_layout, mods, mod_params, state_name="hk/hv")
     for name, x in (("hk", hk), ("hv", hv)):
         if x.dtype != torch.float32 or not x.is_contiguous():
             raise ValueError(f"{name} must be a float32 contiguous state to be updated in place, got {x.dtype} "
                              f"with strides {x.stride()}")
-    return launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
-                          mod_params=mod_params)
 
 
 @recurrent_step_.register_fake
 def _recurrent_step_fake(q, k, v, s, g, scale, hk, hv, gate_layout, mods="", mod_params=None):
+    _validate_decode_(q, k, v, s, g, scale, hk, hv, gate_layout, mods, mod_params)
     return q.new_empty(q.shape[:3] + v.shape[3:])
 
 
@@ -180,5 +194,6 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale:
 
 @recurrent_step.register_fake
 def _recurrent_step_functional_fake(q, k, v, s, g, scale, hk, hv, gate_layout, mods="", mod_params=None):
+    _validate(q, k, v, s, g, scale, hk, hv, None, gate_layout, mods, mod_params, state_name="hk/hv")
     return (q.new_empty(q.shape[:3] + v.shape[3:]), hk.new_empty(hk.shape, dtype=torch.float32),
             hv.new_empty(hv.shape, dtype=torch.float32))

@@ -1,0 +1,558 @@
+"""Hardening run on one GPU: huge shapes, many short sequences without a host synchronisation, CUDA
+graphs, determinism and a long differential fuzz. Prints one JSON line per case as it finishes and
+rewrites the --out summary after each; a per-case time guard (SIGALRM) stops a case that runs too long.
+
+    python bench/gpu_hardening.py --out bench/results/<date>_h200_hardening.json     # ~3-4 min on an H200
+    python bench/gpu_hardening.py --smoke                                            # CPU interpreter, tiny
+
+Cases (bf16, slot gates, chunk 64, K = V = 128, M = 64 unless said; most share one set of kernels):
+    long_sequence   B=1, T=2^20, H=4: forward and backward finite; outputs and (upstream gradient on the
+                    prefix only) every gradient on the first P tokens against the float64 reference, the
+                    gradients past P exactly 0; the last L outputs and the final states against the
+                    reference continued from the kernels' own state at T - L; the gate gradient's float32
+                    suffix sums against float64 ones.
+    big_offsets     head_first [1, 8, T, 128] with 7 * T * 128 > 2^31 (the last head's offset needs int64;
+                    2.46e9 elements per input), forward only (~60 GiB): per-head runs equal the big run
+                    bit for bit, the far end of the last head against the reference, and the [B, T, H, D]
+                    layout of the same tensors gives the same output.
+    many_sequences  10,000 packed sequences of 1-17 tokens (slot and ABC): forward + backward under
+                    torch.cuda.set_sync_debug_mode("error") after one validating call; 16 sequences
+                    against separate calls and the float64 reference.
+    graph_forward   chunk_gsa captured in a CUDA graph (tuned config; and varlen with a static
+                    cu_seqlens), replayed with new inputs (and a new packing) copied into the static buffers.
+    graph_backward  forward + autograd.grad captured; replays equal eager.
+    graph_decode    recurrent_step(inplace=True) captured; replayed token by token equals eager decode.
+    determinism     two runs (dense and varlen ABC with GQA and states, forward + backward) bitwise equal,
+                    and equal again under torch.use_deterministic_algorithms(True).
+    fuzz            tests/differential.py over the Spec space at GPU sizes for --fuzz-seconds (hypothesis
+                    draws the Specs when installed, else a seeded random.Random): cases tried, worst
+                    error per dtype, every case above its tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import random
+import signal
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import differential  # noqa: E402
+
+from gsa_compile import chunk_gsa, launch, recurrent_gsa, recurrent_step  # noqa: E402
+
+CHUNK = 64
+DIMS = dict(K=128, V=128, M=64)
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype():
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32  # bf16 dot is wrong in the interpreter
+
+
+def rel(a, b):
+    return differential.rel_err(a, b)
+
+
+def _tolerance(name):
+    return differential.tolerance("bfloat16" if _dtype() == torch.bfloat16 else "float32", name)
+
+
+def make(B, T, HQ, H, K, V, M, seed=0, layout="slot", requires_grad=True, head_first=False):
+    """Inputs on the device: q, k, v in the run's dtype, s in (0, 1) (logits for ABC), g = logsigmoid(randn)."""
+    gen = torch.Generator(device=_device()).manual_seed(seed)
+    dev, dtype = _device(), _dtype()
+
+    def r(*shape):
+        shape = (shape[0], shape[2], shape[1], *shape[3:]) if head_first and len(shape) == 4 else shape
+        return torch.randn(*shape, generator=gen, device=dev)
+    q, k, v = r(B, T, HQ, K), r(B, T, H, K), r(B, T, H, V)
+    logits = r(B, T, H, M)
+    s = logits if layout == "abc" else torch.sigmoid(logits)
+    g = None if layout == "abc" else F.logsigmoid(r(B, T, H, M))
+    out = [x.to(dtype) for x in (q, k, v, s)] + [None if g is None else g.to(dtype)]
+    return [x if x is None or not requires_grad else x.requires_grad_() for x in out]
+
+
+def _finite(*xs):
+    return all(bool(torch.isfinite(x).all()) for x in xs if x is not None)
+
+
+def _free():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ sizes
+
+def long_sequence(small=False):
+    B, T, H, P, L = (1, 300, 2, 64, 48) if small else (1, 1 << 20, 4, 1024, 256)
+    K, V, M = (16, 16, 8) if small else (DIMS["K"], DIMS["V"], DIMS["M"])
+    x = make(B, T, H, H, K, V, M, seed=1)
+    o, (hk, hv) = chunk_gsa(*x, output_final_state=True, chunk_size=CHUNK)
+    result = dict(T=T, H=H, K=K, V=V, M=M, forward_finite=_finite(o, hk, hv))
+    do = torch.randn(o.shape, device=o.device, generator=torch.Generator(o.device).manual_seed(2)).to(o.dtype)
+    grads = torch.autograd.grad(o, x, do, retain_graph=True)
+    result["backward_finite"] = _finite(*grads)
+    suffix = launch._suffix_sum  # the gate gradient's reverse cumsums: float32 here, float64 as a check
+    launch._suffix_sum = lambda d: suffix(d.double()).to(d.dtype)
+    try:
+        dg64, = torch.autograd.grad(o, [x[4]], do, retain_graph=True)
+    finally:
+        launch._suffix_sum = suffix
+    result["dg_float32_suffix_vs_float64"] = rel(grads[4], dg64)
+    del grads, dg64
+    # the prefix: upstream gradient on the first P tokens only
+    do_prefix = torch.zeros_like(do)
+    do_prefix[:, :P] = do[:, :P]
+    grads = torch.autograd.grad(o, x, do_prefix)
+    result["grads_past_prefix_zero"] = all(bool((d[:, P:] == 0).all()) for d in grads)
+    ref = [t[:, :P].detach().double().requires_grad_() for t in x]
+    o_ref, _ = recurrent_gsa(*ref)
+    ref_grads = torch.autograd.grad(o_ref, ref, do[:, :P].double())
+    result["prefix_o"] = rel(o[:, :P], o_ref)
+    result["prefix_grads"] = {n: rel(a[:, :P], b) for n, a, b in zip("qkvsg", grads, ref_grads)}
+    del grads, ref, ref_grads
+    # the far end: the reference continued from the kernels' state at T - L
+    with torch.no_grad():
+        _, state = chunk_gsa(*(t[:, :T - L] for t in x), output_final_state=True, chunk_size=CHUNK)
+        o_end, (rhk, rhv) = recurrent_gsa(*(t[:, T - L:] for t in x), initial_state=state, output_final_state=True)
+    result.update(end_o=rel(o[:, T - L:], o_end), final_hk=rel(hk, rhk), final_hv=rel(hv, rhv))
+    errors = [result["prefix_o"], result["end_o"], result["final_hk"], result["final_hv"]]
+    grads_ok = all(e <= _tolerance("d" + n) for n, e in result["prefix_grads"].items())
+    result["ok"] = (result["forward_finite"] and result["backward_finite"] and result["grads_past_prefix_zero"]
+                    and all(e <= _tolerance("o") for e in errors) and grads_ok
+                    and result["dg_float32_suffix_vs_float64"] <= 1e-3)
+    return result
+
+
+def big_offsets(small=False):
+    """head_first inputs where (last head) x (head stride) passes 2^31: forward only."""
+    H, K, V, M, L = 8, DIMS["K"], DIMS["V"], DIMS["M"], 256
+    T = 64 * -(-(2 ** 31) // (64 * (H - 1) * K)) + 64 if not small else 200
+    x = make(1, T, H, H, K, V, M, seed=3, requires_grad=False, head_first=True)
+    result = dict(T=T, H=H, elements_per_input=H * T * K, last_head_offset=(H - 1) * T * K)
+    with torch.no_grad():
+        o, (hk, hv) = chunk_gsa(*x, output_final_state=True, chunk_size=CHUNK, head_first=True)  # o [1, H, T, V]
+        result["finite"] = _finite(o, hk, hv)
+        equal = {}
+        for h in (0, H - 1):
+            part = [t[:, h:h + 1] for t in x]  # views: the same memory, head index 0
+            o_h, (hk_h, hv_h) = chunk_gsa(*part, output_final_state=True, chunk_size=CHUNK, head_first=True)
+            equal[h] = bool(torch.equal(o_h, o[:, h:h + 1]) and torch.equal(hk_h, hk[:, h:h + 1])
+                            and torch.equal(hv_h, hv[:, h:h + 1]))
+            if h == H - 1:
+                _, state = chunk_gsa(*(t[:, :, :T - L] for t in part), output_final_state=True, chunk_size=CHUNK,
+                                     head_first=True)
+                o_ref, _ = recurrent_gsa(*(t[:, :, T - L:].transpose(1, 2) for t in part), initial_state=state)
+                result["last_head_end_o"] = rel(o[:, h:h + 1, T - L:].transpose(1, 2), o_ref)
+            del o_h, hk_h, hv_h
+        result["per_head_runs_equal"] = equal
+        standard = [t.transpose(1, 2).contiguous() for t in x]  # [1, T, H, D]: the same values
+        del x
+        _free()
+        o_std, _ = chunk_gsa(*standard, chunk_size=CHUNK)
+        result["standard_layout_equal"] = bool(torch.equal(o_std, o.transpose(1, 2)))
+    result["ok"] = (result["finite"] and all(equal.values()) and result["standard_layout_equal"]
+                    and result["last_head_end_o"] <= _tolerance("o"))
+    return result
+
+
+def _short_packing(n, seed, longest=17):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, longest + 1, (n,), generator=gen)
+    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+
+@contextlib.contextmanager
+def sync_errors():
+    """CUDA: any host synchronisation inside raises (torch.cuda.set_sync_debug_mode('error'))."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def many_sequences(small=False):
+    N, H = (300 if torch.cuda.is_available() else 20, 2) if small else (10_000, 4)
+    K, V, M = (16, 16, 8) if small else (DIMS["K"], DIMS["V"], DIMS["M"])
+    cu_host = _short_packing(N, seed=4)
+    cu = cu_host.to(device=_device(), dtype=torch.int32)
+    T = int(cu_host[-1])
+    result = dict(sequences=N, T=T, sync_check=torch.cuda.is_available())
+    for layout in ("slot", "abc"):
+        x = make(1, T, H, H, K, V, M, seed=5, layout=layout)
+        do = torch.randn(x[0].shape[:3] + (V,), device=x[0].device, dtype=x[0].dtype)
+        if torch.cuda.is_available():  # compiles, and reads cu_seqlens once
+            o, _ = chunk_gsa(*x, cu_seqlens=cu, chunk_size=CHUNK)
+            torch.autograd.grad(o, [t for t in x if t is not None], do)
+        try:
+            with sync_errors():
+                o, (hk, hv) = chunk_gsa(*x, cu_seqlens=cu, output_final_state=True, chunk_size=CHUNK)
+                grads = torch.autograd.grad(o, [t for t in x if t is not None], do)
+            result[f"{layout}_no_sync"] = True
+        except RuntimeError as error:
+            result[f"{layout}_no_sync"], result[f"{layout}_sync_error"] = False, str(error)[:300]
+            o, (hk, hv) = chunk_gsa(*x, cu_seqlens=cu, output_final_state=True, chunk_size=CHUNK)
+            grads = torch.autograd.grad(o, [t for t in x if t is not None], do)
+        result[f"{layout}_finite"] = _finite(o, hk, hv, *grads)
+        worst_alone, worst_ref = 0.0, 0.0
+        for n in random.Random(6).sample(range(N), 16):
+            a, b = int(cu_host[n]), int(cu_host[n + 1])
+            part = [None if t is None else t[:, a:b].detach() for t in x]
+            with torch.no_grad():
+                alone, _ = chunk_gsa(*part, chunk_size=CHUNK)
+                reference, _ = recurrent_gsa(*part)
+            worst_alone = max(worst_alone, rel(o[:, a:b], alone))
+            worst_ref = max(worst_ref, rel(o[:, a:b], reference))
+        result[f"{layout}_vs_separate_calls"], result[f"{layout}_vs_reference"] = worst_alone, worst_ref
+        del x, o, grads
+    result["ok"] = all(result[f"{lay}_no_sync"] and result[f"{lay}_finite"] and result[f"{lay}_vs_reference"]
+                       <= _tolerance("o") and result[f"{lay}_vs_separate_calls"] <= _tolerance("o")
+                       for lay in ("slot", "abc"))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ CUDA graphs
+
+def _capture(fn):
+    """Warm up `fn` on a side stream (compiles, validates, reads no tuning file later), then capture it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def _refill(tensors, seed):
+    """New values copied into static inputs (gates stay log gates, slot weights in (0, 1))."""
+    gen = torch.Generator(device=tensors[0].device).manual_seed(seed)
+    with torch.no_grad():
+        for i, t in enumerate(tensors):
+            if t is None:
+                continue
+            new = torch.randn(t.shape, generator=gen, device=t.device)
+            new = F.logsigmoid(new) if i == 4 else torch.sigmoid(new) if i == 3 else new
+            t.copy_(new.to(t.dtype))
+
+
+def _random_packing(n, T, seed):
+    """cu_seqlens of n sequences of random lengths >= 1 filling T tokens."""
+    cuts = sorted(random.Random(seed).sample(range(1, T), n - 1))
+    return torch.tensor([0, *cuts, T])
+
+
+def _dims(small):
+    return (2, 100, 2, 32, 32, 16) if small else (2, 2048, 4, DIMS["K"], DIMS["V"], DIMS["M"])
+
+
+def graph_forward(small=False):
+    if not torch.cuda.is_available():
+        return dict(skipped="needs CUDA", ok=True)
+    B, T, H, K, V, M = _dims(small)
+    x = make(B, T, H, H, K, V, M, seed=7, requires_grad=False)
+    dense = lambda: chunk_gsa(*x, output_final_state=True, chunk_size=None)  # noqa: E731  (tuned config)
+    cu = _random_packing(8, T, seed=8).to(device="cuda", dtype=torch.int32)
+    packed = [t[:1].contiguous() for t in x]
+    varlen = lambda: chunk_gsa(*packed, cu_seqlens=cu, output_final_state=True, chunk_size=CHUNK)  # noqa: E731
+    result = {}
+    for name, fn, inputs in (("dense", dense, x), ("varlen", varlen, packed)):
+        graph, out = _capture(fn)
+        worst = 0.0
+        for trial in range(3):
+            _refill(inputs, seed=10 + trial)
+            cu.copy_(_random_packing(8, T, seed=20 + trial))  # a new packing: 8 sequences, T tokens
+            graph.replay()
+            eager = fn()
+            worst = max(worst, max(float((a.float() - b.float()).abs().max()) for a, b in
+                                   zip([out[0], *out[1]], [eager[0], *eager[1]])))
+        result[f"{name}_max_abs_diff"] = worst
+    result["ok"] = all(v == 0 for v in result.values())
+    return result
+
+
+def graph_backward(small=False):
+    if not torch.cuda.is_available():
+        return dict(skipped="needs CUDA", ok=True)
+    B, T, H, K, V, M = _dims(small)
+    x = make(B, T, H, H, K, V, M, seed=9)
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    weights = [torch.randn(shape, generator=gen, device="cuda") for shape in
+               ((B, T, H, V), (B, H, K, M), (B, H, M, V))]
+
+    def step():
+        o, (hk, hv) = chunk_gsa(*x, output_final_state=True, chunk_size=CHUNK)
+        loss = sum((a.float() * w).sum() for a, w in zip((o, hk, hv), weights))
+        return torch.autograd.grad(loss, x)
+
+    graph, grads = _capture(step)
+    worst = 0.0
+    for trial in range(3):
+        _refill(x, seed=30 + trial)
+        graph.replay()
+        eager = step()
+        worst = max(worst, max(float((a.float() - b.float()).abs().max()) for a, b in zip(grads, eager)))
+    return dict(max_abs_diff=worst, ok=worst == 0)
+
+
+def graph_decode(small=False):
+    if not torch.cuda.is_available():
+        return dict(skipped="needs CUDA", ok=True)
+    B, _, H, K, V, M = _dims(small)
+    steps = 6
+    x = make(B, steps, 2 * H, H, K, V, M, seed=12, requires_grad=False)  # GQA: two query heads per kv head
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    state0 = tuple(torch.randn(shape, generator=gen, device="cuda") for shape in ((B, H, K, M), (B, H, M, V)))
+    static = [t[:, :1].clone() for t in x]
+    state = tuple(s.clone() for s in state0)
+    graph, out = _capture(lambda: recurrent_step(*static, state=state, inplace=True)[0])
+    for s, s0 in zip(state, state0):  # warm-up and capture advanced the state: start again
+        s.copy_(s0)
+    eager_state = tuple(s.clone() for s in state0)
+    worst = 0.0
+    for t in range(steps):
+        for buffer, source in zip(static, x):
+            buffer.copy_(source[:, t:t + 1])
+        graph.replay()
+        eager, _ = recurrent_step(*(source[:, t:t + 1] for source in x), state=eager_state, inplace=True)
+        worst = max(worst, float((out.float() - eager.float()).abs().max()))
+    worst = max([worst] + [float((a - b).abs().max()) for a, b in zip(state, eager_state)])
+    return dict(steps=steps, max_abs_diff=worst, ok=worst == 0)
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+
+def determinism(small=False):
+    B, T, H, K, V, M = (1, 90, 1, 16, 16, 8) if small or not torch.cuda.is_available() else (2, 2048, 2, 128, 128, 64)
+
+    def run(case):
+        if case == "dense":
+            x = make(B, T, H, H, K, V, M, seed=14)
+            o, (hk, hv) = chunk_gsa(*x, output_final_state=True, chunk_size=CHUNK)
+        else:  # varlen ABC, GQA, initial states
+            x = make(1, T, 2 * H, H, K, V, M, seed=15, layout="abc")
+            cu = torch.tensor([0, 3, T // 2, T - 1, T], dtype=torch.int32, device=_device())
+            gen = torch.Generator(device=_device()).manual_seed(16)
+            state = [torch.randn(4, H, K, M, generator=gen, device=_device()).requires_grad_(),
+                     torch.randn(4, H, M, V, generator=gen, device=_device()).requires_grad_()]
+            o, (hk, hv) = chunk_gsa(*x, initial_state=state, output_final_state=True, cu_seqlens=cu, chunk_size=CHUNK)
+            x = x[:4] + state
+        loss = (o.float() * o.float()).sum() + hk.square().sum() + hv.sum()
+        return [o, hk, hv, *torch.autograd.grad(loss, [t for t in x if t is not None])]
+
+    result = {}
+    for case in ("dense", "varlen_abc"):
+        first, second = run(case), run(case)
+        result[f"{case}_bitwise"] = all(torch.equal(a, b) for a, b in zip(first, second))
+        try:
+            with _deterministic_algorithms():
+                third = run(case)
+            result[f"{case}_deterministic_mode_bitwise"] = all(torch.equal(a, b) for a, b in zip(first, third))
+        except RuntimeError as error:
+            result[f"{case}_deterministic_mode_bitwise"], result[f"{case}_error"] = False, str(error)[:300]
+    result["ok"] = all(v for k, v in result.items() if k.endswith("bitwise"))
+    return result
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+# ------------------------------------------------------------------------------------------------ fuzz
+
+GPU_DIMS = dict(K=(32, 64, 128), V=(32, 64, 128), M=(16, 32, 64))
+# Fields fixed for the runtime variants of one drawn Spec: they select the compiled kernels (the memory
+# layout too, through the pointer alignment and stride specialisations), so variants reuse them.
+SPEC_LABELS = ("chunk_size", "layout", "dtype", "memory", "K", "V", "M", "heads", "initial_state", "varlen")
+
+
+def fuzz(seconds, small=False, seed=0, variants=3, specs=400):
+    """differential.run_case over the Spec space until `seconds` pass: per drawn Spec, `variants` runtime
+    variants (T, B, packing, values, where the gradient enters). Returns the summary."""
+    on_gpu = torch.cuda.is_available()
+    deadline = time.time() + seconds
+    options = dict(cost_cap=None if on_gpu else differential.INTERPRETER_COST_CAP, max_t=600 if on_gpu else 150,
+                   dims=GPU_DIMS if on_gpu else differential.SMALL_DIMS,
+                   dtypes=tuple(differential.DTYPES) if on_gpu else ("float32", "float16"))
+    drawn, engine = _draw_specs(options, specs, seed)
+    summary = dict(budget_seconds=seconds, engine=engine, specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
+    for first, variant_seed in drawn:
+        rng = random.Random(variant_seed)
+        fixed = {label: value for label, value in _labels(first).items() if label in SPEC_LABELS}
+        summary["specs"] += 1
+        for i in range(variants):
+            if time.time() > deadline:
+                break
+            case = first if i == 0 else differential.draw_case(lambda label, opts: rng.choice(opts), fixed=fixed,
+                                                               **options)
+            try:
+                errors = differential.run_case(case, _device())
+            except Exception as error:  # noqa: BLE001 - a crash is a finding: record it and go on
+                summary["crashes"].append(dict(case=case, error=f"{type(error).__name__}: {error}"[:500]))
+                continue
+            _record(summary, case, errors)
+        if time.time() > deadline:
+            break
+    summary["ok"] = not summary["failures"] and not summary["crashes"] and summary["cases"] > 0
+    return summary
+
+
+def _labels(case):
+    """A case's fields under the labels draw_case picks them by."""
+    return {**case, "heads": (case["H"], case["group"]), "varlen": case["cu_seqlens"] is not None}
+
+
+def _record(summary, case, errors):
+    row = summary["by_dtype"].setdefault(case["dtype"], dict(cases=0, worst_out=0.0, worst_grad=0.0, worst_dg=0.0))
+    row["cases"] += 1
+    summary["cases"] += 1
+    for name, error in errors.items():
+        if name == "finite":
+            continue
+        key = "worst_dg" if name == "dg" else "worst_grad" if name.startswith("d") else "worst_out"
+        row[key] = max(row[key], error)
+    bad = differential.failures(case, errors)
+    if bad:
+        summary["failures"].append(dict(case=case, above_tolerance=bad))
+
+
+def _draw_specs(options, n, seed):
+    """n (first case of a Spec, seed of its runtime variants), drawn by hypothesis when it is installed
+    (drawing only: the cases then run until the deadline), else by random.Random(seed)."""
+    drawn = []
+    try:
+        from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+    except ImportError:
+        rng = random.Random(seed)
+        for _ in range(n):
+            case = differential.draw_case(lambda label, opts: rng.choice(opts), **options)
+            drawn.append((case, rng.randrange(2 ** 31)))
+        return drawn, "random"
+
+    @settings(max_examples=n, deadline=None, database=None, phases=(Phase.generate,),
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def draw(data):
+        case = differential.draw_case(lambda label, opts: data.draw(st.sampled_from(opts), label=label), **options)
+        drawn.append((case, data.draw(st.integers(0, 2 ** 31 - 1), label="variants")))
+    draw()
+    return drawn, "hypothesis"
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+CASES = [("long_sequence", 75), ("big_offsets", 60), ("many_sequences", 50), ("graph_backward", 30),
+         ("graph_forward", 40), ("graph_decode", 25), ("determinism", 40)]
+
+
+class CaseTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Raise CaseTimeout in the main thread after `seconds` (checked between Python bytecodes)."""
+    def expire(signum, frame):
+        raise CaseTimeout(f"over its time limit of {seconds:.0f} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _environment():
+    from gsa_compile import benchmark
+    env = benchmark.environment()
+    with contextlib.suppress(Exception):
+        import subprocess
+        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                       timeout=5).stdout.strip()
+    return env
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="JSON summary path (rewritten after each case)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (CUDA-only cases skipped)")
+    parser.add_argument("--budget", type=float, default=225.0, help="wall seconds for everything")
+    parser.add_argument("--fuzz-seconds", type=float, default=90.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", help="run only these cases (names as in the docstring)")
+    args = parser.parse_args(argv)
+    start = time.time()
+    result = dict(environment=_environment(), smoke=args.smoke, cases={})
+
+    def save(name, row):
+        row["seconds"] = round(time.time() - start - row.get("started", 0), 1)
+        result["cases"][name] = row
+        print(json.dumps({name: row}, default=str), flush=True)
+        if args.out:
+            pathlib.Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+
+    fuzz_reserve = 0 if args.only and "fuzz" not in args.only else min(args.fuzz_seconds, 60.0)
+    for name, limit in CASES:
+        if args.only and name not in args.only:
+            continue
+        began = time.time() - start
+        left = args.budget - began - fuzz_reserve
+        if left < 10:
+            save(name, dict(ok=False, skipped=f"budget: {left:.0f} s left", started=began))
+            continue
+        try:
+            with time_limit(min(limit, left)):
+                row = globals()[name](small=args.smoke)
+        except Exception as error:  # noqa: BLE001 - one failing case must not stop the others
+            row = dict(ok=False, error=f"{type(error).__name__}: {error}"[:1000])
+        row["started"] = began
+        save(name, row)
+        _free()
+    if not args.only or "fuzz" in args.only:
+        began = time.time() - start
+        seconds = max(0.0, min(args.fuzz_seconds, args.budget - began - 5))
+        try:
+            with time_limit(seconds + 60):
+                row = fuzz(seconds, small=args.smoke, seed=args.seed)
+        except Exception as error:  # noqa: BLE001
+            row = dict(ok=False, error=f"{type(error).__name__}: {error}"[:1000])
+        row["started"] = began
+        save("fuzz", row)
+    result["ok"] = all(row.get("ok") for row in result["cases"].values())
+    result["total_seconds"] = round(time.time() - start, 1)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(dict(ok=result["ok"], total_seconds=result["total_seconds"],
+                          failed=[n for n, r in result["cases"].items() if not r.get("ok")])), flush=True)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Differential testing of chunk_gsa against the float64 reference over the whole Spec space.
+
+A case is a dict drawn by `draw_case(pick)`, where `pick(label, options)` returns one of `options`:
+hypothesis in tests/test_fuzz.py (`data.draw(st.sampled_from(options), label=label)`), a seeded
+`random.Random` in bench/gpu_hardening.py (which may run where hypothesis is not installed). This
+module imports neither pytest nor hypothesis.
+
+The space: gate layout x chunk size x dtype x memory layout of the inputs x GQA x initial state x
+varlen x T (1, inside the first chunk, whole chunks, past a boundary) x where the upstream gradient
+enters (o, the final states, or both). `run_case` makes leaf tensors in the case's memory layout,
+runs chunk_gsa on them and recurrent_gsa on float64 copies of the same leaves (through the same
+views), backpropagates the same random upstream gradients through both and returns the relative
+error of every output and of every leaf's gradient.
+
+Memory layouts (what chunk_gsa receives):
+    contiguous      [B, T, H, D] tensors
+    head_first      [B, H, T, D] tensors with head_first=True (every stride differs)
+    sliced          x[..., 1:D+1] of a wider tensor: a larger row stride, a base pointer off alignment
+    batch_expanded  k, v, s, g of batch 1 expanded over B (batch stride 0)
+    strided_last    x[..., ::2]: a last-dimension stride of 2 (the one case that is copied)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gsa_compile import chunk_gsa, recurrent_gsa
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LAYOUTS = ("slot", "head", "decay_head", "decay_slot", "abc")
+CHUNK_SIZES = (16, 32, 64, 128)
+MEMORY = ("contiguous", "head_first", "sliced", "batch_expanded", "strided_last")
+# Relative errors (rel_err) allowed against the float64 reference: (outputs and final states; gradients
+# of q, k, v, s and the initial states; the gradient of g, measured against the magnitude of its terms).
+# float32: the kernels' round-off. float16/bfloat16: the reference sees the same rounded inputs, so what
+# is left is the kernels' low-precision operands of tensor-core products (and, for bf16, chunk states
+# kept in bf16: an fp32 initial state loses its low bits), and the rounding of the results themselves.
+# dg is a reverse cumulative sum (for constant decays a sum over all tokens) of terms that largely
+# cancel, each with a low-precision logit's error, so it is compared with the size of those terms.
+# Observed worst on the CPU interpreter (~100 cases per dtype): fp16 3e-3 / 5e-4 / 1e-2, bf16 1.5e-2 /
+# 1.4e-2 / 2e-2.
+TOLERANCE = {"float32": (1e-5, 1e-4, 1e-4), "float16": (1e-2, 1e-2, 3e-2), "bfloat16": (3e-2, 5e-2, 1e-1)}
+# Interpreter budget: (chunk rows) x (query heads) per case, as in test_backward.COST_CAP.
+INTERPRETER_COST_CAP = {16: 16, 32: 8, 64: 4, 128: 2}
+SMALL_DIMS = dict(K=(1, 5, 8, 13, 16, 24), V=(1, 3, 8, 11, 16, 19), M=(1, 3, 5, 8, 12))
+
+
+def rel_err(a, b, floor=1e-2, scale=None):
+    """||a - b|| / max(||scale||, floor * sqrt(numel)), in float64, scale = b by default (as
+    test_backward.rel_err): relative, except where the reference is (near) zero, where only round-off
+    is left to compare. For a sum, `scale` holds the summed magnitudes of its terms: where they cancel,
+    the error of the sum is measured against the size of what cancelled."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    norm = b.norm().item() if scale is None else scale.detach().double().cpu().norm().item()
+    return (a - b).norm().item() / max(norm, floor * max(b.numel(), 1) ** 0.5)
+
+
+def _per_token_gate(g, shape):
+    """A log gate of any layout ([B, T, H, M], [B, T, H], [H] or [H, M]) as the [B, T, H, M] gate it means."""
+    B, T, H, M = shape
+    view = {4: g, 3: g[..., None], 1: g[None, None, :, None], 2: g[None, None]}[g.dim()]
+    return view.expand(B, T, H, M)
+
+
+def draw_case(pick, cost_cap=None, max_t=150, dims=SMALL_DIMS, dtypes=tuple(DTYPES), chunk_sizes=CHUNK_SIZES,
+              fixed=None):
+    """One case of the Spec space. `cost_cap` (chunk size -> cap) bounds (chunk rows) x (query heads);
+    `fixed` holds fields that are not drawn (e.g. the Spec fields, to vary only runtime sizes)."""
+    fixed = fixed or {}
+
+    def choose(label, options):
+        return fixed[label] if label in fixed else pick(label, options)
+
+    case = dict(chunk_size=choose("chunk_size", chunk_sizes), layout=choose("layout", LAYOUTS),
+                dtype=choose("dtype", dtypes), memory=choose("memory", MEMORY))
+    C = case["chunk_size"]
+    cap = float("inf") if cost_cap is None else cost_cap[C]
+    regime = choose("regime", ("one", "below", "exact", "above"))
+    T = {"one": 1, "below": None, "exact": C, "above": None}[regime]
+    if regime == "below":
+        T = choose("T_below", range(2, C))
+    elif regime == "above":
+        T = choose("T_above", range(C + 1, max(max_t, C + 1) + 1))
+    while T > 1 and -(-T // C) > cap:  # the interpreter's budget: fewer tokens
+        T = (T + 1) // 2
+    varlen = choose("varlen", (False, True)) and T > 1
+    if varlen:
+        n_seq = choose("sequences", range(2, min(4, T) + 1))
+        lengths, left = [], T
+        for i in range(n_seq - 1):
+            lengths.append(choose(f"length{i}", range(1, left - (n_seq - 1 - i) + 1)))
+            left -= lengths[-1]
+        lengths.append(left)
+        case.update(B=1, cu_seqlens=[0] + [sum(lengths[:i + 1]) for i in range(n_seq)])
+        rows = sum(-(-n // C) for n in lengths)
+    else:
+        case.update(B=choose("B", (1, 2) if -(-T // C) * 2 <= cap else (1,)), cu_seqlens=None)
+        rows = case["B"] * -(-T // C)
+    heads = [(h, g) for h in (1, 2) for g in (1, 2, 3) if rows * h * g <= cap] or [(1, 1)]
+    case["H"], case["group"] = choose("heads", heads)
+    case.update(T=T, K=choose("K", dims["K"]), V=choose("V", dims["V"]), M=choose("M", dims["M"]),
+                initial_state=choose("initial_state", (False, True)),
+                upstream=choose("upstream", ("both", "o", "final")), seed=choose("seed", range(2 ** 31)))
+    return case
+
+
+def spec_fields(case):
+    """The fields that select compiled kernels (everything but runtime sizes and values)."""
+    names = ("chunk_size", "layout", "dtype", "K", "V", "M", "heads", "initial_state")
+    fields = {n: case[n] if n != "heads" else (case["H"], case["group"]) for n in names}
+    return fields | {"varlen": bool(case["cu_seqlens"])}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def _values(case, gen):
+    """Logical [B, T, H, D] values (float32, then rounded to the case's dtype) and the initial state."""
+    B, T, H, K, V, M = (case[n] for n in ("B", "T", "H", "K", "V", "M"))
+    HQ = H * case["group"]
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    x = dict(q=r(B, T, HQ, K), k=r(B, T, H, K), v=r(B, T, H, V))
+    x["s"] = r(B, T, H, M) if case["layout"] == "abc" else torch.rand(B, T, H, M, generator=gen)
+    gates = {"slot": lambda: F.logsigmoid(r(B, T, H, M)), "head": lambda: F.logsigmoid(r(B, T, H)),
+             "decay_head": lambda: -torch.rand(H, generator=gen),
+             "decay_slot": lambda: -torch.rand(H, M, generator=gen)}
+    if case["layout"] in gates:
+        x["g"] = gates[case["layout"]]()
+    dtype = DTYPES[case["dtype"]]
+    x = {n: t.to(dtype) for n, t in x.items()}
+    N = B if case["cu_seqlens"] is None else len(case["cu_seqlens"]) - 1
+    if case["initial_state"]:
+        x.update(hk0=r(N, H, K, M), hv0=r(N, H, M, V))
+    return x
+
+
+def _place(name, x, memory, gen):
+    """(leaf, view): the tensor that requires grad and a function giving the [B, T, H, D] view of a leaf
+    (applied again to the float64 copy of the leaf for the reference)."""
+    per_token = name in ("q", "k", "v", "s") or (name == "g" and x.dim() >= 3)
+    if not per_token or memory == "contiguous":
+        return x, lambda leaf: leaf
+    if memory == "head_first":
+        return x.transpose(1, 2).contiguous(), lambda leaf: leaf.transpose(1, 2)
+    if memory == "batch_expanded":
+        if name == "q":
+            return x, lambda leaf: leaf
+        return x[:1].contiguous(), lambda leaf: leaf.expand(x.shape[0], *leaf.shape[1:])
+    noise = lambda n: torch.randn(*x.shape[:-1], n, generator=gen).to(x.dtype)  # noqa: E731
+    D = x.shape[-1]
+    if memory == "sliced":
+        return torch.cat([noise(1), x, noise(2)], -1), lambda leaf: leaf[..., 1:D + 1]
+    return torch.stack([x, noise(D)], -1).flatten(-2), lambda leaf: leaf[..., ::2]  # strided_last
+
+
+def make_leaves(case, device):
+    """(leaves, views): leaf tensors on `device` that require grad, and their view functions."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    leaves, views = {}, {}
+    for name, x in _values(case, gen).items():
+        memory = case["memory"] if name not in ("hk0", "hv0") else "contiguous"
+        leaf, view = _place(name, x, memory, gen)
+        leaves[name], views[name] = leaf.to(device).requires_grad_(), view
+    return leaves, views
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+def run_case(case, device="cpu"):
+    """Errors (rel_err) of o, the final states and every leaf's gradient, chunk_gsa against recurrent_gsa."""
+    return compare(case, *make_leaves(case, device))
+
+
+def compare(case, leaves, views):
+    """run_case on given leaves (q, k, v, s, optional g, hk0, hv0) and views; the case supplies chunk_size,
+    memory, cu_seqlens, upstream, seed (for the upstream gradients) and optionally scale."""
+    device = leaves["q"].device
+    cu = None if case["cu_seqlens"] is None else torch.tensor(case["cu_seqlens"], dtype=torch.int32, device=device)
+    head_first = case["memory"] == "head_first"
+    want_final = case["upstream"] != "o"
+
+    gate_terms = {}  # the reference's [B, T, H, M] per-token gate and s, whose gradients weigh dg's error
+
+    def call(fn, tensors, as_kernel):
+        args = {n: tensors[n] if as_kernel and head_first else views[n](tensors[n]) for n in tensors}
+        if not as_kernel and "g" in args:
+            args["g"] = gate_terms["g"] = _per_token_gate(args["g"], args["s"].shape).clone()
+            args["s"] = gate_terms["s"] = args["s"].clone()
+        state = (args["hk0"], args["hv0"]) if "hk0" in args else None
+        kwargs = dict(chunk_size=case["chunk_size"], head_first=head_first) if as_kernel else {}
+        o, final = fn(args["q"], args["k"], args["v"], args["s"], args.get("g"), case.get("scale"), initial_state=state,
+                      output_final_state=want_final, cu_seqlens=cu, **kwargs)
+        return (o.transpose(1, 2) if as_kernel and head_first else o), final
+
+    o, final = call(chunk_gsa, leaves, True)
+    assert o.dtype == leaves["q"].dtype and (final is None) == (not want_final)
+    ref_leaves = {n: x.detach().double().requires_grad_() for n, x in leaves.items()}
+    o_ref, final_ref = call(recurrent_gsa, ref_leaves, False)
+    errors = {"o": rel_err(o, o_ref)}
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    loss = loss_ref = 0
+    if case["upstream"] != "final":
+        do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64).to(device)
+        loss, loss_ref = (o.double() * do).sum(), (o_ref * do).sum()
+    if want_final:
+        for name, x, x_ref in zip(("hk", "hv"), final, final_ref):
+            errors[name] = rel_err(x, x_ref)
+            d = torch.randn(x_ref.shape, generator=gen, dtype=torch.float64).to(device)
+            loss, loss_ref = loss + (x.double() * d).sum(), loss_ref + (x_ref * d).sum()
+    names = list(leaves)
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+    wrt = list(ref_leaves.values()) + list(gate_terms.values())
+    grads_ref = torch.autograd.grad(loss_ref, wrt, allow_unused=True)
+    grads_ref = [torch.zeros_like(x) if b is None else b for x, b in zip(wrt, grads_ref)]
+    for name, a, b in zip(names, grads, grads_ref):
+        assert a.shape == leaves[name].shape and a.dtype == leaves[name].dtype, name
+        errors[f"d{name}"] = rel_err(a, b)
+        errors[f"d{name}_finite"] = bool(torch.isfinite(a).all())
+    if "g" in leaves:  # dg sums per-token terms (d/dg_t and the s_t ds_t it cancels): weigh its error by them
+        dg_tokens, ds_tokens = grads_ref[-2:]
+        terms = dg_tokens.abs() + (gate_terms["s"] * ds_tokens).abs()
+        probe = ref_leaves["g"].detach().clone().requires_grad_()
+        tokens = _per_token_gate(views["g"](probe), views["s"](leaves["s"]).shape)
+        magnitude, = torch.autograd.grad((tokens * terms.detach()).sum(), probe)
+        errors["dg"] = rel_err(grads[names.index("g")], grads_ref[names.index("g")], scale=magnitude)
+    errors["finite"] = bool(torch.isfinite(o).all()) and all(errors.pop(f"d{n}_finite") for n in names)
+    return errors
+
+
+def tolerance(dtype, name):
+    """The tolerance of one error of run_case: outputs (o, hk, hv), the gate gradient dg, other gradients."""
+    out_tol, grad_tol, gate_tol = TOLERANCE[dtype]
+    return gate_tol if name == "dg" else grad_tol if name.startswith("d") else out_tol
+
+
+def failures(case, errors):
+    """The errors above the case's dtype tolerance (and non-finite results), by name."""
+    bad = {n: e for n, e in errors.items() if n != "finite" and not e <= tolerance(case["dtype"], n)}
+    if not errors["finite"]:
+        bad["finite"] = False
+    return bad
