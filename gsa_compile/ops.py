@@ -18,6 +18,8 @@ kernels; q, k, v, s, g are then the raw inputs) and `mod_params` their captured 
 
 `chunk_size` 0 means the tuned launch config (tuner.py); `g` is the log gate in the layout named by `gate_layout` (slot | head | decay_head | decay_slot);
 ABC is normalised to `slot` before the op. The final states are always produced (fixed arity).
+Every op checks its arguments, in its real and its fake kernel (spec.validate_op_inputs: errors name the
+argument), and accepts inputs of any strides (launch.unit_last_stride copies only a strided last dim).
 On GPU the ops are `triton_op`s, so Inductor sees the generated kernels through `wrap_triton`.
 Under the Triton interpreter (CPU, TRITON_INTERPRET=1) they are opaque `custom_op`s: triton_op's
 functional decomposition would run the interpreter on FakeTensors there.

@@ -2,8 +2,8 @@
 
 A case is a dict drawn by `draw_case(pick)`, where `pick(label, options)` returns one of `options`:
 hypothesis in tests/test_fuzz.py (`data.draw(st.sampled_from(options), label=label)`), a seeded
-`random.Random` in bench/gpu_hardening.py (which may run where hypothesis is not installed). This
-module imports neither pytest nor hypothesis.
+`random.Random` where hypothesis is not installed. `explore(seconds, ...)` is the long fuzz that
+bench/gpu_hardening.py runs on the GPU. This module imports neither pytest nor (at import) hypothesis.
 
 The space: gate layout x chunk size x dtype x memory layout of the inputs x GQA x initial state x
 varlen x T (1, inside the first chunk, whole chunks, past a boundary) x where the upstream gradient
@@ -20,6 +20,9 @@ Memory layouts (what chunk_gsa receives):
     strided_last    x[..., ::2]: a last-dimension stride of 2 (the one case that is copied)
 """
 from __future__ import annotations
+
+import random
+import time
 
 import torch
 import torch.nn.functional as F
@@ -102,13 +105,6 @@ def draw_case(pick, cost_cap=None, max_t=150, dims=SMALL_DIMS, dtypes=tuple(DTYP
                 initial_state=choose("initial_state", (False, True)),
                 upstream=choose("upstream", ("both", "o", "final")), seed=choose("seed", range(2 ** 31)))
     return case
-
-
-def spec_fields(case):
-    """The fields that select compiled kernels (everything but runtime sizes and values)."""
-    names = ("chunk_size", "layout", "dtype", "K", "V", "M", "heads", "initial_state")
-    fields = {n: case[n] if n != "heads" else (case["H"], case["group"]) for n in names}
-    return fields | {"varlen": bool(case["cu_seqlens"])}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -238,3 +234,80 @@ def failures(case, errors):
     if not errors["finite"]:
         bad["finite"] = False
     return bad
+
+
+# ------------------------------------------------------------------------------------------------ exploring
+
+# Fields fixed for the runtime variants of one drawn Spec: they select the compiled kernels (the memory
+# layout too, through the pointer alignment and stride specialisations), so variants reuse them.
+SPEC_LABELS = ("chunk_size", "layout", "dtype", "memory", "K", "V", "M", "heads", "initial_state", "varlen")
+
+
+def explore(seconds, device, seed=0, variants=3, specs=400, **options):
+    """run_case over the Spec space until `seconds` pass (the long GPU fuzz of bench/gpu_hardening.py):
+    per drawn Spec, `variants` runtime variants (T, B, packing, values, where the gradient enters), which
+    reuse its compiled kernels. `options` go to draw_case. Returns a summary: Specs and cases tried, the
+    worst errors per dtype, every case above its tolerance and every crash."""
+    deadline = time.time() + seconds
+    drawn, engine = _draw_specs(options, specs, seed)
+    summary = dict(budget_seconds=seconds, engine=engine, specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
+    for first, variant_seed in drawn:
+        if time.time() > deadline:
+            break
+        rng = random.Random(variant_seed)
+        fixed = {label: value for label, value in _labels(first).items() if label in SPEC_LABELS}
+        summary["specs"] += 1
+        for i in range(variants):
+            if time.time() > deadline:
+                break
+            case = first if i == 0 else draw_case(lambda label, opts: rng.choice(opts), fixed=fixed, **options)
+            try:
+                errors = run_case(case, device)
+            except Exception as error:  # noqa: BLE001 - a crash is a finding: record it and go on
+                summary["crashes"].append(dict(case=case, error=f"{type(error).__name__}: {error}"[:500]))
+                continue
+            _record(summary, case, errors)
+    summary["ok"] = not summary["failures"] and not summary["crashes"] and summary["cases"] > 0
+    return summary
+
+
+def _labels(case):
+    """A case's fields under the labels draw_case picks them by."""
+    return {**case, "heads": (case["H"], case["group"]), "varlen": case["cu_seqlens"] is not None}
+
+
+def _record(summary, case, errors):
+    row = summary["by_dtype"].setdefault(case["dtype"], dict(cases=0, worst_out=0.0, worst_grad=0.0, worst_dg=0.0))
+    row["cases"] += 1
+    summary["cases"] += 1
+    for name, error in errors.items():
+        if name == "finite":
+            continue
+        key = "worst_dg" if name == "dg" else "worst_grad" if name.startswith("d") else "worst_out"
+        row[key] = max(row[key], error)
+    bad = failures(case, errors)
+    if bad:
+        summary["failures"].append(dict(case=case, above_tolerance=bad))
+
+
+def _draw_specs(options, n, seed):
+    """n (first case of a Spec, seed of its runtime variants), drawn by hypothesis when it is installed
+    (drawing only: the cases then run until the deadline), else by random.Random(seed)."""
+    drawn = []
+    try:
+        from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+    except ImportError:
+        rng = random.Random(seed)
+        for _ in range(n):
+            case = draw_case(lambda label, opts: rng.choice(opts), **options)
+            drawn.append((case, rng.randrange(2 ** 31)))
+        return drawn, "random"
+
+    @settings(max_examples=n, deadline=None, database=None, phases=(Phase.generate,),
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def draw(data):
+        case = draw_case(lambda label, opts: data.draw(st.sampled_from(opts), label=label), **options)
+        drawn.append((case, data.draw(st.integers(0, 2 ** 31 - 1), label="variants")))
+    draw()
+    return drawn, "hypothesis"

@@ -26,8 +26,8 @@ def good(dtype=torch.float32):
 
 def call_chunk_gsa(a):
     state = (a["hk"], a["hv"])
-    return chunk_gsa(a["q"], a["k"], a["v"], a["s"], a["g"], a["scale"], initial_state=state, cu_seqlens=a["cu_seqlens"],
-                     chunk_size=a["chunk_size"])
+    return chunk_gsa(a["q"], a["k"], a["v"], a["s"], a["g"], a["scale"], initial_state=state,
+                     cu_seqlens=a["cu_seqlens"], chunk_size=a["chunk_size"])
 
 
 def call_recurrent_step(a):
@@ -90,7 +90,8 @@ BAD_CHUNKED = {
                               r"^cu_seqlens must be strictly increasing"),
     "cu_seqlens_repeated": (lambda a: a.update(packed([0, 3, 3, 6])), ValueError,
                             r"^cu_seqlens must be strictly increasing"),
-    "cu_seqlens_end": (lambda a: a.update(packed([0, 2, 5])), ValueError, r"^cu_seqlens must start at 0 and end at T=6"),
+    "cu_seqlens_end": (lambda a: a.update(packed([0, 2, 5])), ValueError,
+                       r"^cu_seqlens must start at 0 and end at T=6"),
 }
 
 
@@ -139,8 +140,10 @@ OP_ONLY = {  # arguments only the ops take
                        r"^gate_layout must be one of"),
     "layout_mismatch": (lambda: torch.ops.gsa.chunk_forward(*_op_args(), 16, "head"), ValueError,
                         r"^gate_layout='head' does not match g"),
-    "one_state": (lambda: torch.ops.gsa.chunk_forward(*_op_args(hv=None), 16, "slot"), ValueError, r"^hk0/hv0: give both"),
-    "unknown_mods": (lambda: torch.ops.gsa.chunk_forward(*_op_args(), 16, "slot", "m0123"), ValueError, r"^mods='m0123'"),
+    "one_state": (lambda: torch.ops.gsa.chunk_forward(*_op_args(hv=None), 16, "slot"), ValueError,
+                  r"^hk0/hv0: give both"),
+    "unknown_mods": (lambda: torch.ops.gsa.chunk_forward(*_op_args(), 16, "slot", "m0123"), ValueError,
+                     r"^mods='m0123'"),
     "stray_mod_params": (lambda: torch.ops.gsa.chunk_forward(*_op_args(), 16, "slot", "", torch.zeros(2)), ValueError,
                          r"^mod_params must be None"),
     "do_shape": (lambda: _backward(do_shape=(B, T, HQ, V + 1)), ValueError, r"^do must have shape"),
