@@ -12,9 +12,9 @@ Cases (bf16, slot gates, chunk 64, K = V = 128, M = 64 unless said; most share o
                     reference continued from the kernels' own state at T - L; the gate gradient's float32
                     suffix sums against float64 ones.
     big_offsets     head_first [1, 8, T, 128] with 7 * T * 128 > 2^31 (the last head's offset needs int64;
-                    2.46e9 elements per input), forward only (~60 GiB): per-head runs equal the big run
-                    bit for bit, the far end of the last head against the reference, and the [B, T, H, D]
-                    layout of the same tensors gives the same output.
+                    2.46e9 elements per input), forward only (~60 GiB): per-head runs against the big run
+                    (0.0 = bit for bit), the far end of the last head against the reference, and the
+                    [B, T, H, D] layout of the same tensors against the head_first one.
     many_sequences  10,000 packed sequences of 1-17 tokens (slot and ABC): forward + backward under
                     torch.cuda.set_sync_debug_mode("error") after one validating call; 16 sequences
                     against separate calls and the float64 reference.
@@ -152,21 +152,20 @@ def big_offsets(small=False):
         for h in (0, H - 1):
             part = [t[:, h:h + 1] for t in x]  # views: the same memory, head index 0
             o_h, (hk_h, hv_h) = chunk_gsa(*part, output_final_state=True, chunk_size=CHUNK, head_first=True)
-            equal[h] = bool(torch.equal(o_h, o[:, h:h + 1]) and torch.equal(hk_h, hk[:, h:h + 1])
-                            and torch.equal(hv_h, hv[:, h:h + 1]))
+            equal[h] = max(rel(a, b) for a, b in ((o_h, o[:, h:h + 1]), (hk_h, hk[:, h:h + 1]), (hv_h, hv[:, h:h + 1])))
             if h == H - 1:
                 _, state = chunk_gsa(*(t[:, :, :T - L] for t in part), output_final_state=True, chunk_size=CHUNK,
                                      head_first=True)
                 o_ref, _ = recurrent_gsa(*(t[:, :, T - L:].transpose(1, 2) for t in part), initial_state=state)
                 result["last_head_end_o"] = rel(o[:, h:h + 1, T - L:].transpose(1, 2), o_ref)
             del o_h, hk_h, hv_h
-        result["per_head_runs_equal"] = equal
+        result["per_head_runs_vs_big_run"] = equal  # 0.0: bit for bit
         standard = [t.transpose(1, 2).contiguous() for t in x]  # [1, T, H, D]: the same values
         del x, part, state
         _free()
         o_std, _ = chunk_gsa(*standard, chunk_size=CHUNK)
-        result["standard_layout_equal"] = bool(torch.equal(o_std, o.transpose(1, 2)))
-    result["ok"] = (result["finite"] and all(equal.values()) and result["standard_layout_equal"]
+        result["standard_layout_vs_head_first"] = rel(o_std, o.transpose(1, 2))  # 0.0: bit for bit
+    result["ok"] = (result["finite"] and max(equal.values()) <= 1e-6 and result["standard_layout_vs_head_first"] <= 1e-6
                     and result["last_head_end_o"] <= _tolerance("o"))
     return result
 
@@ -395,7 +394,8 @@ def fuzz(seconds, small=False, seed=0):
     """differential.explore at GPU sizes (on CPU: the interpreter's budget, no bf16)."""
     on_gpu = torch.cuda.is_available()
     cap = None if on_gpu else differential.INTERPRETER_COST_CAP
-    return differential.explore(seconds, _device(), seed=seed, cost_cap=cap, max_t=600 if on_gpu else 150,
+    return differential.explore(seconds, _device(), seed=seed, variants=6 if on_gpu else 3, cost_cap=cap,
+                                max_t=600 if on_gpu else 150,
                                 dims=GPU_DIMS if on_gpu else differential.SMALL_DIMS,
                                 dtypes=tuple(differential.DTYPES) if on_gpu else ("float32", "float16"))
 

@@ -315,7 +315,7 @@ def test_deterministic():
 # ----------------------------------------------------------------------------------- CUDA graphs (GPU)
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("check", ["graph_forward", "graph_backward", "graph_decode", "no_sync_varlen",
+@pytest.mark.parametrize("check", ["graph_forward", "graph_backward", "graph_decode", "many_sequences",
                                    "determinism"])
 def test_cuda_graphs_and_no_sync(check):
     """Capture + replay of chunk_forward, the backward and recurrent_step_ (new inputs copied into the
