@@ -115,7 +115,7 @@ class Block:
 
 def diagonal_blocks(b: Builder, name: str, view: View):
     """A [BT, BT] scratch matrix of which only the causal parts of the BC x BC diagonal blocks were stored."""
-    x = b.load(name, view, "t0", "eos", ("BT", "BT"))
+    x = chunk_rows(b, name, view, "BT")
     cols = "tl.arange(0, BT)[None, :]"
     return b.map(name, f"tl.where(({cols} // BC == {ROWS} // BC) & ({cols} <= {ROWS}), {{0}}, 0.0)", x)
 
@@ -191,5 +191,6 @@ def slot_mod_backward(b: Builder, spec, acc, dl, index: SlotIndex = CHUNK_ROWS):
     n = mods.slot_leaf_count(spec.mods)
     for leaf in range(n):
         term = b.slot_mod(f"mod_term{leaf}", dl, acc, index, mode="term", leaf=leaf)
-        b.store(View(f"(mod_terms + ((i_b * T * HQ + i_hq) * {n} + {leaf}) * M)", f"HQ * {n} * M", "M"), term, "ts", "eos")
+        terms = View(f"(mod_terms + ((i_b * T * HQ + i_hq) * {n} + {leaf}) * M)", f"HQ * {n} * M", "M")
+        b.store(terms, term, "ts", "eos")
     return b.slot_mod(dl.name, dl, acc, index, mode="grad")

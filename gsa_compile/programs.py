@@ -47,13 +47,13 @@ def state_pass(spec: Spec) -> Program:
     k_view, v_view, s_view, gc_view = seq_view("k", "K"), seq_view("v", "V"), seq_view("s", "M"), seq_view("gc", "M")
 
     def gate_weights():
-        g = b.load("g_c", gate_view(spec.layout), "t0", "eos", ("BT", "BM"))
+        g = chunk_rows(b, "g_c", gate_view(spec.layout))
         # floor the log gate (so -inf, a reset, never meets -inf in a difference; see spec.GATE_FLOOR)
         g2 = b.map("g2", f"tl.maximum({{0}}, {GATE_FLOOR}) * " + LOG2E, g)
         gc = b.reduce("gc_c", g2, 0, "cumsum")
         total = b.reduce("g_total", g2, 0, "sum")
         last = b.expand("b_last", total, "None, :")
-        s = b.load("s_c", s_view, "t0", "eos", ("BT", "BM"))
+        s = chunk_rows(b, "s_c", s_view)
         return gc, total, last, b.map("w", "{0} * tl.exp2({1} - {2})", s, last, gc)
 
     with b.when("i_t < NK"):
@@ -65,7 +65,7 @@ def state_pass(spec: Spec) -> Program:
             b.store(chunk_state("hk"), hk, "k0", "K")
             gc, total, last, w = gate_weights()
             b.store(gc_view, gc, "t0", "eos", when="i_t == 0")
-            k = b.load("k_c", k_view, "t0", "eos", ("BT", "BK"), col0="k0", dtype="in")
+            k = chunk_rows(b, "k_c", k_view, "BK", "k0", "in")
             hk_decayed = b.map("hk", "{0} * tl.exp2({1})", hk, last)
             b.dot("hk", k, w, trans_a=True, acc=hk_decayed)
         b.store(View("hk_final_base", "M", "M"), hk, "k0", "K")
@@ -77,7 +77,7 @@ def state_pass(spec: Spec) -> Program:
             b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
             b.store(chunk_state("hv"), hv, "0", "M", col0="v0")
             gc, total, _, w = gate_weights()
-            v = b.load("v_c", v_view, "t0", "eos", ("BT", "BV"), col0="v0", dtype="in")
+            v = chunk_rows(b, "v_c", v_view, "BV", "v0", "in")
             hv_decayed = b.map("hv", "{0} * tl.exp2({1})", hv, b.expand("decay_col", total, ":, None"))
             b.dot("hv", w, v, trans_a=True, acc=hv_decayed)
         b.store(View("hv_final_base", "V", "V"), hv, "0", "M", col0="v0")

@@ -106,7 +106,7 @@ def state_backward(spec: Spec) -> Program:
     def chunk_gates():
         b.map("i_c", "n_chunks - 1 - i_r", dtype="i32", shape=())
         b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
-        gc = b.load("gc_c", gc_view, "t0", "eos", ("BT", "BM"))
+        gc = chunk_rows(b, "gc_c", gc_view)
         last = b.load("gc_last", gc_view, "tl.minimum(t0 + BT, eos) - 1", "eos", ("BM",))
         return gc, last
 
@@ -117,8 +117,8 @@ def state_backward(spec: Spec) -> Program:
             b.store(chunk_state("dhk"), dhk, "k0", "K")
             dhk = b.map("dhk", "{0} * tl.exp2({1})", dhk, b.expand("last_row", last, "None, :"))
             with b.loop("i_g", "0", "G"):
-                q = b.load("q_c", _group_view("q", "K"), "t0", "eos", ("BT", "BK"), col0="k0", dtype="in")
-                dl = b.load("dl_c", _group_view("dl", "M", internal=True), "t0", "eos", ("BT", "BM"))
+                q = chunk_rows(b, "q_c", _group_view("q", "K"), "BK", "k0", "in")
+                dl = chunk_rows(b, "dl_c", _group_view("dl", "M", internal=True))
                 w = b.map("w", "{0} * tl.exp2({1}) * scale", dl, gc)
                 b.dot("dhk", q, w, trans_a=True, acc=dhk)
         b.store(View("dhk_init_base", "M", "M"), dhk, "k0", "K")
@@ -129,8 +129,8 @@ def state_backward(spec: Spec) -> Program:
             b.store(chunk_state("dhv"), dhv, "0", "M", col0="v0")
             dhv = b.map("dhv", "{0} * tl.exp2({1})", dhv, b.expand("last_col", last, ":, None"))
             with b.loop("i_g", "0", "G"):
-                p = b.load("p_c", _group_view("p", "M", internal=True), "t0", "eos", ("BT", "BM"))
-                do = b.load("do_c", _group_view("do", "V"), "t0", "eos", ("BT", "BV"), col0="v0", dtype="in")
+                p = chunk_rows(b, "p_c", _group_view("p", "M", internal=True))
+                do = chunk_rows(b, "do_c", _group_view("do", "V"), "BV", "v0", "in")
                 w = b.map("w", "{0} * tl.exp2({1})", p, gc)
                 b.dot("dhv", w, do, trans_a=True, acc=dhv)
         b.store(View("dhv_init_base", "V", "V"), dhv, "0", "M", col0="v0")
@@ -146,8 +146,8 @@ def key_backward(spec: Spec) -> Program:
     att_dl, att_p, dsi = (_group_view(n, c, internal=True) for n, c in (("att", "BT"), ("att_p", "BT"), ("dsi", "M")))
     s_view, gc_view = seq_view("s", "M"), seq_view("gc", "M")
     last = b.expand("last_row", b.load("gc_last", gc_view, "tl.minimum(t0 + BT, eos) - 1", "eos", ("BM",)), "None, :")
-    to_end = b.map("to_end", "tl.exp2({0} - {1})", last, b.load("gc_c", gc_view, "t0", "eos", ("BT", "BM")))
-    w_end = b.map("w_end", "{0} * {1}", b.load("s_c", s_view, "t0", "eos", ("BT", "BM")), to_end)
+    to_end = b.map("to_end", "tl.exp2({0} - {1})", last, chunk_rows(b, "gc_c", gc_view))
+    w_end = b.map("w_end", "{0} * {1}", chunk_rows(b, "s_c", s_view), to_end)
     one_head = spec.group == 1  # then the attention matrices are loaded once, outside the tile loops
     if one_head:
         b.map("i_g", "0", dtype="i32", shape=())
@@ -157,7 +157,7 @@ def key_backward(spec: Spec) -> Program:
         """out += sum over the query heads of the group of att_g^T rows_g[:, col0:col0+block]."""
         def add():
             mix = mixes[view.name] if one_head else chunk_rows(b, "mix", view, "BT")
-            x = b.load("rows_g", rows, "t0", "eos", ("BT", block), col0=col0, dtype="in")
+            x = chunk_rows(b, "rows_g", rows, block, col0, "in")
             b.dot(out.name, mix, x, trans_a=True, acc=out)
         if one_head:
             add()
@@ -171,16 +171,16 @@ def key_backward(spec: Spec) -> Program:
         out = b.dot("dk_c", w_end, dhk, trans_b=True)
         grouped(out, att_dl, q, "k0", "BK")
         b.store(dk, out, "t0", "eos", col0="k0")
-        b.dot("ds_c", b.load("k_c", k, "t0", "eos", ("BT", "BK"), col0="k0", dtype="in"), dhk, acc=ds)
+        b.dot("ds_c", chunk_rows(b, "k_c", k, "BK", "k0", "in"), dhk, acc=ds)
     with b.loop("v0", "0", "V", step="BV"):
         dhv = b.load("dhv_t", chunk_state("dhv"), "0", "M", ("BM", "BV"), col0="v0")
         out = b.dot("dv_c", w_end, dhv)
         grouped(out, att_p, do, "v0", "BV")
         b.store(dv, out, "t0", "eos", col0="v0")
-        b.dot("ds_c", b.load("v_c", v, "t0", "eos", ("BT", "BV"), col0="v0", dtype="in"), dhv, trans_b=True, acc=ds)
+        b.dot("ds_c", chunk_rows(b, "v_c", v, "BV", "v0", "in"), dhv, trans_b=True, acc=ds)
     ds = b.map("ds_c", "{0} * {1}", ds, to_end)
     with b.loop("i_g", "0", "G"):
-        b.map("ds_c", "{0} + {1}", ds, b.load("dsi_g", dsi, "t0", "eos", ("BT", "BM")))
+        b.map("ds_c", "{0} + {1}", ds, chunk_rows(b, "dsi_g", dsi))
     b.store(ds_view, ds, "t0", "eos")
     return Program("gsa_key_backward", [k, v, dk, dv, ds_view, q, do, att_dl, att_p, dsi], b.body).verify()
 
