@@ -402,7 +402,7 @@ def fuzz(seconds, small=False, seed=0):
 
 # ------------------------------------------------------------------------------------------------ main
 
-CASES = [("long_sequence", 75), ("big_offsets", 60), ("many_sequences", 50), ("graph_backward", 30),
+CASES = [("long_sequence", 75), ("big_offsets", 150), ("many_sequences", 50), ("graph_backward", 30),
          ("graph_forward", 40), ("graph_decode", 25), ("determinism", 40)]
 
 

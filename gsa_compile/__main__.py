@@ -179,13 +179,15 @@ def cmd_bench(args) -> int:
     from . import benchmark
     if not torch.cuda.is_available():
         return benchmark.cpu_smoke()
-    return benchmark.run(quick=args.quick, out=args.out, timing=not args.no_timing)
+    return benchmark.run(quick=args.quick, out=args.out, timing=not args.no_timing,
+                         sweep_lengths=benchmark.SWEEP_LENGTHS if args.sweep else ())
 
 
 def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller correctness problem, two shapes")
     parser.add_argument("--out", default=None, help="write the full results as JSON here")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also time T = 512 ... 65536 and plot it (next to --out)")
 
 
 def _tuning():

@@ -139,13 +139,26 @@ def kernel_shares(fn):
     return {e.key[:60]: round(e.device_time_total / 1e3, 4) for e in prof.key_averages() if e.device_time_total > 0}
 
 
-def time_shapes(device, shapes):
-    from . import chunk_gsa
+def fla_chunk_gsa():
+    """fla's chunk_gsa, or None (with the reason on stderr) where fla-core does not import."""
     try:
-        from fla.ops.gsa import chunk_gsa as fla_chunk_gsa
+        from fla.ops.gsa import chunk_gsa
+        return chunk_gsa
     except Exception as exc:  # fla-core not installed here
         print(f"fla unavailable: {exc!r}", file=sys.stderr)
-        fla_chunk_gsa = None
+        return None
+
+
+def sdpa_inputs(B, T, H, D, device):
+    """Causal SDPA at the same model width H * D, in heads of 128 (FlashAttention's head dims stop at 256)."""
+    qs, ks, vs = (torch.randn(B, H * D // SDPA_HEAD_DIM, T, SDPA_HEAD_DIM, device=device, dtype=torch.bfloat16,
+                              requires_grad=True) for _ in range(3))
+    return (lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)), (qs, ks, vs), torch.randn_like(qs)
+
+
+def time_shapes(device, shapes):
+    from . import chunk_gsa
+    fla_chunk_gsa = globals()["fla_chunk_gsa"]()
     rows = []
     for (B, T, H, D, M) in shapes:
         inputs = make_inputs(B, T, H, D, D, M, "slot", torch.bfloat16, device, requires_grad=True)
@@ -162,18 +175,64 @@ def time_shapes(device, shapes):
             row["fla_fwd_ms"] = bench(fla)
             row["fla_fwdbwd_ms"] = bench(_fwd_bwd(fla, inputs, do))
             row["fla_fwdbwd_peak_mib"] = peak_memory(_fwd_bwd(fla, inputs, do))
-        # SDPA at the same model width H * K, in heads of 128 (FlashAttention's head dims stop at 256)
-        width_heads = H * D // SDPA_HEAD_DIM
-        qs, ks, vs = (torch.randn(B, width_heads, T, SDPA_HEAD_DIM, device=device, dtype=torch.bfloat16,
-                                  requires_grad=True) for _ in range(3))
-        sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        sdpa, sdpa_args, sdpa_do = sdpa_inputs(B, T, H, D, device)
         row["sdpa_fwd_ms"] = bench(sdpa)
-        row["sdpa_fwdbwd_ms"] = bench(_fwd_bwd(sdpa, (qs, ks, vs), torch.randn_like(qs)))
+        row["sdpa_fwdbwd_ms"] = bench(_fwd_bwd(sdpa, sdpa_args, sdpa_do))
         first_read = sum(x.numel() * x.element_size() for x in inputs) + do.numel() * do.element_size()
         row["hbm_floor_fwd_ms"] = first_read / 4.2e12 * 1e3  # read q, k, v, s, g once, write o once
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
+
+
+SWEEP_LENGTHS = tuple(2 ** i for i in range(9, 17))  # T = 512 ... 65536
+SWEEP_SHAPE = (1, 4, 512, 64)  # B, H, K = V, M
+
+
+def sweep(device, lengths=SWEEP_LENGTHS):
+    """Forward and forward+backward times against T: ours, fla's and causal SDPA's (same width)."""
+    from . import chunk_gsa
+    fla = fla_chunk_gsa()
+    B, H, D, M = SWEEP_SHAPE
+    rows = []
+    for T in lengths:
+        inputs = make_inputs(B, T, H, D, D, M, "slot", torch.bfloat16, device, requires_grad=True)
+        do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+        runs = {"ours": (lambda: chunk_gsa(*inputs)[0], inputs, do)}
+        if fla is not None:
+            runs["fla"] = (lambda: fla(*inputs)[0], inputs, do)
+        runs["sdpa"] = sdpa_inputs(B, T, H, D, device)
+        row = dict(B=B, T=T, H=H, K=D, V=D, M=M)
+        for name, (fn, args, grad) in runs.items():
+            row[f"{name}_fwd_ms"] = bench(fn)
+            row[f"{name}_fwdbwd_ms"] = bench(_fwd_bwd(fn, args, grad))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del inputs, do, runs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def plot_sweep(rows, path):
+    """Time against T (log-log), forward and forward+backward side by side, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, kind, title in zip(axes, ("fwd", "fwdbwd"), ("forward", "forward + backward")):
+        for name in ("ours", "fla", "sdpa"):
+            points = [(r["T"], r[f"{name}_{kind}_ms"]) for r in rows if f"{name}_{kind}_ms" in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", label={"ours": "gsa_compile", "sdpa": "SDPA causal"}.get(name, name))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (tokens)")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{title}, B1 H4 K=V=512 M64 bf16")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def environment():
@@ -199,6 +258,11 @@ def print_table(result):
               f"{fla_f / r['ours_fwd_ms']:5.2f} | {r['ours_fwdbwd_ms']:9.3f} {fla_fb:9.3f} {fla_fb / r['ours_fwdbwd_ms']:5.2f} | "
               f"{r['sdpa_fwd_ms']:9.3f} {r['sdpa_fwdbwd_ms']:9.3f} | {r['ours_fwdbwd_peak_mib']:9.0f} "
               f"{r.get('fla_fwdbwd_peak_mib', float('nan')):9.0f} | {r['hbm_floor_fwd_ms']:.3f}")
+    if result.get("sweep"):
+        print(f"{'T':>6} | " + " ".join(f"{n + ' ' + k:>12}" for n in ("ours", "fla", "sdpa") for k in ("fwd", "f+b")))
+        for r in result["sweep"]:
+            print(f"{r['T']:>6} | " + " ".join(f"{r.get(f'{n}_{k}_ms', float('nan')):12.3f}"
+                                            for n in ("ours", "fla", "sdpa") for k in ("fwd", "fwdbwd")))
     return not bad and result["compile"]["ok"]
 
 
@@ -233,7 +297,7 @@ def _run_task(name, arg):
     raise ValueError(name)
 
 
-def run(quick=False, out=None, timing=True, jobs=6):
+def run(quick=False, out=None, timing=True, jobs=6, sweep_lengths=()):
     """The whole GPU run; returns the exit code. Checks run in `jobs` processes to overlap compiles."""
     import concurrent.futures
     import multiprocessing
@@ -248,6 +312,13 @@ def run(quick=False, out=None, timing=True, jobs=6):
     if timing:
         torch.manual_seed(torch.seed() % 2**31)  # fresh inputs every run
         result["timing"] = time_shapes("cuda", SHAPES[:2] if quick else SHAPES)
+    if sweep_lengths:
+        result["sweep"] = sweep("cuda", sweep_lengths)
+        if out:
+            try:
+                plot_sweep(result["sweep"], out.rsplit(".", 1)[0] + "_sweep.png")
+            except ImportError as exc:  # matplotlib missing: the numbers are in the JSON
+                print(f"no plot: {exc!r}", file=sys.stderr)
     if out:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)

@@ -30,6 +30,12 @@ def seq_view(name: str, cols: str, base: str = "", row_stride: str = "") -> View
     return View(base or f"{name}_base", row_stride or f"stride_{name}t", cols, tensor=name)
 
 
+def last_row(end: str) -> str:
+    """The chunk's last row before `end`. Never below t0: a program past the last chunk of a packed batch
+    has eos = bos (every load masked off) and must not form an address before its tensor (bos - 1 < 0)."""
+    return f"tl.maximum(tl.minimum({end}, eos) - 1, t0)"
+
+
 def scratch_view(name: str, cols: str) -> View:
     """Rows of a contiguous f32 buffer [B, T, heads, cols] (cols M or BT) for this program's head."""
     return View(f"{name}_base", "stride_pt" if cols == "M" else "stride_at", cols)
@@ -77,7 +83,7 @@ class ChunkGates:
         """A static loop over the sub-chunks J but the last; yields J's factors (`Block`)."""
         b = self.b
         with b.loop("J", "0", "BT // BC - 1", static=True):
-            last = b.load("r_J", self.gc_view, "tl.minimum(t0 + (J + 1) * BC, eos) - 1", "eos", ("BM",))
+            last = b.load("r_J", self.gc_view, last_row("t0 + (J + 1) * BC"), "eos", ("BM",))
             r = b.expand("r_row", last, "None, :")
             within = b.map("s_within", f"tl.where({INSIDE_J}, {{0}} * tl.exp2(tl.minimum({{1}} - {{2}}, 0.0)), 0.0)",
                            self.s, r, self.gc)

@@ -40,8 +40,9 @@ def chunk_layout(cu_seqlens: Optional[torch.Tensor], B: int, T: int, chunk_size:
     upper = triton.cdiv(T, chunk_size) + n_seq - 1
     slots = torch.arange(upper, device=cu_seqlens.device, dtype=torch.int32)
     seq = torch.searchsorted(offsets[1:].contiguous(), slots, right=True).to(torch.int32)
-    index = slots - offsets[seq.clamp(max=n_seq - 1).long()]
-    seq = torch.where(seq < n_seq, seq, torch.full_like(seq, -1))
+    inside = seq < n_seq
+    index = torch.where(inside, slots - offsets[seq.clamp(max=n_seq - 1).long()], 0)  # 0 past the last chunk
+    seq = torch.where(inside, seq, torch.full_like(seq, -1))
     return upper, offsets, seq.contiguous(), index.to(torch.int32).contiguous()
 
 

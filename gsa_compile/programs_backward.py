@@ -21,7 +21,7 @@ sequence's last token), dg = reverse cumsum of dGamma over each sequence.
 """
 from __future__ import annotations
 
-from .blocks import (ChunkGates, SubChunk, chunk_products, chunk_rows, chunk_state, diagonal_blocks, scratch_view,
+from .blocks import (ChunkGates, SubChunk, chunk_products, chunk_rows, chunk_state, diagonal_blocks, last_row, scratch_view,
                      seq_view, slot_mod_backward, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import Spec
@@ -107,7 +107,7 @@ def state_backward(spec: Spec) -> Program:
         b.map("i_c", "n_chunks - 1 - i_r", dtype="i32", shape=())
         b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
         gc = chunk_rows(b, "gc_c", gc_view)
-        last = b.load("gc_last", gc_view, "tl.minimum(t0 + BT, eos) - 1", "eos", ("BM",))
+        last = b.load("gc_last", gc_view, last_row("t0 + BT"), "eos", ("BM",))
         return gc, last
 
     with b.when("i_t < NK"):
@@ -145,7 +145,7 @@ def key_backward(spec: Spec) -> Program:
     q, do = _group_view("q", "K"), _group_view("do", "V")
     att_dl, att_p, dsi = (_group_view(n, c, internal=True) for n, c in (("att", "BT"), ("att_p", "BT"), ("dsi", "M")))
     s_view, gc_view = seq_view("s", "M"), seq_view("gc", "M")
-    last = b.expand("last_row", b.load("gc_last", gc_view, "tl.minimum(t0 + BT, eos) - 1", "eos", ("BM",)), "None, :")
+    last = b.expand("last_row", b.load("gc_last", gc_view, last_row("t0 + BT"), "eos", ("BM",)), "None, :")
     to_end = b.map("to_end", "tl.exp2({0} - {1})", last, chunk_rows(b, "gc_c", gc_view))
     w_end = b.map("w_end", "{0} * {1}", chunk_rows(b, "s_c", s_view), to_end)
     one_head = spec.group == 1  # then the attention matrices are loaded once, outside the tile loops

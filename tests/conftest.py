@@ -80,3 +80,12 @@ def device():
 def interpreter():
     """True when Triton kernels run in the CPU interpreter (slow: keep shapes small)."""
     return INTERPRETER
+
+
+@pytest.fixture(autouse=INTERPRETER and os.environ.get("GSA_BOUNDS_CHECK") == "1")
+def _every_access_in_bounds():
+    """GSA_BOUNDS_CHECK=1: every interpreted load and store of every test inside its launch's tensors."""
+    from bounds import bounds_checked
+    with bounds_checked() as faults:
+        yield
+    assert not faults, faults[:5]

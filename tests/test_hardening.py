@@ -7,6 +7,7 @@ copies, determinism (CPU, Triton interpreter), and CUDA graphs (GPU only).
     test_fp16_large_values    fp16 inputs whose products pass 65504 (xfail: a kernel limit, see below)
     test_decode_edge_gates    recurrent_step with -inf gates equals the chunked forward
     test_many_short_sequences 40 packed sequences of 1-17 tokens against the reference
+    test_packed_batch_stays_in_bounds  every load/store of a packed batch's kernels inside its tensors
     test_no_host_reads        the host path of forward, backward and decode reads no tensor value
     test_strided_*            every memory layout gives the contiguous result bit for bit, and the
                               kernels read the caller's memory (no copy) wherever strides can be passed
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import differential
+from bounds import bounds_checked
 from gsa_compile import chunk_gsa, codegen, recurrent_step
 from gsa_compile.spec import GATE_FLOOR
 from test_backward import make_inputs
@@ -175,6 +177,21 @@ def test_many_short_sequences():
     q, k, v, s, g, hk0, hv0 = inputs("slot", 1, T, 1, 1, 4, 3, 2, N, True, seed=11)
     case, errors = compare_inputs(q, k, v, s, g, hk0, hv0, cu_seqlens=cu)
     assert_within_tolerance(case, errors, "40 short sequences")
+
+
+@pytest.mark.parametrize("layout", ["slot", "abc"])
+def test_packed_batch_stays_in_bounds(layout):
+    """A packed batch has more programs than chunks (the grid's upper bound is fixed without reading
+    cu_seqlens); the spare ones must not address memory: here every load and store of forward and
+    backward is checked against its launch's tensors (the 10,000-sequence GPU run faulted on one)."""
+    cu = short_sequences(12, seed=16)
+    T, N = cu[-1], len(cu) - 1
+    q, k, v, s, g, hk0, hv0 = make_inputs(layout, 1, T, 2, 1, 4, 3, 2, N, True, seed=17)
+    with bounds_checked() as faults:
+        o, (hk, hv) = chunk_gsa(q, k, v, s, g, initial_state=(hk0, hv0), output_final_state=True,
+                                cu_seqlens=torch.tensor(cu, dtype=torch.int32), chunk_size=16)
+        (o.sum() + hk.sum() + hv.sum()).backward()
+    assert not faults, faults[:5]
 
 
 class _Recorder:
