@@ -15,7 +15,7 @@ import torch
 def bounds_checked():
     """Yields the list of violations found while the block runs (empty when every access was inside)."""
     from triton.runtime import interpreter
-    ranges, faults = [], []
+    ranges, faults, kernel = [], [], [""]
     executor, builder = interpreter.GridExecutor, interpreter.InterpreterBuilder
     saved = {name: getattr(cls, name) for cls, name in ((executor, "_init_args_hst"), (builder, "create_masked_load"),
                                                         (builder, "create_masked_store"))}
@@ -24,17 +24,21 @@ def bounds_checked():
         args_hst, kwargs_hst = saved["_init_args_hst"](self, args_dev, kwargs)
         storages = [x.untyped_storage() for x in [*args_hst, *kwargs_hst.values()] if isinstance(x, torch.Tensor)]
         ranges[:] = [(st.data_ptr(), st.data_ptr() + st.nbytes()) for st in storages]
+        kernel[0] = getattr(self.fn, "__name__", str(self.fn))
         return args_hst, kwargs_hst
 
     def checked(name, what):
         def access(self, ptrs, *args):
             mask = args[0] if what == "load" else args[1]
-            addresses = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.uint64)
+            addresses = ptrs.data[np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)].astype(np.uint64)
             inside = np.zeros(addresses.shape, dtype=bool)
             for low, high in ranges:
                 inside |= (addresses >= low) & (addresses < high)
             if not inside.all():
-                faults.append(f"{what} of {int((~inside).sum())} lanes outside every argument")
+                outside = addresses[~inside].astype(np.int64)
+                nearest = min(((int(np.abs(outside - low).min()), low, high) for low, high in ranges), default=None)
+                faults.append(f"{kernel[0]}: {what} of {len(outside)} lanes outside every argument "
+                              f"(nearest argument [{nearest[1]:#x}, {nearest[2]:#x}), {nearest[0]} bytes from its start)")
             return saved[name](self, ptrs, *args)
         return access
 
