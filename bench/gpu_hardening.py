@@ -402,8 +402,8 @@ def fuzz(seconds, small=False, seed=0):
 
 # ------------------------------------------------------------------------------------------------ main
 
-CASES = [("long_sequence", 75), ("big_offsets", 150), ("many_sequences", 50), ("graph_backward", 30),
-         ("graph_forward", 40), ("graph_decode", 25), ("determinism", 40)]
+CASES = [("long_sequence", 75), ("big_offsets", 150), ("many_sequences", 150), ("graph_backward", 30),
+         ("graph_forward", 40), ("graph_decode", 25), ("determinism", 120)]
 
 
 class CaseTimeout(Exception):

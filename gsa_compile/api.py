@@ -21,19 +21,18 @@ def abc_gate(s: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None):
     than the whole logit range, so earlier sequences vanish from the running log-sum-exp.
     """
     x = s.to(torch.float64)
-    starts = torch.zeros(s.shape[:2], dtype=torch.bool, device=s.device)
-    starts[:, 0] = True
+    positions = torch.arange(s.shape[1], device=s.device)
     if cu_seqlens is not None:
-        positions = torch.arange(s.shape[1], device=s.device)
-        seq = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True).to(x.dtype)
+        seq = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
         offset = (x.max() - x.min()).detach() + 1000.0
-        lift = (seq * offset)[None, :, None, None]
+        lift = (seq.to(x.dtype) * offset)[None, :, None, None]
         z = torch.logcumsumexp(x + lift, dim=1) - lift
-        starts[0, cu_seqlens[:-1].long()] = True
+        starts = positions == cu_seqlens.index_select(0, seq).to(positions.dtype)  # gathers: no host sync
     else:
         z = torch.logcumsumexp(x, dim=1)
+        starts = positions == 0
     previous = torch.cat([z[:, :1], z[:, :-1]], dim=1)
-    g = torch.where(starts[..., None, None], torch.zeros_like(z), previous - z)
+    g = torch.where(starts[None, :, None, None], torch.zeros_like(z), previous - z)
     return g.to(torch.promote_types(s.dtype, torch.float32)), torch.exp(x - z).to(s.dtype)
 
 
