@@ -51,7 +51,8 @@ CORRECTNESS_CASES = [("bfloat16", layout, 64) for layout in LAYOUTS] + [("bfloat
 
 
 def check_correctness(device, quick, cases=CORRECTNESS_CASES):
-    """Values and gradients vs recurrent_gsa (float64) on fresh inputs; bf16 tol 1e-2 / 2e-2."""
+    """Values and gradients vs recurrent_gsa (float64) on fresh inputs; bf16 tolerances 1e-2 (values),
+    2e-2 (gradients), 1e-1 (the gate's gradient, as README's Guarantees)."""
     from . import chunk_gsa, recurrent_gsa
     B, T, H, K, V, M = CORRECTNESS["quick" if quick else "full"]
     rows = []
@@ -67,11 +68,14 @@ def check_correctness(device, quick, cases=CORRECTNESS_CASES):
         sum((a * w).sum() for a, w in zip((ro, rhk, rhv), weights)).backward()
         value_err = max(rel(a, b) for a, b in zip((o, hk, hv), (ro, rhk, rhv)))
         pairs = [(a, b) for a, b in zip(list(inputs) + h0, ref_in) if a is not None]
-        grad_err = max(rel(a.grad, b.grad) for a, b in pairs)
+        gate = inputs[4]  # dg sums many cancelling terms (over B, T and slots for a decay): README's gate column
+        grad_err = max(rel(a.grad, b.grad) for a, b in pairs if a is not gate)
+        gate_err = rel(gate.grad, ref_in[4].grad) if gate is not None else 0.0
         finite = all(torch.isfinite(a.grad).all().item() for a, _ in pairs) and torch.isfinite(o).all().item()
-        tol = (1e-2, 2e-2) if dtype_name != "float32" else (1e-4, 1e-4)
+        tol = (1e-2, 2e-2, 1e-1) if dtype_name != "float32" else (1e-4, 1e-4, 1e-4)
         rows.append(dict(dtype=dtype_name, layout=layout, chunk=chunk, value_err=value_err, grad_err=grad_err,
-                         ok=finite and value_err <= tol[0] and grad_err <= tol[1]))
+                         gate_grad_err=gate_err,
+                         ok=finite and value_err <= tol[0] and grad_err <= tol[1] and gate_err <= tol[2]))
     return rows
 
 
@@ -180,6 +184,7 @@ def time_shapes(device, shapes):
         row["sdpa_fwdbwd_ms"] = bench(_fwd_bwd(sdpa, sdpa_args, sdpa_do))
         first_read = sum(x.numel() * x.element_size() for x in inputs) + do.numel() * do.element_size()
         row["hbm_floor_fwd_ms"] = first_read / 4.2e12 * 1e3  # read q, k, v, s, g once, write o once
+        print(json.dumps(row), flush=True)
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
@@ -248,7 +253,7 @@ def print_table(result):
     print(f"correctness: {len(result['correctness']) - len(bad)}/{len(result['correctness'])} ok")
     for r in result["correctness"]:
         print(f"  {r['dtype']:<9} {r['layout']:<11} chunk {r['chunk']:<4} values {r['value_err']:.1e}  "
-              f"grads {r['grad_err']:.1e}  {'ok' if r['ok'] else 'FAIL'}")
+              f"grads {r['grad_err']:.1e}  dg {r.get('gate_grad_err', float('nan')):.1e}  {'ok' if r['ok'] else 'FAIL'}")
     print("torch.compile:", {k: v for k, v in result["compile"].items() if k != "error"})
     print(f"{'shape':<28} | {'ours fwd':>9} {'fla fwd':>9} {'x':>5} | {'ours f+b':>9} {'fla f+b':>9} {'x':>5} | "
           f"{'sdpa fwd':>9} {'sdpa f+b':>9} | {'mem ours':>9} {'mem fla':>9} | floor")
@@ -277,6 +282,7 @@ def _task(name, arg):
         print(text, file=sys.stderr)
         if name == "correctness":
             return [dict(dtype=c[0], layout=c[1], chunk=c[2], value_err=float("nan"), grad_err=float("nan"),
+                         gate_grad_err=float("nan"),
                          ok=False, error=text[-2000:]) for c in arg[1]]
         return dict(ok=False, error=text[-2000:])
 

@@ -211,15 +211,30 @@ def compare(case, leaves, views):
         assert a.shape == leaves[name].shape and a.dtype == leaves[name].dtype, name
         errors[f"d{name}"] = rel_err(a, b)
         errors[f"d{name}_finite"] = bool(torch.isfinite(a).all())
-    if "g" in leaves:  # dg sums per-token terms (d/dg_t and the s_t ds_t it cancels): weigh its error by them
+    if "g" in leaves:  # dg is a suffix sum of cancelling terms: weigh its error by their magnitudes
         dg_tokens, ds_tokens = grads_ref[-2:]
-        terms = dg_tokens.abs() + (gate_terms["s"] * ds_tokens).abs()
+        terms = suffix_magnitudes(dg_tokens, gate_terms["s"] * ds_tokens, case["cu_seqlens"])
         probe = ref_leaves["g"].detach().clone().requires_grad_()
         tokens = _per_token_gate(views["g"](probe), views["s"](leaves["s"]).shape)
         magnitude, = torch.autograd.grad((tokens * terms.detach()).sum(), probe)
         errors["dg"] = rel_err(grads[names.index("g")], grads_ref[names.index("g")], scale=magnitude)
     errors["finite"] = bool(torch.isfinite(o).all()) and all(errors.pop(f"d{n}_finite") for n in names)
     return errors
+
+
+def suffix_magnitudes(dg_tokens, s_ds, cu_seqlens):
+    """The size of what dg_t sums, per token: dg_t = sum_{t' >= t in t's sequence} dGamma_t', where
+    dGamma_t' = x_t' - s_t' ds_t' (+ the final states' term at the last token) and |x| <= |dGamma| + |s ds|;
+    so sum_{t' >= t} |dGamma_t'| + 2 |s_t' ds_t'|. (One token's |dg_t| + |s_t ds_t| misses the cancellation
+    between the final states' term and the whole suffix: bf16 found it at M = 1 with only final states upstream.)"""
+    T = dg_tokens.shape[1]
+    bounds = [0, T] if cu_seqlens is None else list(cu_seqlens)
+    out = torch.zeros_like(dg_tokens)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        dg = dg_tokens[:, a:b]
+        d_gamma = dg - torch.cat([dg[:, 1:], torch.zeros_like(dg[:, :1])], dim=1)
+        out[:, a:b] = (d_gamma.abs() + 2 * s_ds[:, a:b].abs()).flip(1).cumsum(1).flip(1)
+    return out
 
 
 def tolerance(dtype, name):
