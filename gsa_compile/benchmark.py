@@ -242,10 +242,11 @@ def plot_sweep(rows, path):
 
 def environment():
     import triton
-    from . import __version__
+    from . import __version__, tuner
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                torch=torch.__version__, triton=triton.__version__, gsa_compile=__version__)
+                torch=torch.__version__, triton=triton.__version__, gsa_compile=__version__,
+                kernel_source_hash=tuner.source_hash())  # names the kernels even where .git is absent or stale
 
 
 def print_table(result):
