@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import random
 import signal
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package and tests/differential.py (also in spawned workers)
 import differential  # noqa: E402
 
 from gsa_compile import chunk_gsa, launch, recurrent_gsa, recurrent_step  # noqa: E402
@@ -390,11 +391,11 @@ def _deterministic_algorithms():
 GPU_DIMS = dict(K=(32, 64, 128), V=(32, 64, 128), M=(16, 32, 64))
 
 
-def fuzz(seconds, small=False, seed=0):
-    """differential.explore at GPU sizes (on CPU: the interpreter's budget, no bf16)."""
+def fuzz(seconds, small=False, seed=0, jobs=1):
+    """differential.explore at GPU sizes (on CPU: the interpreter's budget, no bf16), in `jobs` processes."""
     on_gpu = torch.cuda.is_available()
     cap = None if on_gpu else differential.INTERPRETER_COST_CAP
-    return differential.explore(seconds, _device(), seed=seed, variants=6 if on_gpu else 3, cost_cap=cap,
+    return differential.explore(seconds, _device(), seed=seed, variants=6 if on_gpu else 3, cost_cap=cap, jobs=jobs,
                                 max_t=600 if on_gpu else 150,
                                 dims=GPU_DIMS if on_gpu else differential.SMALL_DIMS,
                                 dtypes=tuple(differential.DTYPES) if on_gpu else ("float32", "float16"))
@@ -440,6 +441,8 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (CUDA-only cases skipped)")
     parser.add_argument("--budget", type=float, default=225.0, help="wall seconds for everything")
     parser.add_argument("--fuzz-seconds", type=float, default=90.0)
+    parser.add_argument("--fuzz-jobs", type=int, default=None,
+                        help="fuzz processes (default: half the CPUs, at most 8, on a GPU; 1 on CPU): cold compiles dominate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", help="run only these cases (names as in the docstring)")
     args = parser.parse_args(argv)
@@ -475,7 +478,8 @@ def main(argv=None):
         seconds = max(0.0, min(args.fuzz_seconds, args.budget - began - 5))
         try:
             with time_limit(seconds + 60):
-                row = fuzz(seconds, small=args.smoke, seed=args.seed)
+                jobs = args.fuzz_jobs or (min(8, max(1, (os.cpu_count() or 2) // 2)) if torch.cuda.is_available() else 1)
+                row = fuzz(seconds, small=args.smoke, seed=args.seed, jobs=jobs)
         except Exception as error:  # noqa: BLE001
             row = dict(ok=False, error=f"{type(error).__name__}: {error}"[:1000])
         row["started"] = began

@@ -258,14 +258,41 @@ def failures(case, errors):
 SPEC_LABELS = ("chunk_size", "layout", "dtype", "memory", "K", "V", "M", "heads", "initial_state", "varlen")
 
 
-def explore(seconds, device, seed=0, variants=3, specs=400, **options):
+def explore(seconds, device, seed=0, variants=3, specs=400, jobs=1, **options):
     """run_case over the Spec space until `seconds` pass (the long GPU fuzz of bench/gpu_hardening.py):
     per drawn Spec, `variants` runtime variants (T, B, packing, values, where the gradient enters), which
-    reuse its compiled kernels. `options` go to draw_case. Returns a summary: Specs and cases tried, the
-    worst errors per dtype, every case above its tolerance and every crash."""
+    reuse its compiled kernels. `options` go to draw_case. With jobs > 1 the Specs are shared among that
+    many spawned processes (compiling is the bottleneck with cold caches; the cases are small).
+    Returns a summary: Specs and cases tried, the worst errors per dtype, every case above its tolerance
+    and every crash."""
     deadline = time.time() + seconds
     drawn, engine = _draw_specs(options, specs, seed)
-    summary = dict(budget_seconds=seconds, engine=engine, specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
+    summary = dict(budget_seconds=seconds, engine=engine, jobs=jobs)
+    if jobs <= 1:
+        parts = [_explore_specs(drawn, device, deadline, variants, options)]
+    else:
+        import concurrent.futures
+        import multiprocessing
+        shares = [drawn[i::jobs] for i in range(jobs)]
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(_explore_specs, shares, [device] * jobs, [deadline] * jobs, [variants] * jobs,
+                                  [options] * jobs))
+    summary.update(specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
+    for part in parts:
+        summary["specs"] += part["specs"]
+        summary["failures"] += part["failures"]
+        summary["crashes"] += part["crashes"]
+        for dtype, row in part["by_dtype"].items():
+            total = summary["by_dtype"].setdefault(dtype, dict(cases=0, worst_out=0.0, worst_grad=0.0, worst_dg=0.0))
+            total.update({k: (total[k] + v) if k == "cases" else max(total[k], v) for k, v in row.items()})
+        summary["cases"] += part["cases"]
+    summary["ok"] = not summary["failures"] and not summary["crashes"] and summary["cases"] > 0
+    return summary
+
+
+def _explore_specs(drawn, device, deadline, variants, options):
+    """One process's share of explore: the drawn Specs in order until the deadline."""
+    summary = dict(specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
     for first, variant_seed in drawn:
         if time.time() > deadline:
             break
@@ -282,7 +309,6 @@ def explore(seconds, device, seed=0, variants=3, specs=400, **options):
                 summary["crashes"].append(dict(case=case, error=f"{type(error).__name__}: {error}"[:500]))
                 continue
             _record(summary, case, errors)
-    summary["ok"] = not summary["failures"] and not summary["crashes"] and summary["cases"] > 0
     return summary
 
 
