@@ -69,6 +69,14 @@ def _gate_strides(g: torch.Tensor, layout: GateLayout):
     return 0, 0, g.stride(0)
 
 
+# The slot backward keeps ~3x the output pass's tiles live (logits and dp side by side, then three
+# [BC, BC, BM] pairwise blocks per sub-chunk). At the forward's tuned configs (4 warps, sub-chunks of 16)
+# ptxas spills 3.2-10 KB per thread for it on sm_90 (bench/ptxas_report.py; ~7 GB of local-memory
+# traffic on B8 T2048 H16 K=V=128); with 8 warps and sub-chunks of 8 it spills nothing at chunk 32 and
+# 1.1 KB at chunk 64. The forward's tuning does not see this kernel, so it gets its own launch values.
+SLOT_BACKWARD_WARPS, SLOT_BACKWARD_BC = 8, 8
+
+
 def kernel_constants(spec: Spec, config: TileConfig):
     """The constexpr arguments of every program (forward and backward) for a Spec and tile config."""
     BK, BV = block(spec.K, config.BK), block(spec.V, config.BV)
@@ -77,7 +85,7 @@ def kernel_constants(spec: Spec, config: TileConfig):
     return {
         "state_pass": dict(NK=triton.cdiv(spec.K, BK), **common),
         "output_pass": per_chunk,
-        "slot_backward": per_chunk,
+        "slot_backward": dict(per_chunk, BC=min(SLOT_BACKWARD_BC, spec.chunk_size)),
         "state_backward": dict(G=spec.group, NK=triton.cdiv(spec.K, BK), **common),
         "key_backward": per_chunk,
     }
@@ -122,6 +130,7 @@ class Call:
         config = config or TileConfig()
         self.consts = kernel_constants(self.spec, config)
         self.launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        self.launch_of = {"slot_backward": dict(self.launch, num_warps=max(SLOT_BACKWARD_WARPS, config.num_warps))}
         self.wrap, self.device, self.cu_seqlens = wrap, q.device, cu_seqlens
         self.acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.n_chunk_rows, self.offsets, self.chunk_seq, self.chunk_idx = chunk_layout(cu_seqlens, self.B, self.T, chunk_size)
@@ -140,7 +149,7 @@ class Call:
     def run(self, builder, grid, *args, **extra):
         name = builder.__name__
         self.wrap(codegen.kernel(builder, self.spec))[grid](*args, **self.mod_args, **extra, **self.consts[name],
-                                                            **self.launch)
+                                                            **self.launch_of.get(name, self.launch))
 
     def tables(self, unused):
         """(cu_seqlens, chunk offsets) pointers, `unused` where the Spec compiles them out."""
