@@ -42,7 +42,7 @@ TUNED = {  # autotune/NVIDIA_H200.json for the benchmark shapes: chunk, BK, BV, 
 
 
 def recorded_launches(shape, config, layout="slot"):
-    """[(program name, jit function, args, kwargs)] of one forward and backward on small CPU tensors
+    """[(program name, jit function, args, kwargs)] of one forward, backward and decode step on small CPU tensors
     with the shape's K, V, M (T shortened: the kernels do not specialise on it)."""
     B, T, H, K, V, M = shape
     chunk, BK, BV, warps, stages = config
@@ -62,6 +62,8 @@ def recorded_launches(shape, config, layout="slot"):
         o, hk, hv = launch.forward(q, k, v, s, g, K ** -0.5, None, None, None, chunk, GateLayout(layout), tiles)
         launch.backward(torch.randn_like(o), None, None, q, k, v, s, g, K ** -0.5, None, None, None, chunk,
                         GateLayout(layout), tiles)
+        states = hk.contiguous(), hv.contiguous()  # one decode token against the final states
+        launch.decode_(*(x[:, :1] for x in (q, k, v, s, g)), K ** -0.5, *states, GateLayout(layout))
     finally:
         codegen.kernel = real
     return launches
