@@ -90,11 +90,42 @@ class Plan:
         """C_j: the log2 gate summed over segments 0..j-1 of each sequence (the chunks' totals are gc at their last row)."""
         if self.C is None:
             H, M = gc.shape[2], gc.shape[3]
-            totals = gc.reshape(-1, H, M)[self.chunk_last].permute(1, 2, 0).double()  # [H, M, rows]: time innermost
-            prefix = torch.cat([totals.new_zeros(H, M, 1), totals.cumsum(-1)], -1)
+            # [H, M, chunk rows], chunks innermost (a scan over an outer dimension is slow on the GPU)
+            totals = gc.reshape(-1, H, M).permute(1, 2, 0).index_select(2, self.chunk_last).double()
+            prefix = torch.nn.functional.pad(totals.cumsum(-1), (1, 0))
             at_cut = prefix[:, :, self.cut].permute(2, 3, 0, 1)  # [N, S + 1, H, M]
             self.C = at_cut - at_cut[:, :1]
         return self.C
+
+
+_DENSE = {}  # (device, N, T, BT, S) -> tables of dense inputs: built once, then no launches
+
+
+def _dense_tables(N, T, BT, S, device):
+    """(cu, boc, cut, chunk_last) of N rows of T tokens, from a few aranges (sizes may be symbolic)."""
+    i64 = dict(device=device, dtype=torch.int64)
+    NT = triton.cdiv(T, BT)
+    first = (torch.arange(S + 1, **i64) * triton.cdiv(NT, S)).clamp_(max=NT)  # each segment's first chunk
+    cut = torch.arange(0, N * NT, NT, **i64)[:, None] + first
+    bos = torch.arange(0, N * T, T, **i64)[:, None]
+    cu = torch.cat([(bos + (first[:S] * BT).clamp_(max=T)).reshape(-1), bos[-1] + T])
+    last = (torch.arange(1, NT + 1, **i64) * BT).clamp_(max=T) - 1
+    return cu, cut[:, :S].reshape(-1), cut, (bos + last).reshape(-1)
+
+
+def _varlen_tables(call, S):
+    cu = call.cu_seqlens.long()
+    bos, eos, boc, BT = cu[:-1], cu[1:], call.offsets[:-1].long(), call.spec.chunk_size
+    n_chunks = torch.div(eos - bos + BT - 1, BT, rounding_mode="floor")
+    per = torch.div(n_chunks + S - 1, S, rounding_mode="floor")  # chunks per segment, per sequence
+    first = torch.minimum(torch.arange(S + 1, device=cu.device)[None] * per[:, None], n_chunks[:, None])
+    seg_bos = torch.minimum(bos[:, None] + first[:, :S] * BT, eos[:, None])
+    chunk_seq = call.chunk_seq.long()  # -1 past the last chunk (the chunk tables' upper bound)
+    n = chunk_seq.clamp(min=0)
+    last = torch.minimum(bos[n] + (call.chunk_idx.long() + 1) * BT, eos[n]) - 1
+    cut = boc[:, None] + first
+    return (torch.cat([seg_bos.reshape(-1), eos[-1:]]), cut[:, :S].reshape(-1), cut,
+            torch.where(chunk_seq >= 0, last, torch.zeros_like(last)))
 
 
 def plan(call, *strided) -> Optional[Plan]:
@@ -102,28 +133,19 @@ def plan(call, *strided) -> Optional[Plan]:
     S = requested(call)
     if S <= 1 or not packable(call, [x for x in strided if x is not None]):
         return None
-    BT, dev, N = call.spec.chunk_size, call.device, call.N
-    i64 = dict(device=dev, dtype=torch.int64)
-    if call.cu_seqlens is None:
-        NT = triton.cdiv(call.T, BT)
-        bos = torch.arange(N, **i64) * call.T
-        eos, boc = bos + call.T, torch.arange(N, **i64) * NT
-        rows = torch.arange(N * NT, **i64)
-        chunk_seq, chunk_idx = rows // NT, rows % NT
-    else:
-        cu = call.cu_seqlens.long()
-        bos, eos, boc = cu[:-1], cu[1:], call.offsets[:-1].long()
-        chunk_seq, chunk_idx = call.chunk_seq.long(), call.chunk_idx.long()
-    n_chunks = torch.div(eos - bos + BT - 1, BT, rounding_mode="floor")
-    per = torch.div(n_chunks + S - 1, S, rounding_mode="floor")  # chunks per segment, per sequence
-    first = torch.minimum(torch.arange(S + 1, **i64)[None] * per[:, None], n_chunks[:, None])  # [N, S + 1]
-    seg_bos = torch.minimum(bos[:, None] + first[:, :S] * BT, eos[:, None])
-    cu_seg = torch.cat([seg_bos.reshape(-1), eos[-1:]])
-    n = chunk_seq.clamp(min=0)
-    last = torch.minimum(bos[n] + (chunk_idx + 1) * BT, eos[n]) - 1
-    chunk_last = torch.where(chunk_seq >= 0, last, torch.zeros_like(last))
-    return Plan(S, cu_seg.contiguous(), (boc[:, None] + first[:, :S]).reshape(-1).contiguous(),
-                boc[:, None] + first, chunk_last)
+    if call.cu_seqlens is not None:
+        return Plan(S, *_varlen_tables(call, S))
+    key = (call.device, call.N, call.T, call.spec.chunk_size, S)
+    static = all(type(x) is int for x in key[1:])  # not symbolic sizes (which do not hash)
+    tables = _DENSE.get(key) if static else None
+    if tables is None:
+        tables = _dense_tables(*key[1:], call.device)
+        capturing = call.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if static and all(type(x) is torch.Tensor for x in tables) and not capturing:
+            if len(_DENSE) >= 64:
+                _DENSE.clear()
+            _DENSE[key] = tables  # real tensors only (not fake or functional ones of a trace)
+    return Plan(S, *tables)
 
 
 def scan(C: torch.Tensor, local, edge, reverse: bool):
