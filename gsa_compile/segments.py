@@ -38,14 +38,11 @@ ENV = "GSA_STATE_SEGMENTS"
 GRID_Y_LIMIT = 65535  # CUDA's limit on grid dimension 1 (N * S * H programs)
 
 
-def _hint(size) -> int:
-    node = getattr(size, "node", None)
-    return int(node.hint) if node is not None and node.hint is not None else int(size)
-
-
 def requested(call) -> int:
     """Segments per sequence from GSA_STATE_SEGMENTS: unset/0/1 = off, an integer S, or `auto`:
     S with tiles * N * H * S about twice the SM count and at least 4 chunks per segment (CPU: at most 4)."""
+    from .launch import _hint
+
     value = os.environ.get(ENV, "").strip().lower()
     if value in ("", "0", "1", "off"):
         return 1
@@ -87,7 +84,7 @@ class Plan:
     C: Optional[torch.Tensor] = None  # [N, S + 1, H, M] float64 log2 decay from the sequence start (from gc)
 
     def log2_prefix(self, gc: torch.Tensor) -> torch.Tensor:
-        """C_j: the log2 gate summed over segments 0..j-1 of each sequence (the chunks' totals are gc at their last row)."""
+        """C_j: the log2 gate summed over segments 0..j-1 of each sequence (a chunk's total is gc at its last row)."""
         if self.C is None:
             H, M = gc.shape[2], gc.shape[3]
             # [H, M, chunk rows], chunks innermost (a scan over an outer dimension is slow on the GPU)
