@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 import triton
 
-from . import codegen, mods, programs, programs_backward, programs_decode
+from . import codegen, mods, programs, programs_backward, programs_decode, segments
 from .spec import GateLayout, Spec, TileConfig, next_power_of_2
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -134,6 +134,7 @@ class Call:
         self.wrap, self.device, self.cu_seqlens = wrap, q.device, cu_seqlens
         self.acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.n_chunk_rows, self.offsets, self.chunk_seq, self.chunk_idx = chunk_layout(cu_seqlens, self.B, self.T, chunk_size)
+        self.segments = None  # the segment tables of a segmented state pass (segments.py), once it ran
 
     def f32(self, *shape):
         """An accumulator-precision buffer: float32, or float64 for float64 inputs."""
@@ -174,6 +175,13 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0):
     hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, H, K, M), (call.n_chunk_rows, H, M, V))
     hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
     cu, offsets = call.tables(hk_final)
+    plan = segments.plan(call, k, v, s, g if call.spec.layout.data_dependent else None)
+    if plan is not None:  # GSA_STATE_SEGMENTS: segments of each sequence in parallel (segments.py)
+        initial = (None, None) if hk0 is None else (hk0.to(call.acc_dtype), hv0.to(call.acc_dtype))
+        segments.state_pass(plan, call, k, v, s, g, *initial, gc, hk_chunks, hv_chunks, hk_final, hv_final,
+                            _gate_strides(g, call.spec.layout))
+        call.segments = plan
+        return gc, hk_chunks, hv_chunks, hk_final, hv_final
     hk0 = hk0.to(call.acc_dtype).contiguous() if hk0 is not None else hk_final  # unused when the Spec has none
     hv0 = hv0.to(call.acc_dtype).contiguous() if hv0 is not None else hv_final
     call.run(programs.state_pass, call.tile_grid(),
@@ -234,9 +242,13 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     dhk0, dhv0 = call.f32(N, H, K, M), call.f32(N, H, M, V)
     dhk_final = dhk_final.to(call.acc_dtype).contiguous() if dhk_final is not None else torch.zeros_like(hk_final)
     dhv_final = dhv_final.to(call.acc_dtype).contiguous() if dhv_final is not None else torch.zeros_like(hv_final)
-    call.run(programs_backward.state_backward, call.tile_grid(),
-             q, do, gc, p, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final, dhk0, dhv0, cu, offsets,
-             T, H, HQ, scale, *_strides(q), *_strides(do))
+    if call.segments is not None and segments.packable(call, (q, do)):  # the recomputed forward's segments
+        segments.state_backward(call.segments, call, q, do, gc, p, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final,
+                                dhk0, dhv0, scale)
+    else:
+        call.run(programs_backward.state_backward, call.tile_grid(),
+                 q, do, gc, p, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final, dhk0, dhv0, cu, offsets,
+                 T, H, HQ, scale, *_strides(q), *_strides(do))
 
     dk = torch.empty(B, T, H, K, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)

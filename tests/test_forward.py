@@ -348,6 +348,7 @@ def test_kernel_cache(tmp_path, monkeypatch):
     K=45 and M=21 lie outside what the other tests draw, so this Spec is new to the process.
     """
     monkeypatch.setenv("GSA_COMPILE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("GSA_STATE_SEGMENTS", raising=False)  # segments would add varlen state-pass Specs
     K, V, M = 45, 3, 21
     spec = Spec(layout=GateLayout.DECAY_SLOT, chunk_size=16, dtype="float32", K=K, V=V, M=M, group=1,
                 final_state=True)

@@ -1,0 +1,112 @@
+"""Issue 6: the segmented state pass (GSA_STATE_SEGMENTS, gsa_compile/segments.py) timed per setting.
+
+    python bench/segments_bench.py [--out FILE.json] [--shape B,T,H,D,M] [--settings off,auto,4,8,16] [--smoke]
+
+Default shape B1 T32768 H4 K=V=512 M64, bf16, slot gates, the tuned launch config. The variable is read
+per call, so one process runs every setting, in order. Per setting: the state pass alone
+(launch.state_pass), chunk_gsa's forward and forward+backward (do_bench medians), the kernels' times
+over one forward+backward (the state pass, the state backward, everything that is not a gsa_ kernel:
+the segments' host-side torch ops land there), and the largest relative difference of o, the final
+states and the gradients from the first setting's (bf16 chunk states: ~1e-3 is rounding).
+--smoke: tiny shapes on the CPU interpreter with host timers (checks the script, times nothing).
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from gsa_compile import benchmark as bm  # noqa: E402
+from gsa_compile import chunk_gsa, launch, segments  # noqa: E402
+from gsa_compile.spec import GateLayout  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out")
+parser.add_argument("--shape", default="1,32768,4,512,64")
+parser.add_argument("--settings", default="off,auto,4,8,16")
+parser.add_argument("--smoke", action="store_true")
+args = parser.parse_args()
+B, T, H, D, M = (int(x) for x in ("1,150,2,16,8" if args.smoke else args.shape).split(","))
+device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
+chunk = 16 if args.smoke else launch.AUTO
+
+
+def timed(fn):
+    if device == "cuda":
+        return bm.bench(fn)
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def kernels(fn):
+    if device != "cuda":
+        return {}
+    shares = bm.kernel_shares(fn)
+    other = sum(t for name, t in shares.items() if not name.startswith("gsa_"))
+    return dict(state_pass_kernel_ms=shares.get("gsa_state_pass", 0.0),
+                state_backward_kernel_ms=shares.get("gsa_state_backward", 0.0), other_kernels_ms=round(other, 4))
+
+
+torch.manual_seed(0)
+q, k, v, s, g = bm.make_inputs(B, T, H, D, D, M, "slot", dtype, device, requires_grad=True)
+leaves = [q, k, v, s, g]
+do = torch.randn(B, T, H, D, device=device, dtype=dtype)
+weights = [torch.randn(B, H, D, M, device=device), torch.randn(B, H, M, D, device=device)]
+
+
+def forward():
+    return chunk_gsa(q, k, v, s, g, output_final_state=True, chunk_size=chunk)
+
+
+def fwd_bwd():
+    for x in leaves:
+        x.grad = None
+    o, (hk, hv) = forward()
+    ((o.float() * do.float()).sum() + (hk * weights[0]).sum() + (hv * weights[1]).sum()).backward()
+    return o.detach(), hk.detach(), hv.detach()
+
+
+def state_pass_alone():
+    call = launch.Call(q, k, v, s, None, None, chunk, GateLayout.SLOT, None, lambda kernel: kernel)
+    return lambda: launch.state_pass(call, k.detach(), v.detach(), s.detach(), g.detach(), None, None), call
+
+
+result = dict(environment=bm.environment(), shape=f"B{B} T{T} H{H} K=V={D} M{M}", dtype=str(dtype), rows=[])
+first = None
+for setting in args.settings.split(","):
+    if setting == "off":
+        os.environ.pop(segments.ENV, None)
+    else:
+        os.environ[segments.ENV] = setting
+    started = time.time()
+    run_state, call = state_pass_alone()
+    row = dict(setting=setting, S=segments.requested(call), chunk=call.spec.chunk_size,
+               state_pass_ms=timed(run_state), fwd_ms=timed(lambda: forward()), fwdbwd_ms=timed(fwd_bwd))
+    row.update(kernels(fwd_bwd))
+    outputs = list(fwd_bwd()) + [x.grad for x in leaves]
+    if first is None:
+        first = [x.detach().clone() for x in outputs]
+    row["max_rel_diff"] = max(bm.rel(a, b) for a, b in zip(outputs, first))
+    row["elapsed_s"] = round(time.time() - started, 1)
+    result["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+print(f"\n{result['shape']} {dtype} ({result['environment']['gpu']}, torch {result['environment']['torch']}, "
+      f"triton {result['environment']['triton']})")
+print(f"{'setting':>8} {'S':>3} {'chunk':>5} | {'state pass':>10} {'fwd':>8} {'fwd+bwd':>8} | {'k:state':>8} "
+      f"{'k:st.bwd':>8} {'k:other':>8} | {'max diff':>8}")
+for r in result["rows"]:
+    print(f"{r['setting']:>8} {r['S']:>3} {r['chunk']:>5} | {r['state_pass_ms']:>10.3f} {r['fwd_ms']:>8.3f} "
+          f"{r['fwdbwd_ms']:>8.3f} | {r.get('state_pass_kernel_ms', float('nan')):>8.3f} "
+          f"{r.get('state_backward_kernel_ms', float('nan')):>8.3f} {r.get('other_kernels_ms', float('nan')):>8.3f} "
+          f"| {r['max_rel_diff']:>8.1e}")
+print("(ms; k: kernel time summed over one forward+backward, by name; max diff vs the first setting)")

@@ -1,0 +1,217 @@
+"""Segmented state passes (`GSA_STATE_SEGMENTS`): more programs for a few long sequences.
+
+The state pass (programs.state_pass) runs one program per (K or V tile, sequence, kv head), each walking
+its sequence's chunks in order: at B=1, H=4, K=V=512 that is 64 programs for 132 SMs. Both recurrences
+are affine in the state, so each sequence is cut into S segments of whole chunks (the same algebra as
+context_parallel, inside one device) and the generated programs run unchanged, as varlen launches
+whose "sequences" are the segments:
+
+  1. the state pass on the segments from a zero state: each segment's local end states F_j (and gc,
+     which is chunk-local and does not see the cut);
+  2. an exclusive scan over the segments, start_0 = initial state (or 0), start_{j+1} = A_j (.) start_j + F_j,
+     with A_j = 2^(a_j) the segment's decay (a_j: the sum of its chunks' log2 gates, read from gc).
+     In closed form, with C_j = a_0 + ... + a_{j-1} (C_0 = 0, non-increasing),
+         start_j = sum_{i<j} 2^(C_j - C_{i+1}) F_i + 2^(C_j) start_0      (every exponent <= 0);
+  3. the state pass again from start_j: every chunk state lands on the row the unsegmented pass
+     writes (the segment table's chunk offsets), the last segment's final state is the final state.
+The state backward (programs_backward.state_backward) is the same in reverse: local gradients D_j from
+zero, then end_j = sum_{i>j} 2^(C_i - C_{j+1}) D_i + 2^(C_S - C_{j+1}) dH_final, then the pass again.
+
+Dense [B, T, H, D] inputs are read as one packed batch of B * T tokens, which needs each strided
+input's batch stride to be T times its time stride (else, or with S = 1, the unsegmented pass runs).
+Segment tables are built on the device (no host synchronisation); empty segments (S larger than a
+sequence's chunk count) pass their state through.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from . import codegen, programs, programs_backward
+
+ENV = "GSA_STATE_SEGMENTS"
+GRID_Y_LIMIT = 65535  # CUDA's limit on grid dimension 1 (N * S * H programs)
+
+
+def requested(call) -> int:
+    """Segments per sequence from GSA_STATE_SEGMENTS: unset/0/1 = off, an integer S, or `auto`:
+    S with tiles * N * H * S about twice the SM count and at least 4 chunks per segment (CPU: at most 4)."""
+    from .launch import _hint
+
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "0", "1", "off"):
+        return 1
+    N, BT = _hint(call.N), call.spec.chunk_size
+    if value == "auto":
+        chunks = triton.cdiv(_hint(call.B) * _hint(call.T), BT) // max(N, 1)  # per sequence (mean if varlen)
+        if call.device.type == "cuda":
+            programs_now = call.tile_grid()[0] * N * call.H
+            sms = torch.cuda.get_device_properties(call.device).multi_processor_count
+            S = (2 * sms) // programs_now
+        else:
+            S = 4
+        S = min(S, chunks // 4)
+    else:
+        try:
+            S = int(value)
+        except ValueError:
+            raise ValueError(f"{ENV}={value!r}: expected an integer number of segments or 'auto'") from None
+        if S < 0:
+            raise ValueError(f"{ENV}={value!r}: expected a non-negative integer or 'auto'")
+    return max(1, min(S, GRID_Y_LIMIT // max(N * call.H, 1)))
+
+
+def packable(call, tensors) -> bool:
+    """Dense [B, T, ...] tensors read as one packed batch: batch stride = T x time stride (or B = 1)."""
+    if call.cu_seqlens is not None or call.B == 1:
+        return True
+    return all(x.stride(0) == call.T * x.stride(1) for x in tensors)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Segment tables of one call (device tensors): S segments per sequence, N * S segments in all."""
+    S: int
+    cu: torch.Tensor  # [N * S + 1] token bounds of the segments in the packed batch
+    boc: torch.Tensor  # [N * S] chunk row of each segment's first chunk
+    cut: torch.Tensor  # [N, S + 1] chunk rows at the segment bounds (sequence start .. sequence end)
+    chunk_last: torch.Tensor  # [chunk rows] packed index of each chunk row's last token (0 past the last)
+    C: Optional[torch.Tensor] = None  # [N, S + 1, H, M] float64 log2 decay from the sequence start (from gc)
+
+    def log2_prefix(self, gc: torch.Tensor) -> torch.Tensor:
+        """C_j: the log2 gate summed over segments 0..j-1 of each sequence (a chunk's total is gc at its last row)."""
+        if self.C is None:
+            H, M = gc.shape[2], gc.shape[3]
+            # [H, M, chunk rows], chunks innermost (a scan over an outer dimension is slow on the GPU)
+            totals = gc.reshape(-1, H, M).permute(1, 2, 0).index_select(2, self.chunk_last).double()
+            prefix = torch.nn.functional.pad(totals.cumsum(-1), (1, 0))
+            at_cut = prefix[:, :, self.cut].permute(2, 3, 0, 1)  # [N, S + 1, H, M]
+            self.C = at_cut - at_cut[:, :1]
+        return self.C
+
+
+_DENSE = {}  # (device, N, T, BT, S) -> tables of dense inputs: built once, then no launches
+
+
+def _dense_tables(N, T, BT, S, device):
+    """(cu, boc, cut, chunk_last) of N rows of T tokens, from a few aranges (sizes may be symbolic)."""
+    i64 = dict(device=device, dtype=torch.int64)
+    NT = triton.cdiv(T, BT)
+    first = (torch.arange(S + 1, **i64) * triton.cdiv(NT, S)).clamp_(max=NT)  # each segment's first chunk
+    cut = torch.arange(0, N * NT, NT, **i64)[:, None] + first
+    bos = torch.arange(0, N * T, T, **i64)[:, None]
+    cu = torch.cat([(bos + (first[:S] * BT).clamp_(max=T)).reshape(-1), bos[-1] + T])
+    last = (torch.arange(1, NT + 1, **i64) * BT).clamp_(max=T) - 1
+    return cu, cut[:, :S].reshape(-1), cut, (bos + last).reshape(-1)
+
+
+def _varlen_tables(call, S):
+    cu = call.cu_seqlens.long()
+    bos, eos, boc, BT = cu[:-1], cu[1:], call.offsets[:-1].long(), call.spec.chunk_size
+    n_chunks = torch.div(eos - bos + BT - 1, BT, rounding_mode="floor")
+    per = torch.div(n_chunks + S - 1, S, rounding_mode="floor")  # chunks per segment, per sequence
+    first = torch.minimum(torch.arange(S + 1, device=cu.device)[None] * per[:, None], n_chunks[:, None])
+    seg_bos = torch.minimum(bos[:, None] + first[:, :S] * BT, eos[:, None])
+    chunk_seq = call.chunk_seq.long()  # -1 past the last chunk (the chunk tables' upper bound)
+    n = chunk_seq.clamp(min=0)
+    last = torch.minimum(bos[n] + (call.chunk_idx.long() + 1) * BT, eos[n]) - 1
+    cut = boc[:, None] + first
+    return (torch.cat([seg_bos.reshape(-1), eos[-1:]]), cut[:, :S].reshape(-1), cut,
+            torch.where(chunk_seq >= 0, last, torch.zeros_like(last)))
+
+
+def plan(call, *strided) -> Optional[Plan]:
+    """The segment tables for `call`, or None where the unsegmented pass runs (off, S = 1, not packable)."""
+    S = requested(call)
+    if S <= 1 or not packable(call, [x for x in strided if x is not None]):
+        return None
+    if call.cu_seqlens is not None:
+        return Plan(S, *_varlen_tables(call, S))
+    key = (call.device, call.N, call.T, call.spec.chunk_size, S)
+    static = all(type(x) is int for x in key[1:])  # not symbolic sizes (which do not hash)
+    tables = _DENSE.get(key) if static else None
+    if tables is None:
+        tables = _dense_tables(*key[1:], call.device)
+        capturing = call.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if static and all(type(x) is torch.Tensor for x in tables) and not capturing:
+            if len(_DENSE) >= 64:
+                _DENSE.clear()
+            _DENSE[key] = tables  # real tensors only (not fake or functional ones of a trace)
+    return Plan(S, *tables)
+
+
+def scan(C: torch.Tensor, local, edge, reverse: bool):
+    """Segment-boundary states from the segments' local ones (see the module docstring).
+
+    C [N, S + 1, H, M]; local: (Hk-like [N * S, H, K, M], Hv-like [N * S, H, M, V]); edge: the
+    initial states (forward) or final-state gradients (reverse), [N, H, ...] or None. Returns states
+    [N * S, H, ...] in the local states' dtype: each segment's start (forward) or end (reverse)."""
+    from .context_parallel.passes import decay_states
+
+    N, S1, H, M = C.shape
+    S = S1 - 1
+    j = torch.arange(S, device=C.device)
+    if reverse:  # [N, j, i]: C_i - C_{j+1} for i > j;  edge: C_S - C_{j+1}
+        expo, mask, edge_expo = C[:, None, :S] - C[:, 1:, None], j[None, :] > j[:, None], C[:, S:] - C[:, 1:]
+    else:  # C_j - C_{i+1} for i < j;  edge: C_j
+        expo, mask, edge_expo = C[:, :S, None] - C[:, None, 1:], j[None, :] < j[:, None], C[:, :S]
+    weights = torch.where(mask[None, :, :, None, None], torch.exp2(expo.clamp(max=0)), 0.0)  # [N, j, i, H, M]
+    out = []
+    for x, eq in zip(local, ("njihm,nihkm->njhkm", "njihm,nihmv->njhmv")):
+        # float64 products: exact enough, and never TF32 whatever torch.backends allow
+        out.append(torch.einsum(eq, weights, x.view(N, S, *x.shape[1:]).double()).reshape(x.shape))
+    if edge is not None:
+        spread = tuple(e.double()[:, None].expand(N, S, *e.shape[1:]).reshape(N * S, *e.shape[1:]) for e in edge)
+        decayed = decay_states(spread, (edge_expo * math.log(2)).reshape(N * S, H, M))
+        out = [a + b for a, b in zip(out, decayed)]
+    return tuple(o.to(x.dtype).contiguous() for o, x in zip(out, local))
+
+
+def _run(call, builder, spec, grid, *args):
+    call.wrap(codegen.kernel(builder, spec))[grid](*args, **call.mod_args, **call.consts[builder.__name__],
+                                                   **call.launch)
+
+
+def state_pass(p: Plan, call, k, v, s, g, hk0, hv0, gc, hk_chunks, hv_chunks, hk_final, hv_final, gate_strides):
+    """launch.state_pass in three phases: fills gc, the chunk states and the final states in place."""
+    from .launch import _strides
+
+    N, S, H = call.N, p.S, call.H
+    grid = (call.tile_grid()[0], N * S * H)
+    strides = (*_strides(k), *_strides(v), *_strides(s), *gate_strides)
+    hk_seg, hv_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
+    local = dataclasses.replace(call.spec, varlen=True, initial_state=False)
+    _run(call, programs.state_pass, local, grid, k, v, s, g, gc, hk_chunks, hv_chunks, hk_seg, hv_seg,
+         hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
+    initial = None if hk0 is None else (hk0, hv0)
+    hk_start, hv_start = scan(p.log2_prefix(gc), (hk_seg, hv_seg), initial, reverse=False)
+    _run(call, programs.state_pass, dataclasses.replace(local, initial_state=True), grid,
+         k, v, s, g, gc, hk_chunks, hv_chunks, hk_start, hv_start, hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
+    hk_final.copy_(hk_seg.view(N, S, *hk_seg.shape[1:])[:, -1])
+    hv_final.copy_(hv_seg.view(N, S, *hv_seg.shape[1:])[:, -1])
+
+
+def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final, dhk0, dhv0,
+                   scale):
+    """launch's state backward in three phases (reverse scan): fills the chunk gradients and dhk0, dhv0."""
+    from .launch import _strides
+
+    N, S, H = call.N, p.S, call.H
+    grid = (call.tile_grid()[0], N * S * H)
+    spec = dataclasses.replace(call.spec, varlen=True)
+    d_end = tuple(torch.zeros(N * S, *x.shape[1:], device=x.device, dtype=x.dtype) for x in (dhk_final, dhv_final))
+    d_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
+    tail = (call.T, H, call.HQ, scale, *_strides(q), *_strides(do))
+    _run(call, programs_backward.state_backward, spec, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks,
+         *d_end, *d_seg, p.cu, p.boc, *tail)
+    d_end = scan(p.log2_prefix(gc), d_seg, (dhk_final, dhv_final), reverse=True)
+    _run(call, programs_backward.state_backward, spec, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks,
+         *d_end, *d_seg, p.cu, p.boc, *tail)
+    dhk0.copy_(d_seg[0].view(N, S, *d_seg[0].shape[1:])[:, 0])
+    dhv0.copy_(d_seg[1].view(N, S, *d_seg[1].shape[1:])[:, 0])
+

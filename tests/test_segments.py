@@ -1,0 +1,159 @@
+"""GSA_STATE_SEGMENTS: the segmented state pass and state backward (gsa_compile/segments.py).
+
+1. Per gate layout, with and without initial states, dense and varlen, with GQA: o, the final states
+   and every gradient with segmentation equal the unsegmented call (float32, 1e-5 relative), and both
+   match recurrent_gsa (float64) within the project tolerances (tests/differential.py). T is never a
+   multiple of the chunk size; some cases have more segments than chunks (empty segments).
+   Gates are weakened (g / 16) so that states carry across segments: with logsigmoid(randn) gates a
+   state is forgotten within a chunk or two and a wrong scan would go unnoticed.
+2. The scan's closed form against the step-by-step recurrence with context_parallel's combine.
+3. The switch: parsing of the variable, 'auto' on CPU, the fallback for inputs that do not pack.
+"""
+import math
+
+import pytest
+import torch
+
+from differential import compare, failures, make_leaves, rel_err
+from gsa_compile import chunk_gsa, launch, segments
+from gsa_compile.context_parallel.passes import combine
+from gsa_compile.spec import GateLayout
+
+VARLEN = [0, 29, 32, 75]  # lengths 29, 3 and 43: 2, 1 and 3 chunks (fewer than most S below)
+CASES = [  # (layout, initial_state, B or cu_seqlens, H, group, S)
+    ("slot", False, 2, 1, 2, "3"),
+    ("slot", True, VARLEN, 2, 1, "2"),
+    ("head", True, 1, 1, 2, "20"),
+    ("head", False, VARLEN, 1, 1, "2"),
+    ("decay_head", True, VARLEN, 1, 2, "3"),
+    ("decay_head", False, 1, 1, 1, "auto"),  # T = 130 (B = 1): 9 chunks, 'auto' on CPU takes 2 segments
+    ("decay_slot", False, VARLEN, 1, 2, "5"),
+    ("decay_slot", True, 2, 1, 2, "2"),
+    ("abc", True, 2, 1, 1, "3"),
+    ("abc", False, VARLEN, 1, 2, "4"),
+]
+
+
+def _case(layout, initial_state, rows, H, group, S, seed):
+    varlen = isinstance(rows, list)
+    T = 75 if varlen else 130 if S == "auto" else 50  # never a multiple of the chunk (16)
+    return dict(chunk_size=16, layout=layout, dtype="float32", memory="contiguous", B=1 if varlen else rows,
+                cu_seqlens=rows if varlen else None, T=T, H=H, group=group, K=8, V=8, M=4,
+                initial_state=initial_state, upstream="both", seed=seed)
+
+
+def _counting(monkeypatch):
+    counts = {"state_pass": 0, "state_backward": 0}
+    for name in counts:
+        original = getattr(segments, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(segments, name, counted)
+    return counts
+
+
+def _run(case, leaves, views, monkeypatch, S):
+    """compare() against the reference, also keeping chunk_gsa's outputs and its leaves' gradients."""
+    if S is None:
+        monkeypatch.delenv(segments.ENV, raising=False)
+    else:
+        monkeypatch.setenv(segments.ENV, S)
+    kept, hooks = {}, [x.register_hook(lambda grad, n=n: kept.__setitem__("d" + n, grad)) for n, x in leaves.items()]
+    original = chunk_gsa
+
+    def keeping(*args, **kwargs):
+        o, final = original(*args, **kwargs)
+        kept.update(o=o.detach(), hk=final[0].detach(), hv=final[1].detach())
+        return o, final
+    monkeypatch.setattr("differential.chunk_gsa", keeping)
+    try:
+        errors = compare(case, leaves, views)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return errors, kept
+
+
+@pytest.mark.parametrize("layout, initial_state, rows, H, group, S", CASES)
+def test_segmented_equals_unsegmented(layout, initial_state, rows, H, group, S, monkeypatch):
+    case = _case(layout, initial_state, rows, H, group, S, seed=len(layout) * 7 + initial_state)
+    leaves, views = make_leaves(case, "cpu")
+    if "g" in leaves:
+        leaves["g"] = (leaves["g"].detach() / 16).requires_grad_()
+    counts = _counting(monkeypatch)
+    errors_plain, plain = _run(case, leaves, views, monkeypatch, None)
+    assert counts == {"state_pass": 0, "state_backward": 0}
+    errors_seg, seg = _run(case, leaves, views, monkeypatch, S)
+    assert counts == {"state_pass": 2, "state_backward": 1}  # forward, the backward's recompute, state backward
+    assert not failures(case, errors_plain), errors_plain
+    assert not failures(case, errors_seg), errors_seg
+    assert set(seg) == set(plain) == {"o", "hk", "hv", *("d" + n for n in leaves)}
+    differences = {n: rel_err(seg[n], plain[n]) for n in plain}
+    assert all(e <= 1e-5 for e in differences.values()), differences
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_matches_step_by_step_combine(reverse):
+    gen = torch.Generator().manual_seed(3)
+    N, S, H, K, M, V = 2, 5, 2, 3, 4, 6
+    a = -torch.rand(N, S, H, M, generator=gen, dtype=torch.float64)  # log2 decay of each segment
+    a[0, 2] = -200.0  # a segment that forgets everything before it
+    C = torch.cat([torch.zeros(N, 1, H, M, dtype=torch.float64), a.cumsum(1)], 1)
+    local = (torch.randn(N * S, H, K, M, generator=gen), torch.randn(N * S, H, M, V, generator=gen))
+    edge = (torch.randn(N, H, K, M, generator=gen), torch.randn(N, H, M, V, generator=gen))
+    got = segments.scan(C, local, edge, reverse=reverse)
+    per = lambda x: x.view(N, S, *x.shape[1:])  # noqa: E731
+    want = [[None] * S for _ in range(2)]
+    state = edge
+    for j in (reversed(range(S)) if reverse else range(S)):  # reverse: the gradient at segment j's end
+        want[0][j], want[1][j] = state  # forward: the state at segment j's start
+        state = combine(state, a[:, j] * math.log(2), (per(local[0])[:, j], per(local[1])[:, j]))
+    for x, w in zip(got, want):
+        torch.testing.assert_close(per(x), torch.stack(w, 1).to(x.dtype), rtol=1e-5, atol=1e-6)
+
+
+def _call(B=1, T=100, cu_seqlens=None, head_first=False):
+    shape = (B, T, 2, 8)
+    q, k, v, s = (torch.randn(*shape) for _ in range(4))
+    if head_first:  # [B, H, T, D] storage seen as [B, T, H, D]: the batch stride is not T x the time stride
+        k = torch.randn(B, 2, T, 8).transpose(1, 2)
+    return launch.Call(q, k, v, s, None, cu_seqlens, 16, GateLayout.SLOT, None, lambda kernel: kernel), (k, v, s)
+
+
+@pytest.mark.parametrize("value, expected", [(None, 1), ("", 1), ("0", 1), ("1", 1), ("off", 1), ("3", 3),
+                                             ("100", 100), ("auto", 1)])
+def test_requested(value, expected, monkeypatch):
+    if value is None:
+        monkeypatch.delenv(segments.ENV, raising=False)
+    else:
+        monkeypatch.setenv(segments.ENV, value)
+    call, _ = _call(T=20)  # 2 chunks: 'auto' keeps at least 4 chunks per segment -> 1
+    assert segments.requested(call) == expected
+
+
+def test_auto_on_cpu(monkeypatch):
+    monkeypatch.setenv(segments.ENV, "auto")
+    assert segments.requested(_call(T=1000)[0]) == 4  # CPU: at most 4
+    assert segments.requested(_call(T=200)[0]) == 3  # 13 chunks: at least 4 per segment
+    monkeypatch.setenv(segments.ENV, "many")
+    with pytest.raises(ValueError, match=segments.ENV):
+        segments.requested(_call()[0])
+
+
+def test_plan_tables_and_fallback(monkeypatch):
+    monkeypatch.setenv(segments.ENV, "3")
+    call, tensors = _call(B=2, T=100)  # 7 chunks per row: segments of 3, 3, 1 chunks
+    p = segments.plan(call, *tensors)
+    assert p.cu.tolist() == [0, 48, 96, 100, 148, 196, 200]
+    assert p.boc.tolist() == [0, 3, 6, 7, 10, 13]
+    assert p.chunk_last.tolist() == [15, 31, 47, 63, 79, 95, 99, 115, 131, 147, 163, 179, 195, 199]
+    call, tensors = _call(B=1, T=75, cu_seqlens=torch.tensor(VARLEN, dtype=torch.int32))
+    p = segments.plan(call, *tensors)
+    assert p.cu.tolist() == [0, 16, 29, 29, 32, 32, 32, 48, 64, 75]  # empty segments where 3 > chunks
+    assert p.boc.tolist() == [0, 1, 2, 2, 3, 3, 3, 4, 5]
+    call, tensors = _call(B=2, head_first=True)
+    assert segments.plan(call, *tensors) is None  # does not pack: the unsegmented pass runs
+    call, tensors = _call(B=1, head_first=True)
+    assert segments.plan(call, *tensors) is not None  # one batch row always packs
