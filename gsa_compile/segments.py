@@ -35,7 +35,7 @@ import triton
 from . import codegen, programs, programs_backward
 
 ENV = "GSA_STATE_SEGMENTS"
-GRID_Y_LIMIT = 65535  # CUDA's limit on grid dimension 1 (N * S * H programs)
+GRID_Y_LIMIT = 65535  # CUDA's limit on grid dimension 1: the state passes' N * H (segmented: N * S * H) programs
 
 
 def requested(call) -> int:

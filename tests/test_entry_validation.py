@@ -250,3 +250,14 @@ def test_value_checks_are_off_by_default():
     a = good()
     a["g"][0, 2, 0, 1] = 0.1
     call_chunk_forward(a)  # outside the contract (g <= 0) but not read: no error
+
+
+def test_too_many_sequences_for_the_grid():
+    """N sequences x H kv heads state-pass programs must fit CUDA's grid dimension (65535): a clear error
+    naming cu_seqlens, raised before any kernel runs, instead of a launch failure on the GPU."""
+    n = 65535 // H + 1
+    a = good()
+    a.update({name: torch.zeros(1, n, *a[name].shape[2:]) for name in ("q", "k", "v", "s", "g")})
+    a.update(cu_seqlens=torch.arange(n + 1, dtype=torch.int32), hk=torch.zeros(n, H, K, M), hv=torch.zeros(n, H, M, V))
+    with pytest.raises(ValueError, match="cu_seqlens holds 65536 sequences"):
+        call_chunk_gsa(a)
