@@ -118,11 +118,12 @@ class Call:
         # head counts and dims are kernel constants: specialise on them even under dynamic shapes
         self.HQ, self.K, self.H, self.V, self.M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
         self.N = self.B if cu_seqlens is None else cu_seqlens.numel() - 1
-        if _hint(self.N) * self.H > segments.GRID_Y_LIMIT:  # the state passes' grid has N * H rows
+        heads = self.H if cu_seqlens is not None else self.HQ  # grid dimension 1: N * H (state passes), B * HQ (dense)
+        if _hint(self.N) * heads > segments.GRID_Y_LIMIT:
             what = f"cu_seqlens holds {_hint(self.N)} sequences" if cu_seqlens is not None else f"q has batch B={self.B}"
-            raise ValueError(f"{what} x {self.H} kv heads = {_hint(self.N) * self.H} state-pass programs, past CUDA's "
-                             f"grid limit of {segments.GRID_Y_LIMIT}: split the call into parts of at most "
-                             f"{segments.GRID_Y_LIMIT // self.H} sequences")
+            raise ValueError(f"{what} x {heads} heads = {_hint(self.N) * heads} programs in one grid dimension, past "
+                             f"CUDA's limit of {segments.GRID_Y_LIMIT}: split the call into parts of at most "
+                             f"{segments.GRID_Y_LIMIT // heads} sequences")
         if chunk_size == AUTO:
             chunk_size, config = tuned_config(layout, q.dtype, self.K, self.V, self.M, self.HQ // self.H,
                                               cu_seqlens is not None, _hint(self.T), _hint(self.B) * self.HQ,

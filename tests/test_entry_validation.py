@@ -261,3 +261,8 @@ def test_too_many_sequences_for_the_grid():
     a.update(cu_seqlens=torch.arange(n + 1, dtype=torch.int32), hk=torch.zeros(n, H, K, M), hv=torch.zeros(n, H, M, V))
     with pytest.raises(ValueError, match="cu_seqlens holds 65536 sequences"):
         call_chunk_gsa(a)
+    n = 65535 // HQ + 1  # dense: B x HQ query heads in the per-chunk programs' grid
+    a.update({name: torch.zeros(n, 1, *good()[name].shape[2:]) for name in ("q", "k", "v", "s", "g")})
+    a.update(cu_seqlens=None, hk=torch.zeros(n, H, K, M), hv=torch.zeros(n, H, M, V))
+    with pytest.raises(ValueError, match=f"q has batch B={n}"):
+        call_chunk_gsa(a)
