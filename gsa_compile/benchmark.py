@@ -162,7 +162,7 @@ def sdpa_inputs(B, T, H, D, device):
 
 def time_shapes(device, shapes):
     from . import chunk_gsa
-    fla_chunk_gsa = globals()["fla_chunk_gsa"]()
+    fla_gsa = fla_chunk_gsa()
     rows = []
     for (B, T, H, D, M) in shapes:
         inputs = make_inputs(B, T, H, D, D, M, "slot", torch.bfloat16, device, requires_grad=True)
@@ -173,8 +173,8 @@ def time_shapes(device, shapes):
         row["ours_fwdbwd_ms"] = bench(_fwd_bwd(ours, inputs, do))
         row["ours_fwdbwd_peak_mib"] = peak_memory(_fwd_bwd(ours, inputs, do))
         row["ours_kernels_fwdbwd_ms"] = kernel_shares(_fwd_bwd(ours, inputs, do))
-        if fla_chunk_gsa is not None:
-            fla = lambda: fla_chunk_gsa(*inputs)[0]
+        if fla_gsa is not None:
+            fla = lambda: fla_gsa(*inputs)[0]
             row["fla_vs_ours_rel"] = rel(ours(), fla())
             row["fla_fwd_ms"] = bench(fla)
             row["fla_fwdbwd_ms"] = bench(_fwd_bwd(fla, inputs, do))

@@ -1,0 +1,39 @@
+"""The bench scripts' --smoke modes run (tiny shapes, CPU interpreter) and write the JSON they promise."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_smoke(script: str, tmp_path):
+    """`python bench/<script> --smoke --out <json>` in a fresh process: (its stdout, the parsed JSON)."""
+    out = tmp_path / "result.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(out)],
+                            check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, json.loads(out.read_text())
+
+
+def test_mods_bench_smoke(tmp_path):
+    """Its fused layer really is fused and agrees with the unfused one."""
+    _, data = run_smoke("mods_bench.py", tmp_path)
+    rows = {r["step"]: r for r in data["rows"]}
+    assert {"correctness", "layer_fwd", "layer_fwd_train", "gsa_fwd", "layer_fwd_bwd", "done"} <= set(rows)
+    # fused and unfused differ only by rounding (fp32): 0.0 would mean the "fused" layer ran the torch ops
+    assert 0 < rows["correctness"]["o_rel"] < 1e-4 and rows["correctness"]["worst_grad_rel"] < 1e-3
+
+
+def test_model_bench_smoke(tmp_path):
+    """Tiny model, ours only: training (eager and fullgraph, no graph break) and decode rows."""
+    stdout, data = run_smoke("model_bench.py", tmp_path)
+    rows = data["rows"]
+    assert not [r for r in rows if "error" in r or "skipped" in r], rows
+    parts = {(r["part"].split()[0], r["model"], r.get("mode")) for r in rows}
+    assert {("train", "ours", "eager"), ("train", "ours", "fullgraph"), ("decode", "ours", "eager")} <= parts
+    assert next(r for r in rows if r.get("mode") == "fullgraph")["graph_breaks"] == 0
+    assert all(r["tokens_per_s"] > 0 for r in rows if "tokens_per_s" in r)
+    assert stdout.splitlines()[-1].startswith("decode B2")  # the table comes last
