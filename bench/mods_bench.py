@@ -16,8 +16,10 @@ hidden / heads):
     gsa_fwd           only the GSA part: chunk_gsa on raw q, k, v, f with mods vs maps + chunk_gsa
     layer_fwd_bwd     forward + backward (first shape only, if the time budget allows)
 
-Times are triton.testing.do_bench medians (ms); `saving_ms` = unfused - fused. Rows that would pass
-`--budget` seconds are skipped (first calls compile the kernels of both variants).
+Times are triton.testing.do_bench medians (ms); `saving_ms` = unfused - fused. On the GPU the gsa_fwd and
+layer_fwd_bwd rows also hold each variant's CUDA kernel times over one call (`*_kernels_ms`, torch.profiler),
+which say where a difference comes from (state pass, output pass, backward programs, host torch ops). Rows
+that would pass `--budget` seconds are skipped (first calls compile the kernels of both variants).
 """
 import argparse
 import json
@@ -97,14 +99,17 @@ def layers(hidden, heads, slots, device, dtype, chunk_size):
     torch.manual_seed(0)
     unfused = GatedSlotAttention(hidden_size=hidden, num_heads=heads, num_slots=slots, fuse_mods=False,
                                  chunk_size=chunk_size).to(device=device, dtype=dtype)
-    fused = GatedSlotAttention(hidden_size=hidden, num_heads=heads, num_slots=slots,
-                               chunk_size=chunk_size).to(device=device, dtype=dtype)
+    fused = GatedSlotAttention(hidden_size=hidden, num_heads=heads, num_slots=slots, fuse_mods=True,
+                               chunk_size=chunk_size).to(device=device, dtype=dtype)  # opt-in since 5a63f84
     fused.load_state_dict(unfused.state_dict())
     return unfused, fused
 
 
-def pair(record, bench, step, shape, fused_fn, unfused_fn, **extra):
+def pair(record, bench, step, shape, fused_fn, unfused_fn, kernels=False, **extra):
     fused_ms, unfused_ms = bench(fused_fn), bench(unfused_fn)
+    if kernels and torch.cuda.is_available():
+        from gsa_compile.benchmark import kernel_shares
+        extra.update(fused_kernels_ms=kernel_shares(fused_fn), unfused_kernels_ms=kernel_shares(unfused_fn))
     record(step=step, shape=shape, fused_ms=fused_ms, unfused_ms=unfused_ms,
            saving_ms=round(unfused_ms - fused_ms, 4), speedup=round(unfused_ms / fused_ms, 3), **extra)
 
@@ -145,7 +150,7 @@ def measure(record, bench, budget, first, B, T, hidden, heads, slots, device, dt
     def gsa_fused():
         return chunk_gsa(q, k, v, None, f, 1.0, chunk_size=fused.chunk_size, mods=fused.mods)[0]
     with torch.no_grad():
-        pair(record, bench, "gsa_fwd", shape, gsa_fused, gsa_unfused)
+        pair(record, bench, "gsa_fwd", shape, gsa_fused, gsa_unfused, kernels=True)
 
     def fwd_bwd(layer):
         def run():
@@ -153,7 +158,7 @@ def measure(record, bench, budget, first, B, T, hidden, heads, slots, device, dt
             layer.zero_grad(set_to_none=True)
         return run
     if first and record.elapsed() < budget:
-        pair(record, bench, "layer_fwd_bwd", shape, fwd_bwd(fused), fwd_bwd(unfused),
+        pair(record, bench, "layer_fwd_bwd", shape, fwd_bwd(fused), fwd_bwd(unfused), kernels=True,
              fused_peak_mib=peak_mib(fwd_bwd(fused), device), unfused_peak_mib=peak_mib(fwd_bwd(unfused), device))
 
 
