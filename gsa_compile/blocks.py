@@ -30,6 +30,18 @@ def seq_view(name: str, cols: str, base: str = "", row_stride: str = "") -> View
     return View(base or f"{name}_base", row_stride or f"stride_{name}t", cols, tensor=name)
 
 
+def input_view(spec, name: str, cols: str) -> View:
+    """Token rows of input `name` for a program after the state pass: where the Spec's mods store its mapped
+    value (mods.STORED_MAPS), launch passes the state pass's copy in its place, read as is (no map)."""
+    return dataclasses.replace(seq_view(name, cols), mapped=name in mods.stored(spec.mods))
+
+
+def mapped_copy(name: str, cols: str) -> View:
+    """Where the state pass stores mapped input `name`: the kernel argument `mapped_<name>`, a contiguous
+    [B, T, H, cols] buffer in the input dtype (the kv head's rows, like gc)."""
+    return View(f"(mapped_{name} + (i_b * T * H + i_h) * {cols})", f"H * {cols}", cols, tensor=name, mapped=True)
+
+
 def last_row(end: str) -> str:
     """The chunk's last row before `end`. Never below t0: a program past the last chunk of a packed batch
     has eos = bos (every load masked off) and must not form an address before its tensor (bos - 1 < 0)."""

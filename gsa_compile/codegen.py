@@ -6,8 +6,10 @@ in memory by (program, Spec) and on disk by a hash of their source, so identical
 regenerate and a new process only re-imports.
 
 User mods (mods.py, named by `Spec.mods`) enter here only: a load from a view whose `tensor` the mods
-map (q, k, v, s, g) is followed by the mod's element-wise Triton code, `SlotMod` nodes print the
-slot_mod (or its derivatives), and the mods' kernel parameters are appended to the signature.
+map (q, k, v, s, g) is followed by the mod's element-wise Triton code (not for a `mapped` view: the
+state pass's stored copy), `Derive` nodes print a mapped input from another one's mapped tile (s from
+g), `SlotMod` nodes print the slot_mod (or its derivatives), and the mods' kernel parameters (captured
+values, slot_mod terms, `mapped_<tensor>` buffers the program stores to) are appended to the signature.
 Without mods the generated source is exactly what it is without this feature.
 """
 from __future__ import annotations
@@ -77,7 +79,7 @@ class _Emitter:
     def emit_load(self, n: ir.Load):
         ptr, mask = self._offsets(n.view, n.row0, n.row_end, n.col0, n.out.shape)
         cast = "" if n.out.dtype == "in" else f".to({self.dtype(n.out.dtype)})"
-        load_mod = self.mods.loads.get(n.view.tensor) if self.mods is not None else None
+        load_mod = self.mods.loads.get(n.view.tensor) if self.mods is not None and not n.view.mapped else None
         if self.mods is not None and not n.view.tensor and any(
                 n.view.name == f"{t}_base" or n.view.name.startswith(f"({t} +") for t in self.mods.loads):
             raise ir.IRError(f"{n.describe()} reads a mapped input through a View without `tensor`: the mods "
@@ -90,6 +92,16 @@ class _Emitter:
         cast = "" if n.out.dtype == "f32" else f".to({self.dtype(n.out.dtype)})"
         return [f"{n.out.name}_raw = tl.load({ptr}, mask={mask}, other=0.0).to({self.dtype('f32')})",
                 *writer.lines, f"{n.out.name} = tl.where({mask}, {value}, {n.other}){cast}"]
+
+    def emit_derive(self, n: ir.Derive):
+        derived = self.mods.derived.get(n.tensor) if self.mods is not None else None
+        if derived is None:
+            raise ir.IRError(f"{n.describe()}: the Spec's mods do not derive {n.tensor!r} from another input")
+        writer = self._writer({"input": n.x.name})
+        value = writer(derived[1])
+        acc, stored = self.dtype(n.out.dtype), self.dtype("in")
+        rounded = "" if stored == acc else f".to({stored}).to({acc})"  # as the stored copy holds it
+        return [*writer.lines, f"{n.out.name} = ({value}){rounded}"]
 
     def _writer(self, leaves) -> TritonWriter:
         self._temporaries += 1
@@ -180,6 +192,16 @@ def _has_slot_terms(body) -> bool:
                isinstance(node, ir.SlotMod) and node.mode == "term" for node in body)
 
 
+def _stored_maps(body) -> Tuple[str, ...]:
+    """The tensors whose mapped copies a program stores (to `mapped` views: the `mapped_<tensor>` buffers)."""
+    found = []
+    for node in body:
+        inner = _stored_maps(node.body) if isinstance(node, (ir.For, ir.If)) else (
+            (node.view.tensor,) if isinstance(node, ir.Store) and node.view.mapped else ())
+        found += [t for t in inner if t not in found]
+    return tuple(found)
+
+
 def _add_kernel_params(source_text: str, name: str, params: List[str]) -> str:
     """Append `params` to the signature of kernel `name` (after its last parameter; passed by keyword)."""
     if not params:
@@ -199,7 +221,8 @@ def render(program: ir.Program, spec: Spec, template: str) -> str:
         acc_dtype=_Emitter(spec).dtype("f32"), spec_comment=repr(spec) + (f" mods={spec.mods}" if spec.mods else ""))
     traced = mods.lookup(spec.mods)
     if traced is not None:
-        text = _add_kernel_params(text, program.name, traced.kernel_params(_has_slot_terms(program.body)))
+        text = _add_kernel_params(text, program.name, traced.kernel_params(_has_slot_terms(program.body),
+                                                                          _stored_maps(program.body)))
     _check_no_shadowing(program, text)
     return text
 

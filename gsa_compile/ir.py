@@ -42,6 +42,7 @@ class View:
     col_limit: str  # columns >= col_limit are masked (K, V or M)
     col_stride: str = "1"
     tensor: str = ""  # the kernel input it reads (q, k, v, s, g, ...): codegen applies the Spec's load mods
+    mapped: bool = False  # it holds `tensor` already mapped (the state pass's stored copy): no load mod applies
 
 
 def broadcast(shapes: Sequence[Shape]) -> Shape:
@@ -199,6 +200,26 @@ class SlotMod(Node):
 
 
 @dataclasses.dataclass
+class Derive(Node):
+    """out = the Spec's mapped input `tensor` computed from x, the mapped tile of the input it derives from
+    (mods.py `TracedMods.derived`: with s_from_gate, s = 1 - exp(g) from the mapped gate), element-wise in
+    f32 and rounded to the input dtype, as the copy the state pass stores holds it (every program sees the
+    same s). Elements where x is 0 give 0 (masked rows and slots stay 0)."""
+    out: Tile
+    x: Tile
+    tensor: str
+
+    def operands(self):
+        return [self.x]
+
+    def result_shape(self):
+        return self.x.shape
+
+    def describe(self):
+        return f"{self.out} = derive {self.tensor} from {self.x.name}"
+
+
+@dataclasses.dataclass
 class Expand(Node):
     """Insert unit axes: `pattern` has one ':' per input axis and 'None' for new ones, e.g. ':, None'."""
     out: Tile
@@ -351,6 +372,9 @@ class Builder:
 
     def slot_mod(self, name, x, acc, index: SlotIndex, mode="value", leaf=0):
         return self._add(SlotMod(Tile(name, x.shape, x.dtype), x, acc, index, mode, leaf))
+
+    def derive(self, name, x, tensor):
+        return self._add(Derive(Tile(name, x.shape, "f32"), x, tensor))
 
     def expand(self, name, x, pattern):
         node = Expand(Tile(name, (), x.dtype), x, pattern)

@@ -11,8 +11,10 @@ Where each mod applies (every program: forward, backward and decode, with no edi
 
     q_map, k_map, v_map   every load of q, k, v is mapped element-wise (IR views name the tensor they read)
     gate_mod(g)           every load of the gate: the log forget gate is gate_mod(g), for any layout but ABC
-    s_from_gate=True      s is not an input: loads of s read the raw gate and compute 1 - exp(gate_mod(g))
-                          (slot layout only, where s and g share [B, T, H, M])
+                          (only the state pass and decode load g; the other programs read its cumsum gc)
+    s_from_gate=True      s is not an input: s = 1 - exp(gate_mod(g)) (slot layout only, where s and g share
+                          [B, T, H, M]). The state pass derives s from the gate tile it mapped (an IR `Derive`)
+                          and stores it (`STORED_MAPS`); the output pass and the backward read that copy as is
     slot_mod(logit, b, h, t, m)
                           the natural-unit slot logits scale * Hk^T q, before the softmax over slots;
                           b: the sequence (batch row, or sequence of cu_seqlens), h: the query head,
@@ -54,6 +56,12 @@ from .mod_expr import Expr, derivative, evaluate, op, params_of, scatter_index
 from .spec import GateLayout
 
 LOAD_MODS = ("q_map", "k_map", "v_map", "gate_mod")
+# Mapped inputs the state pass stores ([B, T, H, cols], the input dtype) for the later programs (output pass,
+# slot and key backward), which then load the copy with no map. Only s: it is loaded 2-3 times per chunk and
+# query head after the state pass, and with s_from_gate its map costs a logsigmoid and an exp per element. g needs
+# no copy (the later programs read its cumsum gc); q, k, v are mapped on load everywhere (each element is loaded
+# by 1 + G programs in the forward: a stored copy would trade one HBM write for G maps; bench/NOTES.md).
+STORED_MAPS = ("s",)
 _ARITY = {"q_map": 1, "k_map": 1, "v_map": 1, "gate_mod": 1, "slot_mod": 5}
 
 
@@ -311,17 +319,19 @@ def _to_expr(role: str, graph: fx.Graph, captured: Dict[int, _Captured]) -> Expr
 class TracedMods:
     """What the kernels and the host need of a GSAMods: the DAGs, by the tensor each load mod maps."""
 
-    def __init__(self, key: str, loads: Dict[str, Expr], slot: Optional[Expr], n_params: int):
+    def __init__(self, key: str, loads: Dict[str, Expr], slot: Optional[Expr], n_params: int,
+                 derived: Optional[Dict[str, Tuple[str, Expr]]] = None):
         self.key, self.loads, self.slot, self.n_params = key, loads, slot, n_params
         self.slot_leaves: List[Expr] = params_of(slot) if slot is not None else []
+        # tensor -> (the input it derives from, its value as an Expr of that input's mapped value)
+        self.derived: Dict[str, Tuple[str, Expr]] = derived or {}
+        self.stored: Tuple[str, ...] = tuple(name for name in STORED_MAPS if name in loads)
 
-    def kernel_params(self, with_terms: bool) -> List[str]:
-        """Extra kernel arguments: the flat captured values, and slot_backward's leaf-gradient terms."""
-        return (["mod_params"] if self.n_params else []) + (["mod_terms"] if with_terms and self.slot_leaves else [])
-
-    def host_map(self, name: str, raw: torch.Tensor, params) -> torch.Tensor:
-        """The load mod of tensor `name` applied on the host (accumulator precision)."""
-        return evaluate(self.loads[name], {"input": raw}, params)
+    def kernel_params(self, with_terms: bool, stores: Tuple[str, ...] = ()) -> List[str]:
+        """Extra kernel arguments: the flat captured values, slot_backward's leaf-gradient terms, and the
+        buffers `mapped_<tensor>` the state pass stores mapped inputs to."""
+        return ((["mod_params"] if self.n_params else []) + (["mod_terms"] if with_terms and self.slot_leaves else [])
+                + [f"mapped_{name}" for name in stores])
 
     def raw_gradients(self, raw: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor], params, terms, cu_seqlens):
         """Gradients w.r.t. the raw inputs and the flat captured values, from the kernels' gradients w.r.t.
@@ -398,15 +408,18 @@ class GSAMods:
         exprs = {role: _to_expr(role, graph, slots(tensors)) for role, (graph, tensors) in traced.items()}
         loads = {name: exprs[role] for name, role in (("q", "q_map"), ("k", "k_map"), ("v", "v_map"),
                                                       ("g", "gate_mod")) if role in exprs}
+        derived = {}
         if self.s_from_gate:
             gate = exprs.get("gate_mod", Expr("input"))
             loads["s"] = op("sub", 1.0, op("exp", gate))
+            derived["s"] = ("g", op("sub", 1.0, op("exp", Expr("input"))))  # the same, from the mapped gate
         self.captured: Tuple[torch.Tensor, ...] = tuple(captured)
         self.slot_uses_t = "slot_mod" in exprs and mod_expr.uses_index(exprs["slot_mod"], "t")
         text = "\n".join([f"s_from_gate={self.s_from_gate}"] + [f"{role}: {exprs[role].describe()}" for role in sorted(exprs)])
         self.key = "m" + hashlib.sha256(text.encode()).hexdigest()[:16]
         self.description = text
-        self.traced = _REGISTRY.setdefault(self.key, TracedMods(self.key, loads, exprs.get("slot_mod"), total))
+        self.traced = _REGISTRY.setdefault(self.key, TracedMods(self.key, loads, exprs.get("slot_mod"), total,
+                                                                 derived))
 
     def __repr__(self):
         given = [role for role, fn in self.functions.items() if fn is not None]
@@ -452,3 +465,15 @@ def _rebuild(functions, s_from_gate):
 def slot_leaf_count(key: str) -> int:
     traced = lookup(key)
     return len(traced.slot_leaves) if traced is not None else 0
+
+
+def stored(key: str) -> Tuple[str, ...]:
+    """The inputs whose mapped value the state pass stores for the later programs under a Spec's `mods` key."""
+    traced = lookup(key)
+    return traced.stored if traced is not None else ()
+
+
+def derived_from(key: str, tensor: str) -> Optional[str]:
+    """The input that `tensor` is derived from under a Spec's `mods` key (s_from_gate: s from g), or None."""
+    traced = lookup(key)
+    return traced.derived[tensor][0] if traced is not None and tensor in traced.derived else None

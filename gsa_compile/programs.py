@@ -6,7 +6,8 @@ w = s * 2^(b_last - b) is each token's weight in the state at the chunk's end.
 
 1. state pass  (per kv head and K or V tile; sequential over chunks). Both recurrences need only
                k, v, s, g:   Hk_{c+1} = Hk_c * 2^{b_last} + k^T w,   Hv_{c+1} = 2^{b_last} Hv_c + w^T v.
-               Stores every chunk-start state, the final states and the gate cumsum b (gc).
+               Stores every chunk-start state, the final states and the gate cumsum b (gc); with user
+               mods that map s (mods.py: s_from_gate), also the mapped s, derived from the mapped gate.
 2. output pass (per query head and chunk; all chunks in parallel):
                logits = scale * (2^b (q Hk_c) + intra(q k^T, s)),  p = softmax_M(logits),
                o = (p 2^b) Hv_c + att v  with att[t, j] = sum_m p_t s_j 2^(b_t - b_j) (j <= t).
@@ -21,8 +22,9 @@ The gate layout is a lowering rule: how a [BT, BM] tile of g is read (`gate_view
 """
 from __future__ import annotations
 
+from . import mods
 from .blocks import (LOG2E, ChunkGates, SubChunk, chunk_products, chunk_rows, chunk_state, diagonal_blocks,
-                     scratch_view, seq_view, softmax_slots)
+                     input_view, mapped_copy, scratch_view, seq_view, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import GATE_FLOOR, GateLayout, Spec
 
@@ -42,9 +44,11 @@ def gate_view(layout: GateLayout) -> View:
 
 
 def state_pass(spec: Spec) -> Program:
-    """Programs i_t < NK carry Hk rows k0:k0+BK; the others carry Hv columns v0:v0+BV."""
+    """Programs i_t < NK carry Hk rows k0:k0+BK; the others carry Hv columns v0:v0+BV. The program i_t = 0
+    stores gc (and the mapped inputs of mods.STORED_MAPS) for the later programs."""
     b = Builder()
     k_view, v_view, s_view, gc_view = seq_view("k", "K"), seq_view("v", "V"), seq_view("s", "M"), seq_view("gc", "M")
+    s_from_gate = mods.derived_from(spec.mods, "s") == "g"
 
     def gate_weights():
         g = chunk_rows(b, "g_c", gate_view(spec.layout))
@@ -53,8 +57,8 @@ def state_pass(spec: Spec) -> Program:
         gc = b.reduce("gc_c", g2, 0, "cumsum")
         total = b.reduce("g_total", g2, 0, "sum")
         last = b.expand("b_last", total, "None, :")
-        s = chunk_rows(b, "s_c", s_view)
-        return gc, total, last, b.map("w", "{0} * tl.exp2({1} - {2})", s, last, gc)
+        s = b.derive("s_c", g, "s") if s_from_gate else chunk_rows(b, "s_c", s_view)
+        return gc, total, last, s, b.map("w", "{0} * tl.exp2({1} - {2})", s, last, gc)
 
     with b.when("i_t < NK"):
         shape = ("BK", "BM")
@@ -63,8 +67,10 @@ def state_pass(spec: Spec) -> Program:
         with b.loop("i_c", "0", "n_chunks"):
             b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
             b.store(chunk_state("hk"), hk, "k0", "K")
-            gc, total, last, w = gate_weights()
+            gc, total, last, s, w = gate_weights()
             b.store(gc_view, gc, "t0", "eos", when="i_t == 0")
+            if "s" in mods.stored(spec.mods):
+                b.store(mapped_copy("s", "M"), s, "t0", "eos", when="i_t == 0")
             k = chunk_rows(b, "k_c", k_view, "BK", "k0", "in")
             hk_decayed = b.map("hk", "{0} * tl.exp2({1})", hk, last)
             b.dot("hk", k, w, trans_a=True, acc=hk_decayed)
@@ -76,7 +82,7 @@ def state_pass(spec: Spec) -> Program:
         with b.loop("i_c", "0", "n_chunks"):
             b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
             b.store(chunk_state("hv"), hv, "0", "M", col0="v0")
-            gc, total, _, w = gate_weights()
+            gc, total, _, _, w = gate_weights()
             v = chunk_rows(b, "v_c", v_view, "BV", "v0", "in")
             hv_decayed = b.map("hv", "{0} * tl.exp2({1})", hv, b.expand("decay_col", total, ":, None"))
             b.dot("hv", w, v, trans_a=True, acc=hv_decayed)
@@ -92,7 +98,7 @@ def output_pass(spec: Spec) -> Program:
        o = (p 2^b) Hv_c + att v per V tile."""
     b = Builder()
     q, k, v, o = seq_view("q", "K"), seq_view("k", "K"), seq_view("v", "V"), seq_view("o", "V")
-    s_view, gc_view = seq_view("s", "M"), seq_view("gc", "M")
+    s_view, gc_view = input_view(spec, "s", "M"), seq_view("gc", "M")
     aqk, loff, pd, attd = (scratch_view(n, c) for n, c in (("aqk", "BT"), ("loff", "M"), ("pd", "M"), ("attd", "BT")))
     gates = ChunkGates(b, s_view, gc_view)
     x, a = chunk_products(b, "l_", q, k, chunk_state("hk"), "K", "BK")

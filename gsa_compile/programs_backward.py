@@ -21,8 +21,8 @@ sequence's last token), dg = reverse cumsum of dGamma over each sequence.
 """
 from __future__ import annotations
 
-from .blocks import (ChunkGates, SubChunk, chunk_products, chunk_rows, chunk_state, diagonal_blocks, last_row, scratch_view,
-                     seq_view, slot_mod_backward, softmax_slots)
+from .blocks import (ChunkGates, SubChunk, chunk_products, chunk_rows, chunk_state, diagonal_blocks, input_view,
+                     last_row, scratch_view, seq_view, slot_mod_backward, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import Spec
 
@@ -43,7 +43,7 @@ def slot_backward(spec: Spec) -> Program:
     C. their off-diagonal blocks; dq = (scale dl 2^b) Hk_c^T + att(scale dl) k per K tile."""
     b = Builder()
     q, k, v, do, dq = (seq_view(n, c) for n, c in (("q", "K"), ("k", "K"), ("v", "V"), ("do", "V"), ("dq", "K")))
-    s_view, gc_view = seq_view("s", "M"), seq_view("gc", "M")
+    s_view, gc_view = input_view(spec, "s", "M"), seq_view("gc", "M")
     p_view, dl_view, x_view = (seq_view(n, "M", row_stride="stride_pt") for n in ("p", "dl", "x"))
     att_dl, att_p, dsi = scratch_view("att", "BT"), scratch_view("att_p", "BT"), scratch_view("dsi", "M")
     aqk, adov, loff, dpoff, attd, attd_p, dsd = (scratch_view(n, c) for n, c in (
@@ -144,7 +144,7 @@ def key_backward(spec: Spec) -> Program:
     dk, dv, ds_view = seq_view("dk", "K"), seq_view("dv", "V"), seq_view("ds", "M", row_stride="stride_dst")
     q, do = _group_view("q", "K"), _group_view("do", "V")
     att_dl, att_p, dsi = (_group_view(n, c, internal=True) for n, c in (("att", "BT"), ("att_p", "BT"), ("dsi", "M")))
-    s_view, gc_view = seq_view("s", "M"), seq_view("gc", "M")
+    s_view, gc_view = input_view(spec, "s", "M"), seq_view("gc", "M")
     last = b.expand("last_row", b.load("gc_last", gc_view, last_row("t0 + BT"), "eos", ("BM",)), "None, :")
     to_end = b.map("to_end", "tl.exp2({0} - {1})", last, chunk_rows(b, "gc_c", gc_view))
     w_end = b.map("w_end", "{0} * {1}", chunk_rows(b, "s_c", s_view), to_end)

@@ -9,6 +9,7 @@ then updates Hv tile by tile while accumulating the outputs:
 """
 from __future__ import annotations
 
+from . import mods
 from .blocks import LOG2E, softmax_slots
 from .ir import Builder, Program, SlotIndex, View
 from .programs import gate_view
@@ -33,8 +34,12 @@ def decode_step(spec: Spec) -> Program:
     gate = gate_view(spec.layout)
     with b.loop("i_tok", "0", "T"):
         b.map("g_base", "g + i_n * stride_gb + i_tok * stride_gt + i_h * stride_gh", dtype="ptr", shape=())
-        decay = b.map("decay", "tl.exp2({0} * " + LOG2E + ")", b.load("g_t", gate, "0", "1", ("BM",)))
-        s_t = b.load("s_t", s_view, "0", "1", ("BM",))
+        g_t = b.load("g_t", gate, "0", "1", ("BM",))
+        decay = b.map("decay", "tl.exp2({0} * " + LOG2E + ")", g_t)
+        if mods.derived_from(spec.mods, "s") == "g":  # s_from_gate: s from the mapped gate, not another map
+            s_t = b.derive("s_t", g_t, "s")
+        else:
+            s_t = b.load("s_t", s_view, "0", "1", ("BM",))
         logits = b.zeros("logits_acc", ("BG", "BM"))
         with b.loop("k0", "0", "K", step="BK"):
             hk = b.load("hk_tile", hk_view, "k0", "K", ("BK", "BM"))

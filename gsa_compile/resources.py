@@ -29,7 +29,7 @@ def signature(arg_names, spec: Spec, constexprs):
     for name in arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in _INPUT_POINTERS:
+        elif name in _INPUT_POINTERS or name.startswith("mapped_"):  # mapped_*: stored mapped inputs (mods.py)
             sig[name] = "*" + _TRITON_DTYPE[spec.dtype]
         elif name in _INT_POINTERS:
             sig[name] = "*i32"

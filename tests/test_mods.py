@@ -303,6 +303,46 @@ def test_codegen_refuses_an_untagged_view_of_a_mapped_input():
         codegen.render_body(ir.Program("p", [], b.body), spec)
 
 
+def test_s_from_gate_is_derived_and_stored_by_the_state_pass_only():
+    """The gate map runs in the state pass (and decode) only: the state pass derives s from the mapped gate
+    (no second load and map of the raw gate) and stores it; the other programs read that copy with no map."""
+    from gsa_compile import programs_backward, programs_decode
+    gate = GSAMods(q_map=F.silu, gate_mod=lambda f: F.logsigmoid(f) / 8, s_from_gate=True)
+    spec = Spec(layout=GateLayout.SLOT, chunk_size=16, dtype="bfloat16", K=8, V=8, M=4, mods=gate.key)
+    state = codegen.source(programs.state_pass, spec)
+    assert kernel_args(state)[-1] == "mapped_s" and state.count("tl.store((mapped_s +") == 1
+    assert "s_base +" not in state.split("s_base = s +")[1] and state.count("tl.log(") == 2  # g once per branch
+    for builder in (programs.output_pass, programs_backward.slot_backward, programs_backward.key_backward):
+        text = codegen.source(builder, spec)
+        assert "tl.log(" not in text and "s_c_raw" not in text and "mapped_s" not in kernel_args(text), builder.__name__
+        assert "silu" in gate.description and "sigmoid(" in text  # q_map still applies on load
+    decode = codegen.source(programs_decode.decode_step, Spec(**{**spec.__dict__, "chunk_size": 16}))
+    assert decode.count("tl.log(") == 1 and "s_t_raw" not in decode
+    for other in (GSAMods(gate_mod=F.logsigmoid), GSAMods(k_map=F.silu)):  # s not mapped: nothing stored
+        assert "mapped_s" not in codegen.source(programs.state_pass, Spec(**{**spec.__dict__, "mods": other.key}))
+
+
+def kernel_args(source):
+    import ast
+    return [a.arg for a in next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)).args.args]
+
+
+def test_s_from_gate_in_bf16_matches_the_unfused_functions():
+    """bf16: the stored copy of s (input dtype) and the rounded s of the state pass, against the float64
+    reference of the same functions applied outside, forward and gradients."""
+    mods = GSAMods(k_map=F.silu, gate_mod=lambda f: F.logsigmoid(f) / 4, s_from_gate=True)
+    q, k, v, _, f = (x.detach() for x in make_inputs("slot", T=37, HQ=2, H=1, raw_gate=True) if x is not None)
+    low = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v, f)]
+    ref = [x.detach().double().requires_grad_() for x in low]
+    o, state = chunk_gsa(low[0], low[1], low[2], None, low[3], chunk_size=16, output_final_state=True, mods=mods)
+    o_ref, state_ref = recurrent_gsa(*mods.apply(ref[0], ref[1], ref[2], None, ref[3]), output_final_state=True)
+    assert rel(o, o_ref) < 3e-2 and all(rel(a, b) < 3e-2 for a, b in zip(state, state_ref))
+    grads = torch.autograd.grad(weighted_loss(o.double(), [x.double() for x in state]), low)
+    grads_ref = torch.autograd.grad(weighted_loss(o_ref, state_ref), ref)
+    for name, a, b in zip("qkvf", grads, grads_ref):
+        assert rel(a, b) < 5e-2, (name, rel(a, b))
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. ops, layer, torch.compile
 # --------------------------------------------------------------------------------------------------
