@@ -118,11 +118,6 @@ class Call:
         # head counts and dims are kernel constants: specialise on them even under dynamic shapes
         self.HQ, self.K, self.H, self.V, self.M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
         self.N = self.B if cu_seqlens is None else cu_seqlens.numel() - 1
-        if _hint(self.N) * self.H > segments.GRID_Y_LIMIT:  # the state passes' grid has N * H rows
-            what = f"cu_seqlens holds {_hint(self.N)} sequences" if cu_seqlens is not None else f"q has batch B={self.B}"
-            raise ValueError(f"{what} x {self.H} kv heads = {_hint(self.N) * self.H} state-pass programs, past CUDA's "
-                             f"grid limit of {segments.GRID_Y_LIMIT}: split the call into parts of at most "
-                             f"{segments.GRID_Y_LIMIT // self.H} sequences")
         if chunk_size == AUTO:
             chunk_size, config = tuned_config(layout, q.dtype, self.K, self.V, self.M, self.HQ // self.H,
                                               cu_seqlens is not None, _hint(self.T), _hint(self.B) * self.HQ,
@@ -166,11 +161,15 @@ class Call:
     def chunk_grid(self, heads, unused):
         """Grid and chunk maps of the per-chunk programs."""
         if self.cu_seqlens is None:
-            return (triton.cdiv(self.T, self.spec.chunk_size), self.B * heads), unused, unused
+            return (triton.cdiv(self.T, self.spec.chunk_size) * self.B * heads,), unused, unused
         return (self.chunk_seq.numel(), heads), self.chunk_seq, self.chunk_idx
 
     def tile_grid(self):
-        return (self.consts["state_pass"]["NK"] + triton.cdiv(self.V, self.consts["state_pass"]["BV"]), self.N * self.H)
+        return (self.tiles() * self.N * self.H,)
+
+    def tiles(self) -> int:
+        """State-pass tiles per (sequence, kv head): NK of Hk rows, then those of Hv columns."""
+        return self.consts["state_pass"]["NK"] + triton.cdiv(self.V, self.consts["state_pass"]["BV"])
 
 
 def state_pass(call: Call, k, v, s, g, hk0, hv0):
