@@ -35,7 +35,6 @@ import triton
 from . import codegen, programs, programs_backward
 
 ENV = "GSA_STATE_SEGMENTS"
-GRID_Y_LIMIT = 65535  # CUDA's limit on grid dimension 1: the state passes' N * H (segmented: N * S * H) programs
 
 
 def requested(call) -> int:
@@ -50,7 +49,7 @@ def requested(call) -> int:
     if value == "auto":
         chunks = triton.cdiv(_hint(call.B) * _hint(call.T), BT) // max(N, 1)  # per sequence (mean if varlen)
         if call.device.type == "cuda":
-            programs_now = call.tile_grid()[0] * N * call.H
+            programs_now = call.tiles() * N * call.H
             sms = torch.cuda.get_device_properties(call.device).multi_processor_count
             S = (2 * sms) // programs_now
         else:
@@ -63,7 +62,7 @@ def requested(call) -> int:
             raise ValueError(f"{ENV}={value!r}: expected an integer number of segments or 'auto'") from None
         if S < 0:
             raise ValueError(f"{ENV}={value!r}: expected a non-negative integer or 'auto'")
-    return max(1, min(S, GRID_Y_LIMIT // max(N * call.H, 1)))
+    return max(1, S)
 
 
 def packable(call, tensors) -> bool:
@@ -182,7 +181,7 @@ def state_pass(p: Plan, call, k, v, s, g, hk0, hv0, gc, hk_chunks, hv_chunks, hk
     from .launch import _strides
 
     N, S, H = call.N, p.S, call.H
-    grid = (call.tile_grid()[0], N * S * H)
+    grid = (call.tiles() * N * S * H,)
     strides = (*_strides(k), *_strides(v), *_strides(s), *gate_strides)
     hk_seg, hv_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
     local = dataclasses.replace(call.spec, varlen=True, initial_state=False)
@@ -202,7 +201,7 @@ def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, d
     from .launch import _strides
 
     N, S, H = call.N, p.S, call.H
-    grid = (call.tile_grid()[0], N * S * H)
+    grid = (call.tiles() * N * S * H,)
     spec = dataclasses.replace(call.spec, varlen=True)
     d_end = tuple(torch.zeros(N * S, *x.shape[1:], device=x.device, dtype=x.dtype) for x in (dhk_final, dhv_final))
     d_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
