@@ -6,6 +6,7 @@ inside a triton_op, so Inductor sees the kernels).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -315,6 +316,7 @@ MAX_DECODE_SPLITS = 8
 DECODE_SPLITS_ENV = "GSA_DECODE_SPLITS"  # force NS (tests, bench/decode_bench.py --splits); 1 = one-launch kernel
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -333,7 +335,7 @@ def decode_splits(n_heads: int, K: int, V: int, device, splits: Optional[int] = 
         return max(1, min(int(splits), K, V))
     if torch.device(device).type != "cuda":
         return 1
-    room = min(MAX_DECODE_SPLITS, _sm_count(device) // max(1, n_heads), V // 16, K // 16)
+    room = min(MAX_DECODE_SPLITS, _sm_count(torch.device(device)) // max(1, n_heads), V // 16, K // 16)
     return 1 if room < 2 else 1 << (room.bit_length() - 1)
 
 
