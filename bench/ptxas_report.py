@@ -63,7 +63,8 @@ def recorded_launches(shape, config, layout="slot"):
         launch.backward(torch.randn_like(o), None, None, q, k, v, s, g, K ** -0.5, None, None, None, chunk,
                         GateLayout(layout), tiles)
         states = hk.contiguous(), hv.contiguous()  # one decode token against the final states
-        launch.decode_(*(x[:, :1] for x in (q, k, v, s, g)), K ** -0.5, *states, GateLayout(layout))
+        launch.decode_(*(x[:, :1] for x in (q, k, v, s, g)), K ** -0.5, *states, GateLayout(layout), splits=1)
+        launch.decode_(*(x[:, :1] for x in (q, k, v, s, g)), K ** -0.5, *states, GateLayout(layout), splits=8)  # split
     finally:
         codegen.kernel = real
     return launches

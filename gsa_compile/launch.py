@@ -6,6 +6,7 @@ inside a triton_op, so Inductor sees the kernels).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -310,10 +311,41 @@ def gate_gradient(d_cumulative, final_terms, cu_seqlens, layout: GateLayout):
     return dg.sum((0, 1))  # DECAY_SLOT
 
 
+MAX_DECODE_SPLITS = 8
+DECODE_SPLITS_ENV = "GSA_DECODE_SPLITS"  # force NS (tests, bench/decode_bench.py --splits); 1 = one-launch kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(n_heads: int, K: int, V: int, device, splits: Optional[int] = None) -> int:
+    """NS, the programs per (sequence, kv head) of the split decode (programs_decode.decode_keys/values).
+
+    `splits` (or the environment variable GSA_DECODE_SPLITS) forces it, clamped to [1, min(K, V)];
+    otherwise 1 (today's one-launch kernel) when the N * H heads alone fill half the SMs or on the CPU,
+    else the largest power of two <= min(8, SMs // (N * H), V // 16, K // 16). Not yet timed (bench/NOTES.md).
+    """
+    import os
+    if splits is None and os.environ.get(DECODE_SPLITS_ENV):
+        splits = int(os.environ[DECODE_SPLITS_ENV])
+    if splits is not None:
+        return max(1, min(int(splits), K, V))
+    if torch.device(device).type != "cuda":
+        return 1
+    room = min(MAX_DECODE_SPLITS, _sm_count(torch.device(device)) // max(1, n_heads), V // 16, K // 16)
+    return 1 if room < 2 else 1 << (room.bit_length() - 1)
+
+
 def decode_(q, k, v, s, g, scale: float, hk, hv, layout: GateLayout, wrap: Callable = lambda kernel: kernel,
-            mods_key: str = "", mod_params: Optional[torch.Tensor] = None):
+            mods_key: str = "", mod_params: Optional[torch.Tensor] = None, splits: Optional[int] = None):
     """T tokens against the states (hk [B,H,K,M], hv [B,H,M,V], float32, contiguous), updated in place.
-    Returns o [B, T, HQ, V]."""
+    Returns o [B, T, HQ, V].
+
+    NS = decode_splits(...) programs per (sequence, kv head): NS = 1 runs the one-program-per-head kernel
+    (programs_decode.decode_step); NS > 1 the two-launch split decode (decode_keys, then decode_values;
+    race analysis in programs_decode.py)."""
     q, k, v, s = unit_last_stride(q, k, v, s)
     g = gate_for_kernels(g, layout)
     B, T = q.shape[:2]
@@ -323,9 +355,19 @@ def decode_(q, k, v, s, g, scale: float, hk, hv, layout: GateLayout, wrap: Calla
     traced = mods.lookup(mods_key)
     mod_args = {"mod_params": mod_params} if traced is not None and traced.n_params else {}
     o = torch.empty(B, T, HQ, V, device=q.device, dtype=q.dtype)
-    consts = dict(K=K, V=V, M=M, G=spec.group, BG=next_power_of_2(spec.group), BK=block(K, 32), BV=block(V, 32),
-                  BM=spec.BM)
-    wrap(codegen.kernel(programs_decode.decode_step, spec))[(B * H,)](
-        q, k, v, s, g, hk, hv, o, T, H, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s),
-        *_gate_strides(g, layout), *_strides(o), **mod_args, **consts)
+    NS = decode_splits(B * H, K, V, q.device, splits)
+    args = (T, H, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_gate_strides(g, layout),
+            *_strides(o))
+    if NS == 1:
+        consts = dict(K=K, V=V, M=M, G=spec.group, BG=next_power_of_2(spec.group), BK=block(K, 32),
+                      BV=block(V, 32), BM=spec.BM)
+        wrap(codegen.kernel(programs_decode.decode_step, spec))[(B * H,)](
+            q, k, v, s, g, hk, hv, o, *args, **mod_args, **consts)
+        return o
+    consts = dict(K=K, V=V, M=M, G=spec.group, NS=NS, BG=next_power_of_2(spec.group),
+                  BK=block(triton.cdiv(K, NS), 32), BV=block(triton.cdiv(V, NS), 32), BM=spec.BM)
+    part = torch.empty(B * H, T, NS, spec.group, M, device=q.device, dtype=torch.float32)  # partial slot logits
+    for builder in (programs_decode.decode_keys, programs_decode.decode_values):
+        wrap(codegen.kernel(builder, spec))[(B * H, NS)](
+            q, k, v, s, g, hk, hv, o, part, *args, **mod_args, **consts)
     return o
