@@ -174,25 +174,32 @@ class Call:
 
 
 def state_pass(call: Call, k, v, s, g, hk0, hv0):
-    """Chunk-start states of Hk and Hv, the gate cumsum and the final states."""
+    """(gate cumsum, s for the later programs, chunk-start states of Hk and Hv, final states).
+
+    Where the Spec's mods store mapped inputs (mods.STORED_MAPS: s with s_from_gate), the state pass writes
+    them to contiguous copies in the input dtype, and the s returned is that copy, which the later programs
+    read with no map; otherwise it is s itself."""
     H, K, V, M = call.H, call.K, call.V, call.M
+    stored = call.mods.stored if call.mods is not None else ()
+    copies = {f"mapped_{name}": torch.empty(x.shape, device=x.device, dtype=k.dtype)
+              for name, x in (("s", s),) if name in stored}
     gc = call.f32(call.B, call.T, H, M)
     hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, H, K, M), (call.n_chunk_rows, H, M, V))
     hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
     cu, offsets = call.tables(hk_final)
-    plan = segments.plan(call, k, v, s, g if call.spec.layout.data_dependent else None)
+    plan = None if copies else segments.plan(call, k, v, s, g if call.spec.layout.data_dependent else None)
     if plan is not None:  # GSA_STATE_SEGMENTS: segments of each sequence in parallel (segments.py)
         initial = (None, None) if hk0 is None else (hk0.to(call.acc_dtype), hv0.to(call.acc_dtype))
         segments.state_pass(plan, call, k, v, s, g, *initial, gc, hk_chunks, hv_chunks, hk_final, hv_final,
                             _gate_strides(g, call.spec.layout))
         call.segments = plan
-        return gc, hk_chunks, hv_chunks, hk_final, hv_final
+        return gc, s, hk_chunks, hv_chunks, hk_final, hv_final
     hk0 = hk0.to(call.acc_dtype).contiguous() if hk0 is not None else hk_final  # unused when the Spec has none
     hv0 = hv0.to(call.acc_dtype).contiguous() if hv0 is not None else hv_final
     call.run(programs.state_pass, call.tile_grid(),
              k, v, s, g, gc, hk_chunks, hv_chunks, hk0, hv0, hk_final, hv_final, cu, offsets,
-             call.T, H, *_strides(k), *_strides(v), *_strides(s), *_gate_strides(g, call.spec.layout))
-    return gc, hk_chunks, hv_chunks, hk_final, hv_final
+             call.T, H, *_strides(k), *_strides(v), *_strides(s), *_gate_strides(g, call.spec.layout), **copies)
+    return gc, copies.get("mapped_s", s), hk_chunks, hv_chunks, hk_final, hv_final
 
 
 def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, layout: GateLayout,
@@ -204,15 +211,15 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     q, k, v, s = unit_last_stride(q, k, v, s)
     g = gate_for_kernels(g, layout)
     call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params)
-    gc, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
+    gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     o = torch.empty(call.B, call.T, call.HQ, call.V, device=q.device, dtype=q.dtype)
     cu, offsets = call.tables(hk_final)
     grid, chunk_seq, chunk_idx = call.chunk_grid(call.HQ, hk_final)
     loff, pd = call.f32(call.B, call.T, call.HQ, call.M), call.f32(call.B, call.T, call.HQ, call.M)
     aqk, attd = (call.f32(call.B, call.T, call.HQ, call.spec.chunk_size) for _ in range(2))
     call.run(programs.output_pass, grid,
-             q, k, v, s, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
-             call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s))
+             q, k, v, s_read, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
+             call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
     return o, hk_final, hv_final
 
 
@@ -227,7 +234,7 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     g = gate_for_kernels(g, layout)
     call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params)
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
-    gc, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
+    gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     cu, offsets = call.tables(hk_final)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     p, dl, x = call.f32(B, T, HQ, M), call.f32(B, T, HQ, M), call.f32(B, T, HQ, M)
@@ -237,11 +244,10 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     n_terms = len(call.mods.slot_leaves) if call.mods is not None else 0
     terms = {"mod_terms": call.f32(B, T, HQ, n_terms, M)} if n_terms else {}  # slot_mod parameter terms
     call.run(programs_backward.slot_backward, grid,
-             q, k, v, s, gc, hk_chunks, hv_chunks, do, dq, p, dl, x, att_dl, att_p, dsi, aqk, adov, loff, dpoff, attd,
-             attd_p, dsd, cu, offsets,
-             chunk_seq, chunk_idx,
-             T, H, HQ, scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_strides(do),
-             **terms)
+             q, k, v, s_read, gc, hk_chunks, hv_chunks, do, dq, p, dl, x, att_dl, att_p, dsi, aqk, adov, loff, dpoff,
+             attd, attd_p, dsd, cu, offsets, chunk_seq, chunk_idx,
+             T, H, HQ, scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read),
+             *_strides(do), **terms)
 
     dhk_chunks, dhv_chunks = torch.empty_like(hk_chunks), torch.empty_like(hv_chunks)
     dhk0, dhv0 = call.f32(N, H, K, M), call.f32(N, H, M, V)
@@ -260,12 +266,12 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     ds = call.f32(B, T, H, M)
     grid, chunk_seq, chunk_idx = call.chunk_grid(H, hk_final)
     call.run(programs_backward.key_backward, grid,
-             q, k, v, s, gc, do, att_dl, att_p, dsi, dhk_chunks, dhv_chunks, dk, dv, ds, cu, offsets, chunk_seq, chunk_idx,
-             T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_strides(do))
+             q, k, v, s_read, gc, do, att_dl, att_p, dsi, dhk_chunks, dhv_chunks, dk, dv, ds, cu, offsets, chunk_seq,
+             chunk_idx, T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read), *_strides(do))
 
     final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3)  # [N, H, M]
-    s_used = s if call.mods is None or "s" not in call.mods.loads else call.mods.host_map("s", s.to(ds.dtype), mod_params)
-    dg = gate_gradient(x.view(B, T, H, HQ // H, M).sum(3) - s_used.to(ds.dtype) * ds, final_terms, cu_seqlens, layout)
+    # s as the kernels used it: where the mods map s, the state pass's copy (mods.STORED_MAPS holds every mapped s)
+    dg = gate_gradient(x.view(B, T, H, HQ // H, M).sum(3) - s_read.to(ds.dtype) * ds, final_terms, cu_seqlens, layout)
     grads = {"q": dq, "k": dk, "v": dv, "s": ds, "g": dg}
     dparams = torch.zeros(0, device=q.device, dtype=torch.float32)
     if call.mods is not None:

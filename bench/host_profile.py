@@ -1,0 +1,82 @@
+"""Where an eager call's host time goes: wall time per call against the GPU time of its kernels,
+and a cProfile of many calls (top functions by own time and by cumulative time).
+
+    python bench/host_profile.py [--shape B,T,H,D,M] [--calls 200] [--out FILE.json]
+
+Rows: fwd and fwd+bwd. `host_ms` is the wall time per call with the GPU never waited on inside the
+loop (a launch-bound call shows host_ms > kernels_ms); `kernels_ms` is the sum of its CUDA kernels'
+times from torch.profiler. A CPU run (interpreter) prints the cProfile only: its times are the
+interpreter's, not the launch path's.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+
+import torch
+
+from gsa_compile import benchmark as bm
+from gsa_compile import chunk_gsa
+
+
+def per_call_ms(fn, calls, sync):
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def top(fn, calls, sort, lines=25):
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats(sort).print_stats(lines)
+    return text.getvalue()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="1,512,4,128,64", help="B,T,H,D,M (K = V = D)")
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    B, T, H, D, M = (int(x) for x in args.shape.split(","))
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    calls = args.calls if cuda else 3
+    inputs = bm.make_inputs(B, T, H, D, D, M, "slot", dtype, device, requires_grad=True)
+    do = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    runs = {"fwd": lambda: chunk_gsa(*inputs)[0], "fwd+bwd": bm._fwd_bwd(lambda: chunk_gsa(*inputs)[0], inputs, do)}
+    rows = []
+    for name, fn in runs.items():
+        row = dict(run=name, shape=args.shape, host_ms=per_call_ms(fn, calls, sync))
+        if cuda:
+            row["kernels_ms"] = round(sum(bm.kernel_shares(fn).values()), 4)
+            row["do_bench_ms"] = bm.bench(fn)
+        for sort in ("tottime", "cumulative"):
+            print(f"== {name}: cProfile of {calls} calls, by {sort}")
+            print(top(fn, calls, sort))
+        rows.append(row)
+    print(f"{'run':<8} | {'host ms/call':>12} | {'kernels ms':>10} | {'do_bench ms':>11}")
+    for r in rows:
+        print(f"{r['run']:<8} | {r['host_ms']:12.3f} | {r.get('kernels_ms', float('nan')):10.3f} | "
+              f"{r.get('do_bench_ms', float('nan')):11.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(environment=bm.environment(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
