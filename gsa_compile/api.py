@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.gsa.*)
+from . import launch, ops  # ops registers torch.ops.gsa.*
 from .mods import GSAMods
 from .spec import GateLayout, StateTuple, check_chunk_size, validate_inputs
 
@@ -90,8 +90,11 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
         g, s = abc_gate(s, cu_seqlens)
         layout = GateLayout.SLOT
     hk0, hv0 = initial_state if initial_state is not None else (None, None)
-    o, hk, hv = torch.ops.gsa.chunk_forward(q, k, v, s, g, problem.scale, hk0, hv0, cu_seqlens,
-                                            chunk_size or 0, layout.value, mods_key, mod_params)
+    args = (q, k, v, s, g, problem.scale, hk0, hv0, cu_seqlens, chunk_size or 0, layout.value, mods_key, mod_params)
+    if ops.eager_ok(q, k, v, s, g, hk0, hv0, cu_seqlens, mod_params):  # the same kernels, less host time
+        o, hk, hv = ops.EagerChunkForward.apply(*args)
+    else:
+        o, hk, hv = torch.ops.gsa.chunk_forward(*args)
     if head_first:
         o = o.transpose(1, 2)
     return o, ((hk, hv) if output_final_state else None)
@@ -125,6 +128,14 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.T
             if x.dtype != torch.float32 or not x.is_contiguous():
                 raise ValueError(f"inplace=True needs float32 contiguous states; {name} is {x.dtype}, "
                                  f"contiguous={x.is_contiguous()}")
+    tensors = (q, k, v, s, g, hk, hv, mod_params)
+    if ops.eager_ok(*tensors) and not any(x is not None and x.requires_grad for x in tensors):
+        if not inplace:  # the op's functional form: fresh float32 states
+            hk, hv = (torch.empty(x.shape, device=x.device, dtype=torch.float32).copy_(x) for x in (hk, hv))
+        o = launch.decode_(q, k, v, s, g, problem.scale, hk, hv, problem.layout, mods_key=mods_key,
+                           mod_params=mod_params)  # the op's kernels without the dispatcher (ops.eager_ok)
+        return o, (hk, hv)
+    if inplace:
         o = torch.ops.gsa.recurrent_step_(q, k, v, s, g, problem.scale, hk, hv, layout, mods_key, mod_params)
         return o, (hk, hv)
     o, hk, hv = torch.ops.gsa.recurrent_step(q, k, v, s, g, problem.scale, hk, hv, layout, mods_key, mod_params)

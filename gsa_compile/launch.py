@@ -76,9 +76,26 @@ def _gate_strides(g: torch.Tensor, layout: GateLayout):
 # traffic on B8 T2048 H16 K=V=128); with 8 warps and sub-chunks of 8 it spills nothing at chunk 32 and
 # 1.1 KB at chunk 64. The forward's tuning does not see this kernel, so it gets its own launch values.
 SLOT_BACKWARD_WARPS, SLOT_BACKWARD_BC = 8, 8
+# GSA_BACKWARD_CONFIG="BT,BK,BV,warps,stages,slot_warps,slot_BC" forces the backward's launch (it recomputes
+# the forward's states, so its chunk size is free): bench/backward_sweep.py times such variants.
+BACKWARD_CONFIG_ENV = "GSA_BACKWARD_CONFIG"
 
 
-def kernel_constants(spec: Spec, config: TileConfig):
+def backward_override():
+    """(chunk_size, TileConfig, (slot warps, slot BC)) from GSA_BACKWARD_CONFIG, or None."""
+    import os
+    value = os.environ.get(BACKWARD_CONFIG_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        BT, BK, BV, warps, stages, slot_warps, slot_bc = (int(x) for x in value.split(","))
+    except ValueError:
+        raise ValueError(f"{BACKWARD_CONFIG_ENV}={value!r}: expected seven integers "
+                         "BT,BK,BV,warps,stages,slot_warps,slot_BC") from None
+    return BT, TileConfig(BK=BK, BV=BV, num_warps=warps, num_stages=stages), (slot_warps, slot_bc)
+
+
+def kernel_constants(spec: Spec, config: TileConfig, slot_bc: int = SLOT_BACKWARD_BC):
     """The constexpr arguments of every program (forward and backward) for a Spec and tile config."""
     BK, BV = block(spec.K, config.BK), block(spec.V, config.BV)
     common = dict(K=spec.K, V=spec.V, M=spec.M, BT=spec.chunk_size, BK=BK, BV=BV, BM=spec.BM)
@@ -86,7 +103,7 @@ def kernel_constants(spec: Spec, config: TileConfig):
     return {
         "state_pass": dict(NK=triton.cdiv(spec.K, BK), **common),
         "output_pass": per_chunk,
-        "slot_backward": dict(per_chunk, BC=min(SLOT_BACKWARD_BC, spec.chunk_size)),
+        "slot_backward": dict(per_chunk, BC=min(slot_bc, spec.chunk_size)),
         "state_backward": dict(G=spec.group, NK=triton.cdiv(spec.K, BK), **common),
         "key_backward": per_chunk,
     }
@@ -114,11 +131,13 @@ def tuned_config(layout, dtype, K, V, M, group, varlen, T, BH, device):
 class Call:
     """Sizes, Spec, constants and chunk tables of one forward or backward call."""
 
-    def __init__(self, q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key="", mod_params=None):
+    def __init__(self, q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key="", mod_params=None,
+                 slot_backward=(SLOT_BACKWARD_WARPS, SLOT_BACKWARD_BC)):
         self.B, self.T = q.shape[:2]
         # head counts and dims are kernel constants: specialise on them even under dynamic shapes
         self.HQ, self.K, self.H, self.V, self.M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
         self.N = self.B if cu_seqlens is None else cu_seqlens.numel() - 1
+        self.plain_tensors = type(q) is torch.Tensor  # not a fake or functional tensor of a trace
         if chunk_size == AUTO:
             chunk_size, config = tuned_config(layout, q.dtype, self.K, self.V, self.M, self.HQ // self.H,
                                               cu_seqlens is not None, _hint(self.T), _hint(self.B) * self.HQ,
@@ -129,9 +148,9 @@ class Call:
         self.mods, self.mod_params = mods.lookup(mods_key), mod_params
         self.mod_args = {"mod_params": mod_params} if self.mods is not None and self.mods.n_params else {}
         config = config or TileConfig()
-        self.consts = kernel_constants(self.spec, config)
+        self.consts = kernel_constants(self.spec, config, slot_backward[1])
         self.launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        self.launch_of = {"slot_backward": dict(self.launch, num_warps=max(SLOT_BACKWARD_WARPS, config.num_warps))}
+        self.launch_of = {"slot_backward": dict(self.launch, num_warps=max(slot_backward[0], config.num_warps))}
         self.wrap, self.device, self.cu_seqlens = wrap, q.device, cu_seqlens
         self.acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.n_chunk_rows, self.offsets, self.chunk_seq, self.chunk_idx = chunk_layout(cu_seqlens, self.B, self.T, chunk_size)
@@ -232,7 +251,10 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     host; d mod_params is empty without captured tensors."""
     q, k, v, s, do = unit_last_stride(q, k, v, s, do)
     g = gate_for_kernels(g, layout)
-    call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params)
+    override, slot = backward_override(), (SLOT_BACKWARD_WARPS, SLOT_BACKWARD_BC)
+    if override is not None:
+        chunk_size, config, slot = override
+    call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params, slot)
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
     gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     cu, offsets = call.tables(hk_final)

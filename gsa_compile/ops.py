@@ -145,18 +145,58 @@ def _forward_setup(ctx, inputs, output):
     ctx.scale, ctx.chunk_size, ctx.gate_layout, ctx.mods = scale, chunk_size, gate_layout, mods
 
 
-def _forward_backward(ctx, do, dhk_final, dhv_final):
+def _forward_backward(ctx, do, dhk_final, dhv_final, backward=None):
+    """chunk_forward's autograd formula: chunk_backward (the op, or `backward` = launch.backward eagerly)."""
     q, k, v, s, g, hk0, hv0, cu_seqlens, mod_params = ctx.saved_tensors
     if do is None:
         do = torch.zeros(q.shape[:3] + v.shape[3:], device=q.device, dtype=q.dtype)
-    dq, dk, dv, ds, dg, dhk0, dhv0, dparams = chunk_backward(
-        do, dhk_final, dhv_final, q, k, v, s, g, ctx.scale, hk0, hv0, cu_seqlens,
-        ctx.chunk_size, ctx.gate_layout, ctx.mods, mod_params)
+    if backward is None:
+        grads = chunk_backward(do, dhk_final, dhv_final, q, k, v, s, g, ctx.scale, hk0, hv0, cu_seqlens,
+                               ctx.chunk_size, ctx.gate_layout, ctx.mods, mod_params)
+    else:
+        grads = backward(do, dhk_final, dhv_final, q, k, v, s, g, ctx.scale, hk0, hv0, cu_seqlens, ctx.chunk_size,
+                         GateLayout(ctx.gate_layout), mods_key=ctx.mods, mod_params=mod_params)
+    dq, dk, dv, ds, dg, dhk0, dhv0, dparams = grads
     return (dq, dk, dv, ds, dg, None, dhk0 if hk0 is not None else None, dhv0 if hv0 is not None else None,
             None, None, None, None, dparams if mod_params is not None else None)
 
 
 chunk_forward.register_autograd(_forward_backward, setup_context=_forward_setup)
+
+
+# -- the eager path ----------------------------------------------------------------------------
+# An eager call through the dispatcher (autograd_impl, redispatch, the triton_op wrapper, defaults,
+# the aliasing check) cost ~0.3 ms of host time per forward and as much again per backward on the H200
+# machine (bench/host_profile.py), more than the kernels of a 512-token call. Eager calls on plain
+# tensors therefore run the same launch functions through a torch.autograd.Function; everything else
+# (torch.compile, fake tensors, dispatch modes, functorch transforms, tensor subclasses) takes the op.
+EAGER_FAST_PATH = os.environ.get("GSA_EAGER_OPS", "0") != "1"  # GSA_EAGER_OPS=1: always the op
+
+
+def eager_ok(*tensors) -> bool:
+    """Whether this call may skip the dispatcher: eager, no mode or transform, plain tensors only."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return (EAGER_FAST_PATH and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and not torch._C._are_functorch_transforms_active()
+            and all(x is None or type(x) is Tensor for x in tensors))
+
+
+class EagerChunkForward(torch.autograd.Function):
+    """gsa::chunk_forward with its autograd formula, without the dispatcher (see eager_ok). The
+    arguments are those of the op and were validated by the caller (api.chunk_gsa)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # ctx first, no setup_context: apply() then binds no signature (host time)
+        q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout, mods, mod_params = inputs
+        output = launch.forward(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, GateLayout(gate_layout),
+                                mods_key=mods, mod_params=mod_params)
+        _forward_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dhk_final, dhv_final):
+        return _forward_backward(ctx, do, dhk_final, dhv_final, backward=launch.backward)
 
 
 @_define(f"{_LIB}::recurrent_step_", mutates_args=("hk", "hv"))

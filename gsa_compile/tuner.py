@@ -320,12 +320,19 @@ class TuningCache:
 _caches: dict = {}
 
 
+_by_setting: dict = {}  # (device, the variables tuning_dirs reads) -> TuningCache: no Path work per call
+
+
 def default_cache(device=None) -> TuningCache:
     """The process-wide TuningCache of a device's GPU and the current directories."""
-    key = (current_environment(device), *tuning_dirs())
-    if key not in _caches:
-        _caches[key] = TuningCache(*key)
-    return _caches[key]
+    setting = (device, *(os.environ.get(name) for name in ("GSA_COMPILE_TUNING_DIR", "GSA_COMPILE_CACHE_DIR", "HOME")))
+    cache = _by_setting.get(setting)
+    if cache is None:
+        key = (current_environment(device), *tuning_dirs())
+        if key not in _caches:
+            _caches[key] = TuningCache(*key)
+        cache = _by_setting[setting] = _caches[key]
+    return cache
 
 
 TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float64: 1e-9}

@@ -142,6 +142,24 @@ def test_auto_on_cpu(monkeypatch):
         segments.requested(_call()[0])
 
 
+@pytest.mark.parametrize("tiles, heads, plain, expected", [
+    (8, 4, True, 8),  # B1 H4 K=V=512 at BK=BV=128: 32 programs -> 2 * 132 // 32 = 8
+    (2, 4, True, 32),  # K=V=128: 8 programs -> 33, rounded down to a power of two
+    (8, 16, True, 1),  # 128 programs: S = 2 < 4, not worth a second pass
+    (8, 4, False, 1),  # traced (fake or functional tensors): compiled graphs keep the unsegmented pass
+])
+def test_default_on_a_gpu(tiles, heads, plain, expected, monkeypatch):
+    """Unset variable: segments only eagerly on a GPU, and only where they at least quadruple the programs."""
+    import types
+    monkeypatch.delenv(segments.ENV, raising=False)
+    monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
+    call = types.SimpleNamespace(device=torch.device("cuda"), plain_tensors=plain, N=1, B=1, T=32768, H=heads,
+                                 spec=types.SimpleNamespace(chunk_size=32), tiles=lambda: tiles)
+    assert segments.requested(call) == expected
+    call.device = torch.device("cpu")
+    assert segments.requested(call) == 1
+
+
 def test_plan_tables_and_fallback(monkeypatch):
     monkeypatch.setenv(segments.ENV, "3")
     call, tensors = _call(B=2, T=100)  # 7 chunks per row: segments of 3, 3, 1 chunks
