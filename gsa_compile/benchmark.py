@@ -316,19 +316,24 @@ def run(quick=False, out=None, timing=True, jobs=6, sweep_lengths=()):
     result = dict(environment=environment(),
                   correctness=[row for (name, _), rows in zip(tasks, results) if name == "correctness" for row in rows],
                   compile=results[len(CORRECTNESS_CASES)])
+
+    def save():  # after every stage: a run cut short by a time limit keeps what it measured
+        if out:
+            with open(out, "w") as f:
+                json.dump(result, f, indent=1)
+    save()
     if timing:
         torch.manual_seed(torch.seed() % 2**31)  # fresh inputs every run
         result["timing"] = time_shapes("cuda", SHAPES[:2] if quick else SHAPES)
+        save()
     if sweep_lengths:
         result["sweep"] = sweep("cuda", sweep_lengths)
+        save()
         if out:
             try:
                 plot_sweep(result["sweep"], out.rsplit(".", 1)[0] + "_sweep.png")
             except ImportError as exc:  # matplotlib missing: the numbers are in the JSON
                 print(f"no plot: {exc!r}", file=sys.stderr)
-    if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
     return 0 if print_table(result) else 1
 
 

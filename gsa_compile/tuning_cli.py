@@ -22,9 +22,11 @@ from .benchmark import SHAPES, make_inputs
 from .spec import GateLayout, Spec
 
 QUICK_SPACE = dict(chunk_sizes=(64, 128), blocks=(64, 128), warps=(4, 8), stages=(1, 2))
-# the default: on the H200 the 3 standard shapes took 112 s with it (bench/results/*tune_session2.txt);
-# chunk 128 with 128-wide tiles exceeds shared memory, 64-wide tiles lost on every shape tried
-STANDARD_SPACE = dict(chunk_sizes=(32, 64), blocks=(128,), warps=(4, 8), stages=(2, 3))
+# the default. (32, 64) x (128,) took 94-113 s for the 3 standard shapes on the H200 (bench/results/
+# *tune_s4.txt); chunk 128 with 128-wide tiles exceeds shared memory. Chunk 16 with 64-wide tiles was
+# never tried there: ptxas (bench/ptxas_report.py) gives its output pass 168 registers instead of 255,
+# i.e. 3 CTAs per SM instead of 2 (bench/NOTES.md, session 4), so it joins the search (~2.7x the configs).
+STANDARD_SPACE = dict(chunk_sizes=(16, 32, 64), blocks=(64, 128), warps=(4, 8), stages=(2, 3))
 
 
 def parse_shape(text: str):
