@@ -118,30 +118,37 @@ def _hint(size) -> int:
     return int(node.hint) if node is not None and node.hint is not None else int(size)
 
 
-def tuned_config(layout, dtype, K, V, M, group, varlen, T, BH, device):
-    """(chunk_size, TileConfig) from the tuning cache: exact hit, nearest bucket or the default."""
+def tuned_config(layout, dtype, K, V, M, group, varlen, T, BH, device, direction="forward"):
+    """(chunk_size, TileConfig, source) from the tuning cache: exact hit, nearest bucket or the default.
+    A backward without a tuned backward entry (source "forward") takes the forward's config."""
     import types
 
     from . import tuner
     problem = types.SimpleNamespace(layout=layout, dtype=dtype, K=K, V=V, M=M, group=group, varlen=varlen)
-    config, _ = tuner.default_cache(device).lookup(tuner.TuningKey.make(problem, T=T, BH=BH))
-    return config.chunk_size, config.tile_config()
+    cache = tuner.default_cache(device)
+    config, source = cache.lookup(tuner.TuningKey.make(problem, T=T, BH=BH, direction=direction))
+    if direction == "backward" and source == "default":
+        config, _ = cache.lookup(tuner.TuningKey.make(problem, T=T, BH=BH))
+        source = "forward"
+    return config.chunk_size, config.tile_config(), source
 
 
 class Call:
     """Sizes, Spec, constants and chunk tables of one forward or backward call."""
 
     def __init__(self, q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key="", mod_params=None,
-                 slot_backward=(SLOT_BACKWARD_WARPS, SLOT_BACKWARD_BC)):
+                 slot_backward=(None, SLOT_BACKWARD_BC), direction="forward"):
         self.B, self.T = q.shape[:2]
         # head counts and dims are kernel constants: specialise on them even under dynamic shapes
         self.HQ, self.K, self.H, self.V, self.M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
         self.N = self.B if cu_seqlens is None else cu_seqlens.numel() - 1
         self.plain_tensors = type(q) is torch.Tensor  # not a fake or functional tensor of a trace
         if chunk_size == AUTO:
-            chunk_size, config = tuned_config(layout, q.dtype, self.K, self.V, self.M, self.HQ // self.H,
-                                              cu_seqlens is not None, _hint(self.T), _hint(self.B) * self.HQ,
-                                              q.device if q.device.type == "cuda" else "cpu")
+            chunk_size, config, source = tuned_config(
+                layout, q.dtype, self.K, self.V, self.M, self.HQ // self.H, cu_seqlens is not None, _hint(self.T),
+                _hint(self.B) * self.HQ, q.device if q.device.type == "cuda" else "cpu", direction)
+            if direction == "backward" and source != "forward":  # a tuned backward chose its warps for every kernel
+                slot_backward = (config.num_warps, slot_backward[1])
         self.spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[q.dtype], K=self.K, V=self.V,
                          M=self.M, group=self.HQ // self.H, varlen=cu_seqlens is not None,
                          initial_state=hk0 is not None, final_state=True, mods=mods_key)
@@ -150,7 +157,9 @@ class Call:
         config = config or TileConfig()
         self.consts = kernel_constants(self.spec, config, slot_backward[1])
         self.launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        self.launch_of = {"slot_backward": dict(self.launch, num_warps=max(slot_backward[0], config.num_warps))}
+        # the slot backward's warps: forced (GSA_BACKWARD_CONFIG), a tuned backward's, else at least 8 (its spills)
+        slot_warps = slot_backward[0] or max(SLOT_BACKWARD_WARPS, config.num_warps)
+        self.launch_of = {"slot_backward": dict(self.launch, num_warps=slot_warps)}
         self.wrap, self.device, self.cu_seqlens = wrap, q.device, cu_seqlens
         self.acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.n_chunk_rows, self.offsets, self.chunk_seq, self.chunk_idx = chunk_layout(cu_seqlens, self.B, self.T, chunk_size)
@@ -244,17 +253,19 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
 
 def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int,
              layout: GateLayout, config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel,
-             mods_key: str = "", mod_params: Optional[torch.Tensor] = None):
+             mods_key: str = "", mod_params: Optional[torch.Tensor] = None, slot_warps: Optional[int] = None):
     """Gradients of chunk_forward: (dq, dk, dv, ds, dg, dhk0, dhv0, d mod_params). Recomputes the forward states.
 
     With mods, the kernels' gradients w.r.t. the mapped inputs go through the mods' chain rule on the
-    host; d mod_params is empty without captured tensors."""
+    host; d mod_params is empty without captured tensors. chunk_size AUTO takes the tuned backward
+    entry (tuner.TuningKey direction "backward", whose warps the slot backward uses too), else the
+    forward's; `slot_warps` forces the slot backward's warps (the tuner times a backward entry so)."""
     q, k, v, s, do = unit_last_stride(q, k, v, s, do)
     g = gate_for_kernels(g, layout)
-    override, slot = backward_override(), (SLOT_BACKWARD_WARPS, SLOT_BACKWARD_BC)
+    override, slot = backward_override(), (slot_warps, SLOT_BACKWARD_BC)
     if override is not None:
         chunk_size, config, slot = override
-    call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params, slot)
+    call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params, slot, "backward")
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
     gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     cu, offsets = call.tables(hk_final)

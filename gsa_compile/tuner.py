@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - Windows: os.replace alone keeps reader
 FORMAT, SCHEMA_VERSION = "gsa_compile.tuning", 1
 T_RANGE, BH_RANGE = (256, 1 << 20), (1, 4096)
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+DIRECTIONS = ("forward", "backward")
 _PACKAGE = Path(__file__).resolve().parent
 # the sources of the tuned (forward) kernels: a change to any of them invalidates the tuning files
 _SOURCES = ("templates/common.py.jinja", "templates/state_pass.py.jinja", "templates/output_pass.py.jinja",
@@ -133,30 +134,36 @@ class TuningKey:
     varlen: bool
     T: int  # next power of two of the length, clamped to T_RANGE
     BH: int  # next power of two of B * HQ, clamped to BH_RANGE
+    # which call the config is for: the forward, or the backward (which recomputes the forward's states,
+    # so its chunk size and tiles are free); absent from a key's text when "forward"
+    direction: str = "forward"
 
     @classmethod
-    def make(cls, spec_like, T: int, BH: int) -> "TuningKey":
+    def make(cls, spec_like, T: int, BH: int, direction: str = "forward") -> "TuningKey":
         """From a Spec (or anything with layout, dtype, K, V, M[, group, varlen]) and call sizes."""
         layout = spec_like.layout.value if isinstance(spec_like.layout, GateLayout) else str(spec_like.layout)
         return cls(layout, str(spec_like.dtype).replace("torch.", ""), int(spec_like.K), int(spec_like.V),
                    int(spec_like.M), int(getattr(spec_like, "group", 1)), bool(getattr(spec_like, "varlen", False)),
-                   bucket(T, *T_RANGE), bucket(BH, *BH_RANGE))
+                   bucket(T, *T_RANGE), bucket(BH, *BH_RANGE), direction)
 
     def to_str(self) -> str:
-        return "|".join(f"{f.name}={int(v) if isinstance(v, bool) else v}" for f, v in
-                        zip(dataclasses.fields(self), dataclasses.astuple(self)))
+        pairs = [(f.name, v) for f, v in zip(dataclasses.fields(self), dataclasses.astuple(self))]
+        return "|".join(f"{name}={int(v) if isinstance(v, bool) else v}" for name, v in pairs
+                        if not (name == "direction" and v == "forward"))
 
     @classmethod
     def from_str(cls, text) -> "TuningKey":
         """Inverse of to_str(); ValueError for anything else (wrong fields, values off the buckets)."""
         parts = dict(p.split("=", 1) for p in text.split("|") if "=" in p) if isinstance(text, str) else {}
         fields = dataclasses.fields(cls)
-        if list(parts) != [f.name for f in fields]:
+        names = [f.name for f in fields]
+        if list(parts) not in (names, names[:-1]):
             raise ValueError(f"bad tuning key {text!r}")
+        parts.setdefault("direction", "forward")
         key = cls(*(parts[f.name] if f.type == "str" else int(parts[f.name]) for f in fields))
         if (key.layout not in {x.value for x in GateLayout} or key.dtype not in DTYPES or key.varlen not in (0, 1)
                 or min(key.K, key.V, key.M, key.group) < 1 or key.T != bucket(key.T, *T_RANGE)
-                or key.BH != bucket(key.BH, *BH_RANGE)):
+                or key.BH != bucket(key.BH, *BH_RANGE) or key.direction not in DIRECTIONS):
             raise ValueError(f"bad tuning key {text!r}")
         return dataclasses.replace(key, varlen=bool(key.varlen))
 

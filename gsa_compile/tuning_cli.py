@@ -52,7 +52,7 @@ def _try_config(job) -> Optional[str]:
     once, at the tuning shape. This compiles its kernels into the shared on-disk caches, and a config
     that fails to compile or launch (out of shared memory, or a fault, which would poison the CUDA
     context) fails here rather than in the timing process. Returns None, or why the config fails."""
-    layout, dtype_name, shape, config, backward = job
+    layout, dtype_name, shape, config, backward, *slot_warps = job  # slot_warps: a backward entry's (its warps)
     try:
         B, T, H, K, V, M = shape
         inputs = make_inputs(B, T, H, K, V, M, layout, getattr(torch, dtype_name), "cuda")
@@ -60,7 +60,7 @@ def _try_config(job) -> Optional[str]:
                            config.tile_config())[0]
         if backward:
             launch.backward(torch.ones_like(o), None, None, *inputs, K ** -0.5, None, None, None, config.chunk_size,
-                            GateLayout(layout), config.tile_config())
+                            GateLayout(layout), config.tile_config(), slot_warps=slot_warps[0] if slot_warps else None)
         torch.cuda.synchronize()
         return None
     except Exception as err:  # noqa: BLE001 - OutOfResources, compile errors, faults: the config is dropped
@@ -99,6 +99,33 @@ def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None
     return result, (layout, dtype_name, shape, result.best, True)
 
 
+def tune_backward_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None, jobs=None):
+    """Tune the backward of one shape on its own (a TuningKey with direction "backward"): it recomputes the
+    forward's states, so any chunk size and tiles will do. Every backward kernel, the slot backward
+    included, runs with the config's warps. The gradients of q, k, v, s must match the default config's
+    (dg is derived from them on the host)."""
+    spec_like = Spec(GateLayout(layout), 64, launch.DTYPE_NAMES[dtype], K, V, M, group=1)
+    key = tuner.TuningKey.make(spec_like, T=T, BH=B * H, direction="backward")
+    space = tuner.search_space(spec_like, **(space or {}))
+    shape, dtype_name = (B, T, H, K, V, M), launch.DTYPE_NAMES[dtype]
+    errors = try_configs([(layout, dtype_name, shape, c, True, c.num_warps) for c in space], jobs)
+    candidates = [c for c, err in zip(space, errors) if err is None]
+    dropped = [(c, err) for c, err in zip(space, errors) if err is not None]
+    if space[0] not in candidates:
+        raise RuntimeError(f"the default config fails on {key.to_str()}: {errors[0]}")
+    q, k, v, s, g = make_inputs(B, T, H, K, V, M, layout, dtype, "cuda")
+    do = torch.randn_like(q)
+
+    def run(config):
+        grads = launch.backward(do, None, None, q, k, v, s, g, K ** -0.5, None, None, None, config.chunk_size,
+                                GateLayout(layout), config.tile_config(), slot_warps=config.num_warps)
+        return grads[:4]
+
+    result = tuner.tune(key, candidates, run, progress=True)
+    result.trials.extend(tuner.Trial(config, "skipped", None, reason) for config, reason in dropped)
+    return result
+
+
 def main(args) -> int:
     if not torch.cuda.is_available():
         print("tune needs a CUDA GPU: it times kernels with device events (nothing to do on the CPU)")
@@ -106,9 +133,10 @@ def main(args) -> int:
     shapes = [parse_shape(x) for x in args.shapes] if args.shapes else [(B, T, H, D, D, M) for B, T, H, D, M in SHAPES]
     space = _space_options(args)
     start = time.perf_counter()
-    tuned = [tune_shape(*shape, layout=args.layout, space=space, jobs=args.jobs) for shape in shapes]
+    forward = args.direction in ("forward", "both")
+    tuned = [tune_shape(*shape, layout=args.layout, space=space, jobs=args.jobs) for shape in shapes if forward]
     # the forward chose; the backward runs with the same config: check it, else keep the default
-    checks = try_configs([check for _, check in tuned], args.jobs)
+    checks = try_configs([check for _, check in tuned], args.jobs) if tuned else []
     results = []
     for (result, _), problem in zip(tuned, checks):
         if problem is not None and result.refused is None:
@@ -116,6 +144,11 @@ def main(args) -> int:
                   "keeping the default")
             result.trials.append(tuner.Trial(result.best, "skipped", None, f"backward: {problem}"))
             result.best, result.best_ms = result.trials[0].config, result.default_ms
+        if result.refused is None:
+            tuner.default_cache().record(result.key, result.best, result.best_ms, result.default_ms, shipped=args.ship)
+        results.append(result)
+    for shape in shapes if args.direction in ("backward", "both") else ():
+        result = tune_backward_shape(*shape, layout=args.layout, space=space, jobs=args.jobs)
         if result.refused is None:
             tuner.default_cache().record(result.key, result.best, result.best_ms, result.default_ms, shipped=args.ship)
         results.append(result)
@@ -134,3 +167,6 @@ def add_arguments(parser) -> None:
         parser.add_argument(f"--{name}", default=None, help=f"comma-separated {help_text} to search")
     parser.add_argument("--ship", action="store_true", help="write autotune/<GPU>.json instead of the user cache")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: one per CPU)")
+    parser.add_argument("--direction", choices=("forward", "backward", "both"), default="both",
+                        help="tune the forward, the backward (its own entries: it recomputes the forward's "
+                             "states, so its chunk size is free), or both (default)")

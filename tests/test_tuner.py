@@ -121,6 +121,49 @@ def test_lookup_exact_nearest_default(dirs):
     assert doc["entries"][key().to_str()]["speedup"] == 2.0
 
 
+def test_backward_entries(dirs):
+    """Backward keys: their own entries (text of forward keys unchanged), never borrowed across directions."""
+    shipped, _ = dirs
+    back = key(direction="backward")
+    assert TuningKey.from_str(back.to_str()) == back and back.to_str().endswith("|direction=backward")
+    assert "direction" not in key().to_str() and TuningKey.from_str(key().to_str()) == key()
+    with pytest.raises(ValueError):
+        TuningKey.from_str(key().to_str() + "|direction=sideways")
+    write(shipped / "NVIDIA_H200.json", [(key(), FAST), (back, OTHER)])
+    cache = TuningCache(ENV)
+    assert cache.lookup(key()) == (FAST, "exact") and cache.lookup(back) == (OTHER, "exact")
+    assert cache.lookup(key(T=8192, direction="backward")) == (OTHER, "nearest")
+    write(shipped / "NVIDIA_H200.json", [(key(), FAST)])
+    assert TuningCache(ENV).lookup(back) == (DEFAULT_CONFIG, "default")
+
+
+def test_backward_launch_takes_its_entry(dirs):
+    """launch.Call for a backward with chunk_size AUTO: the backward entry (its warps for the slot backward
+    too), else the forward's config with the slot backward at >= 8 warps."""
+    from gsa_compile import launch
+    shipped, _ = dirs
+    env = tuner.current_environment("cpu")
+    B, T, H, K, V, M = 1, 300, 2, 32, 32, 16
+    q, k, v, s = torch.zeros(B, T, H, K), torch.zeros(B, T, H, K), torch.zeros(B, T, H, V), torch.zeros(B, T, H, M)
+    spec = Spec(layout=GateLayout.SLOT, chunk_size=64, dtype="float32", K=K, V=V, M=M)
+    forward_key, backward_key = (TuningKey.make(spec, T=T, BH=B * H, direction=d) for d in ("forward", "backward"))
+    forward_cfg = LaunchConfig(chunk_size=32, BK=32, BV=32, num_warps=4, num_stages=2)
+    backward_cfg = LaunchConfig(chunk_size=16, BK=16, BV=16, num_warps=4, num_stages=1)
+
+    def call(direction):
+        tuner._by_setting.clear()  # the files changed under the same setting
+        tuner._caches.clear()
+        c = launch.Call(q, k, v, s, None, None, launch.AUTO, GateLayout.SLOT, None, lambda kernel: kernel,
+                        direction=direction)
+        return c.spec.chunk_size, c.consts["slot_backward"]["BK"], c.launch_of["slot_backward"]["num_warps"]
+
+    path = shipped / tuner.gpu_file_name(env.gpu)
+    write(path, [(forward_key, forward_cfg)], env=env)
+    assert call("forward") == (32, 32, 8) and call("backward") == (32, 32, 8)  # no backward entry: the forward's
+    write(path, [(forward_key, forward_cfg), (backward_key, backward_cfg)], env=env)
+    assert call("forward") == (32, 32, 8) and call("backward") == (16, 16, 4)
+
+
 def test_missing_files_and_default_cache(dirs):
     (cfg, source), warned = caught(lambda: TuningCache(ENV).lookup(key()))
     assert (cfg, source) == (DEFAULT_CONFIG, "default") and not warned
