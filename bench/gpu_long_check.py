@@ -1,7 +1,9 @@
 """Long sequences on the GPU vs the float64 reference, with the state pass segmented by default and off:
 the eager default path (segments.requested) must be as accurate as the unsegmented one.
 
-    python bench/gpu_long_check.py [--T 8192] [--out FILE.json]
+    python bench/gpu_long_check.py [--T 8192] [--dims H,K,V,M] [--layouts ...] [--dtypes ...] [--out FILE.json]
+    python bench/gpu_long_check.py --T 4096 --dims 4,512,512,64 --layouts slot --dtypes bfloat16 \
+        --packed no --settings default        # the tuned configs of a benchmark shape (B = 1)
 
 Rows: layout x dtype x (dense | varlen) x GSA_STATE_SEGMENTS (unset = the default, off); columns: the
 segments used, relative errors (norm) of o, the final states and every gradient against recurrent_gsa
@@ -19,22 +21,28 @@ from gsa_compile.spec import GateLayout
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--T", type=int, default=8192 if torch.cuda.is_available() else 80)
+parser.add_argument("--dims", default="2,64,64,64", help="H,K,V,M (bf16 with M=32 faults on the H200: see "
+                    "bench/results/2026-11-29_h200_s4_ncu_longcheck_crash.md)")
+parser.add_argument("--layouts", default="slot,head")
+parser.add_argument("--dtypes", default="float32,bfloat16")
+parser.add_argument("--packed", default="no,yes", help="dense (no) and/or three packed sequences (yes)")
+parser.add_argument("--settings", default="default,off", help="GSA_STATE_SEGMENTS values; default = unset")
 parser.add_argument("--out", default=None)
 args = parser.parse_args()
-H, K, V, M = 2, 64, 64, 32
+H, K, V, M = (int(x) for x in args.dims.split(","))
 device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke of this script (interpreter)
 rows = []
 torch.manual_seed(torch.seed() % 2**31)
-for layout in ("slot", "head"):
-    for dtype in (torch.float32, torch.bfloat16):
-        for varlen in (False, True):
+for layout in args.layouts.split(","):
+    for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
+        for varlen in (flag == "yes" for flag in args.packed.split(",")):
             q, k, v, s, g = bm.make_inputs(1, args.T, H, K, V, M, layout, dtype, device)
             cu = torch.tensor([0, args.T // 3, args.T // 3 + 5, args.T], device=device, dtype=torch.int32) if varlen else None
             leaves = [x.detach().double().requires_grad_() for x in (q, k, v, s, g)]
             ref_o, (ref_hk, ref_hv) = recurrent_gsa(*leaves, output_final_state=True, cu_seqlens=cu)
             weights = [torch.randn_like(x) for x in (ref_o, ref_hk, ref_hv)]
             sum((a * w).sum() for a, w in zip((ref_o, ref_hk, ref_hv), weights)).backward()
-            for setting in ("", "off"):
+            for setting in ("" if x == "default" else x for x in args.settings.split(",")):
                 if setting:
                     os.environ[segments.ENV] = setting
                 else:
