@@ -305,6 +305,15 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# On the H200 (triton 3.6.0) a bf16 build with a 32-wide slot tile (M = 32, K = V = 64, chunk 64) faulted
+# with an illegal memory access that float32 (no tensor cores) and the CPU bounds checker do not show;
+# public Triton reports describe Hopper wgmma faults with 32-wide dot dimensions in triton >= 3.6
+# (bench/results/2026-11-29_h200_s4_ncu_longcheck_crash.md). Until that is pinned down on a GPU, bf16 and
+# fp16 kernels pad the slot tile to 64, the width every GPU run so far used (M = 64). UNVERIFIED as a fix;
+# GSA_MIN_SLOT_TILE=16 restores the plain rule (bench/gpu_config_matrix.py sweeps both).
+MIN_TENSOR_CORE_SLOT_TILE = int(os.environ.get("GSA_MIN_SLOT_TILE", "64"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """Everything a generated kernel is specialised on (T, B and N stay runtime values)."""
@@ -322,7 +331,10 @@ class Spec:
 
     @property
     def BM(self) -> int:
-        return max(16, next_power_of_2(self.M))
+        """The slot tile: M rounded up to a power of two (padded slots are masked), at least 16 (tl.dot's
+        minimum), and for tensor-core dtypes at least MIN_TENSOR_CORE_SLOT_TILE (see there)."""
+        floor = MIN_TENSOR_CORE_SLOT_TILE if self.dtype in ("bfloat16", "float16") else 16
+        return max(16, floor, next_power_of_2(self.M))
 
     @property
     def BC(self) -> int:

@@ -201,6 +201,17 @@ def test_low_precision(dtype, layout):
         assert rel_err(hk, rhk) <= LOW_PRECISION_TOL and rel_err(hv, rhv) <= LOW_PRECISION_TOL
 
 
+def test_slot_tile_padding():
+    """Tensor-core dtypes pad the slot tile to 64 (spec.MIN_TENSOR_CORE_SLOT_TILE: a bf16 build with a
+    32-wide slot tile faulted on the H200); test_low_precision (M=7, so BM=64) shows the padded slots
+    change nothing but rounding."""
+    from gsa_compile import spec as spec_module
+    bm = lambda dtype, M: Spec(layout=GateLayout.SLOT, chunk_size=64, dtype=dtype, K=64, V=64, M=M).BM  # noqa: E731
+    floor = spec_module.MIN_TENSOR_CORE_SLOT_TILE
+    assert (bm("float32", 7), bm("float32", 32), bm("float32", 100)) == (16, 32, 128)
+    assert (bm("bfloat16", 32), bm("float16", 7), bm("bfloat16", 128)) == (max(floor, 32), max(floor, 16), 128)
+
+
 # ----------------------------------------------------------------------------- opcheck
 
 def _op_args(case):
