@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU steps of a session, each with its own time limit, so one device call can run several and
+# return what each wrote: logs and JSON go to /tmp/gsa_steps (kept on the machine between calls while
+# it stays warm) and are packed into $OUT/steps.tar.gz (the device tool returns at most 8 files).
+# Run from the repository root on the GPU machine, e.g.
+#
+#   bash bench/gpu_session.sh fla_warm matrix fuzz      # call 1: nothing timed while fla warms
+#   bash bench/gpu_session.sh tune_forward              # call 2 (fla done: it would skew the timings)
+#   bash bench/gpu_session.sh tune_backward check       # call 3
+#   bash bench/gpu_session.sh bench decode              # call 4
+#   bash bench/gpu_session.sh mods model first_call     # call 5 (first_call empties the caches: last)
+#
+# fla steps need the wheels: carry .whl (see the device README); they are unpacked to /tmp/site.
+# Steps (in the order bench/NOTES.md "Next GPU session" gives them):
+#   matrix         bench/gpu_config_matrix.py --sanitize           the bf16 slot-tile fault
+#   fla_warm       bench/fla_warm.py in the background (setsid)    fla's first-use autotuning
+#   tune_forward   tune --ship --direction forward                 (autotune/*.json copied into the pack)
+#   tune_backward  tune --ship --direction backward
+#   check          bench/gpu_long_check.py on shapes 2 and 3 (B=1, T=4096, tuned configs) vs float64
+#   bench          python -m gsa_compile bench (ours, fla, SDPA)   TRITON_CACHE_AUTOTUNING=1
+#   first_call     empty caches, then bench/first_call.py           (after tune_*: no tuning at run time)
+#   decode         bench/decode_bench.py --splits auto,1,2,4,8
+#   mods           bench/mods_bench.py
+#   model          bench/model_bench.py (ours vs fla layer)
+#   fuzz           bench/gpu_hardening.py --only fuzz, 240 s, 8 processes
+#   hardening      bench/gpu_hardening.py (all GPU-only cases)
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+OUT=${OUT:-/tmp/gsa_out}
+W=/tmp/gsa_steps
+mkdir -p "$OUT" "$W"
+start=$(date +%s)
+fla_path() {
+    if [ ! -d /tmp/site/fla ]; then
+        mkdir -p /tmp/site && for w in .whl/*.whl; do python3 -m zipfile -e "$w" /tmp/site; done
+    fi
+    echo "/tmp/site:$PWD"
+}
+step() {  # step NAME LIMIT_S COMMAND...: run it, log to $W/NAME.log, print its tail
+    local name=$1 limit=$2
+    shift 2
+    echo "[$(( $(date +%s) - start )) s] $name (limit ${limit} s)"
+    timeout "$limit" "$@" > "$W/$name.log" 2>&1
+    echo "  exit $? after $(( $(date +%s) - start )) s"
+    tail -n 25 "$W/$name.log" | cut -c1-300
+}
+for name in "$@"; do
+    case $name in
+        matrix) step matrix 300 python bench/gpu_config_matrix.py --sanitize --out "$W/matrix.json" ;;
+        fla_warm)
+            PYTHONPATH=$(fla_path) setsid nohup python bench/fla_warm.py > /tmp/fla_warm.log 2>&1 < /dev/null &
+            echo "fla_warm started in the background: /tmp/fla_warm.log" ;;
+        tune_forward)
+            step tune_forward 540 python -m gsa_compile tune --ship --direction forward
+            cp autotune/*.json "$W/" ;;
+        tune_backward)
+            step tune_backward 540 python -m gsa_compile tune --ship --direction backward
+            cp autotune/*.json "$W/" ;;
+        check)
+            step check 400 bash -c "python bench/gpu_long_check.py --T 4096 --dims 16,128,128,64 --layouts slot \
+                --dtypes bfloat16 --packed no --settings default --out $W/check_shape2.json && \
+                python bench/gpu_long_check.py --T 4096 --dims 4,512,512,64 --layouts slot --dtypes bfloat16 \
+                --packed no --settings default,off --out $W/check_shape3.json" ;;
+        bench)
+            [ -f /tmp/fla_warm.log ] && tail -n 3 /tmp/fla_warm.log
+            step bench 560 env PYTHONPATH="$(fla_path)" python -m gsa_compile bench --out "$W/bench.json" ;;
+        first_call)
+            rm -rf ~/.triton/cache ~/.cache/gsa_compile
+            step first_call 120 python bench/first_call.py 4,4096,4,512,512,64 ;;
+        decode) step decode 240 python bench/decode_bench.py --splits auto,1,2,4,8 --out "$W/decode.json" ;;
+        mods) step mods 300 python bench/mods_bench.py --out "$W/mods.json" ;;
+        model) step model 400 env PYTHONPATH="$(fla_path)" python bench/model_bench.py --out "$W/model.json" ;;
+        fuzz) step fuzz 330 python bench/gpu_hardening.py --only fuzz --fuzz-seconds 240 --fuzz-jobs 8 \
+                  --out "$W/fuzz.json" ;;
+        hardening) step hardening 500 python bench/gpu_hardening.py --out "$W/hardening.json" ;;
+        *) echo "unknown step $name (see the header of bench/gpu_session.sh)"; exit 2 ;;
+    esac
+done
+tar -czf "$OUT/steps.tar.gz" -C /tmp gsa_steps && echo "packed $W into $OUT/steps.tar.gz"
