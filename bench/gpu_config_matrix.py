@@ -59,10 +59,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--T", type=int, default=1024)
-    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--dtypes", default="bfloat16")
     parser.add_argument("--slots", default="16,32,64")
     parser.add_argument("--chunks", default="16,32,64,128")
-    parser.add_argument("--blocks", default="32,64")
+    parser.add_argument("--blocks", default="64")
     parser.add_argument("--warps", default="4")
     parser.add_argument("--slot-tiles", default="16,64", help="GSA_MIN_SLOT_TILE values (64: the padding that "
                         "main applies to bf16/fp16 since the crash; 16: the plain rule)")
