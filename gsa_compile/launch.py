@@ -10,10 +10,9 @@ import functools
 from typing import Callable, Optional
 
 import torch
-import triton
 
 from . import codegen, mods, programs, programs_backward, programs_decode, segments
-from .spec import GateLayout, Spec, TileConfig, next_power_of_2
+from .spec import GateLayout, Spec, TileConfig, cdiv, next_power_of_2
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                torch.float64: "float64"}  # float64: interpreter only, for gradcheck
@@ -33,12 +32,12 @@ def chunk_layout(cu_seqlens: Optional[torch.Tensor], B: int, T: int, chunk_size:
     read back to the host; slots past the last chunk map to sequence -1.
     """
     if cu_seqlens is None:
-        return B * triton.cdiv(T, chunk_size), None, None, None
+        return B * cdiv(T, chunk_size), None, None, None
     n_seq = cu_seqlens.numel() - 1
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     counts = torch.div(lengths + chunk_size - 1, chunk_size, rounding_mode="floor")
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
-    upper = triton.cdiv(T, chunk_size) + n_seq - 1
+    upper = cdiv(T, chunk_size) + n_seq - 1
     slots = torch.arange(upper, device=cu_seqlens.device, dtype=torch.int32)
     seq = torch.searchsorted(offsets[1:].contiguous(), slots, right=True).to(torch.int32)
     inside = seq < n_seq
@@ -101,10 +100,10 @@ def kernel_constants(spec: Spec, config: TileConfig, slot_bc: int = SLOT_BACKWAR
     common = dict(K=spec.K, V=spec.V, M=spec.M, BT=spec.chunk_size, BK=BK, BV=BV, BM=spec.BM)
     per_chunk = dict(G=spec.group, BC=spec.BC, **common)
     return {
-        "state_pass": dict(NK=triton.cdiv(spec.K, BK), **common),
+        "state_pass": dict(NK=cdiv(spec.K, BK), **common),
         "output_pass": per_chunk,
         "slot_backward": dict(per_chunk, BC=min(slot_bc, spec.chunk_size)),
-        "state_backward": dict(G=spec.group, NK=triton.cdiv(spec.K, BK), **common),
+        "state_backward": dict(G=spec.group, NK=cdiv(spec.K, BK), **common),
         "key_backward": per_chunk,
     }
 
@@ -190,7 +189,7 @@ class Call:
     def chunk_grid(self, heads, unused):
         """Grid and chunk maps of the per-chunk programs."""
         if self.cu_seqlens is None:
-            return (triton.cdiv(self.T, self.spec.chunk_size) * self.B * heads,), unused, unused
+            return (cdiv(self.T, self.spec.chunk_size) * self.B * heads,), unused, unused
         return (self.chunk_seq.numel(), heads), self.chunk_seq, self.chunk_idx
 
     def tile_grid(self):
@@ -198,7 +197,7 @@ class Call:
 
     def tiles(self) -> int:
         """State-pass tiles per (sequence, kv head): NK of Hk rows, then those of Hv columns."""
-        return self.consts["state_pass"]["NK"] + triton.cdiv(self.V, self.consts["state_pass"]["BV"])
+        return self.consts["state_pass"]["NK"] + cdiv(self.V, self.consts["state_pass"]["BV"])
 
 
 def state_pass(call: Call, k, v, s, g, hk0, hv0):
@@ -404,7 +403,7 @@ def decode_(q, k, v, s, g, scale: float, hk, hv, layout: GateLayout, wrap: Calla
             q, k, v, s, g, hk, hv, o, *args, **mod_args, **consts)
         return o
     consts = dict(K=K, V=V, M=M, G=spec.group, NS=NS, BG=next_power_of_2(spec.group),
-                  BK=block(triton.cdiv(K, NS), 32), BV=block(triton.cdiv(V, NS), 32), BM=spec.BM)
+                  BK=block(cdiv(K, NS), 32), BV=block(cdiv(V, NS), 32), BM=spec.BM)
     part = torch.empty(B * H, T, NS, spec.group, M, device=q.device, dtype=torch.float32)  # partial slot logits
     for builder in (programs_decode.decode_keys, programs_decode.decode_values):
         wrap(codegen.kernel(builder, spec))[(B * H, NS)](

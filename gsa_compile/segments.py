@@ -30,13 +30,11 @@ import os
 from typing import Optional
 
 import torch
-import triton
 
 from . import codegen, programs, programs_backward
+from .spec import cdiv
 
 ENV = "GSA_STATE_SEGMENTS"
-
-
 DEFAULT_MIN_SEGMENTS = 4  # unset variable: segment only where it at least quadruples the programs
 
 
@@ -64,7 +62,7 @@ def requested(call) -> int:
         return 1
     N, BT = _hint(call.N), call.spec.chunk_size
     if value == "auto":
-        chunks = triton.cdiv(_hint(call.B) * _hint(call.T), BT) // max(N, 1)  # per sequence (mean if varlen)
+        chunks = cdiv(_hint(call.B) * _hint(call.T), BT) // max(N, 1)  # per sequence (mean if varlen)
         if call.device.type == "cuda":
             programs_now = call.tiles() * N * call.H
             S = (2 * _sm_count(call.device)) // programs_now
@@ -118,8 +116,8 @@ _DENSE = {}  # (device, N, T, BT, S) -> tables of dense inputs: built once, then
 def _dense_tables(N, T, BT, S, device):
     """(cu, boc, cut, chunk_last) of N rows of T tokens, from a few aranges (sizes may be symbolic)."""
     i64 = dict(device=device, dtype=torch.int64)
-    NT = triton.cdiv(T, BT)
-    first = (torch.arange(S + 1, **i64) * triton.cdiv(NT, S)).clamp_(max=NT)  # each segment's first chunk
+    NT = cdiv(T, BT)
+    first = (torch.arange(S + 1, **i64) * cdiv(NT, S)).clamp_(max=NT)  # each segment's first chunk
     cut = torch.arange(0, N * NT, NT, **i64)[:, None] + first
     bos = torch.arange(0, N * T, T, **i64)[:, None]
     cu = torch.cat([(bos + (first[:S] * BT).clamp_(max=T)).reshape(-1), bos[-1] + T])

@@ -305,6 +305,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def cdiv(a, b):
+    """ceil(a / b) for ints and symbolic sizes on the host (triton.cdiv is a jit function: each host
+    call goes through JITFunction.__call__, ~5 us, five times per forward)."""
+    return (a + b - 1) // b
+
+
 # On the H200 (triton 3.6.0) a bf16 build with a 32-wide slot tile (M = 32, K = V = 64, chunk 64) faulted
 # with an illegal memory access that float32 (no tensor cores) and the CPU bounds checker do not show;
 # public Triton reports describe Hopper wgmma faults with 32-wide dot dimensions in triton >= 3.6
