@@ -3,6 +3,9 @@ and a cProfile of many calls (top functions by own time and by cumulative time).
 
     python bench/host_profile.py [--shape B,T,H,D,M] [--calls 200] [--out FILE.json]
 
+`--stub-kernels` replaces every generated kernel by a launcher that does nothing, so the host path alone
+is timed (any machine; on a CPU the backward's torch ops still run for real, so only fwd is meaningful).
+
 Rows: fwd and fwd+bwd. `host_ms` is the wall time per call with the GPU never waited on inside the
 loop (a launch-bound call shows host_ms > kernels_ms); `kernels_ms` is the sum of its CUDA kernels'
 times from torch.profiler. A CPU run (interpreter) prints the cProfile only: its times are the
@@ -49,12 +52,22 @@ def main():
     parser.add_argument("--shape", default="1,512,4,128,64", help="B,T,H,D,M (K = V = D)")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--stub-kernels", action="store_true", help="launch nothing: time the host path alone")
     args = parser.parse_args()
+    if args.stub_kernels:
+        from gsa_compile import codegen
+        real = codegen.kernel
+
+        class NoLaunch:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: None
+
+        codegen.kernel = lambda builder, spec: (real(builder, spec), NoLaunch())[1]  # still generated and cached
     B, T, H, D, M = (int(x) for x in args.shape.split(","))
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
-    calls = args.calls if cuda else 3
+    calls = args.calls if cuda or args.stub_kernels else 3
     inputs = bm.make_inputs(B, T, H, D, D, M, "slot", dtype, device, requires_grad=True)
     do = torch.randn(B, T, H, D, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
