@@ -37,3 +37,15 @@ def test_model_bench_smoke(tmp_path):
     assert next(r for r in rows if r.get("mode") == "fullgraph")["graph_breaks"] == 0
     assert all(r["tokens_per_s"] > 0 for r in rows if "tokens_per_s" in r)
     assert stdout.splitlines()[-1].startswith("decode B2")  # the table comes last
+
+
+def test_host_profile_stub_kernels(tmp_path):
+    """bench/host_profile.py --stub-kernels times the host path alone (no kernel runs) and writes its rows."""
+    out = tmp_path / "host.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "host_profile.py"), "--stub-kernels", "--calls", "3",
+                             "--shape", "1,64,2,32,16", "--out", str(out)],
+                            check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["run"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"fwd", "fwd+bwd"} and all(r["host_ms"] > 0 for r in rows.values())
