@@ -25,40 +25,55 @@ def _token_view(name: str, cols: str, head: str, rows: str = "") -> View:
 DECODE_ROWS = SlotIndex(b="i_n", h="(i_h * G + tl.arange(0, BG))[:, None]", t=None)  # rows: the query heads
 
 
+def _token_gates(b: Builder, spec: Spec, s_view: View, derive_s: bool):
+    """(gate view, e^g, s) of token i_tok; `derive_s`: s from the mapped gate (s_from_gate) instead of a load."""
+    gate = gate_view(spec.layout)
+    b.map("g_base", "g + i_n * stride_gb + i_tok * stride_gt + i_h * stride_gh", dtype="ptr", shape=())
+    g_t = b.load("g_t", gate, "0", "1", ("BM",))
+    decay = b.map("decay", "tl.exp2({0} * " + LOG2E + ")", g_t)
+    s_t = b.derive("s_t", g_t, "s") if derive_s else b.load("s_t", s_view, "0", "1", ("BM",))
+    return gate, decay, s_t
+
+
+def _update_keys(b: Builder, hk_view: View, k_view: View, q_view: View, decay, s_t, k_lo: str, k_hi: str):
+    """Hk rows [k_lo, k_hi) = Hk * e^g + k s^T, stored in place; returns the slot logits of those rows."""
+    logits = b.zeros("logits_acc", ("BG", "BM"))
+    with b.loop("k0", k_lo, k_hi, step="BK"):
+        hk = b.load("hk_tile", hk_view, "k0", k_hi, ("BK", "BM"))
+        k_t = b.expand("k_col", b.load("k_t", k_view, "0", "1", ("BK",), col0="k0"), ":, None")
+        hk = b.map("hk_tile", "{0} * {1} + {2} * {3}", hk, b.expand("decay_row", decay, "None, :"),
+                   k_t, b.expand("s_row", s_t, "None, :"))
+        b.store(hk_view, hk, "k0", k_hi)
+        q = b.load("q_g", q_view, "0", "G", ("BG", "BK"), col0="k0")
+        terms = b.map("qk_terms", "{0} * {1}", b.expand("q3", q, ":, :, None"), b.expand("hk3", hk, "None, :, :"))
+        b.map("logits_acc", "{0} + {1}", logits, b.reduce("qk", terms, 1))
+    return logits
+
+
+def _update_values(b: Builder, hv_view: View, v_view: View, o_view: View, decay, s_t, probs, v_lo: str, v_hi: str):
+    """Hv columns [v_lo, v_hi) = e^g Hv + s v^T, stored in place, and the outputs o = Hv^T p of those columns."""
+    with b.loop("v0", v_lo, v_hi, step="BV"):
+        hv = b.load("hv_tile", hv_view, "0", "M", ("BM", "BV"), col0="v0")
+        v_t = b.expand("v_row", b.load("v_t", v_view, "0", "1", ("BV",), col0="v0"), "None, :")
+        hv = b.map("hv_tile", "{0} * {1} + {2} * {3}", hv, b.expand("decay_col", decay, ":, None"),
+                   b.expand("s_col", s_t, ":, None"), v_t)
+        b.store(hv_view, hv, "0", "M", col0="v0")
+        terms = b.map("pv_terms", "{0} * {1}", b.expand("p3", probs, ":, :, None"), b.expand("hv3", hv, "None, :, :"))
+        b.store(o_view, b.reduce("o_g", terms, 1), "0", "G", col0="v0")
+
+
 def decode_step(spec: Spec) -> Program:
     b = Builder()
     hk_view, hv_view = View("hk_base", "M", "M"), View("hv_base", "V", "V")
     q_view = _token_view("q", "K", "i_h * G", rows="stride_qh")
     o_view = _token_view("o", "V", "i_h * G", rows="stride_oh")
     k_view, v_view, s_view = (_token_view(n, c, "i_h") for n, c in (("k", "K"), ("v", "V"), ("s", "M")))
-    gate = gate_view(spec.layout)
     with b.loop("i_tok", "0", "T"):
-        b.map("g_base", "g + i_n * stride_gb + i_tok * stride_gt + i_h * stride_gh", dtype="ptr", shape=())
-        g_t = b.load("g_t", gate, "0", "1", ("BM",))
-        decay = b.map("decay", "tl.exp2({0} * " + LOG2E + ")", g_t)
-        if mods.derived_from(spec.mods, "s") == "g":  # s_from_gate: s from the mapped gate, not another map
-            s_t = b.derive("s_t", g_t, "s")
-        else:
-            s_t = b.load("s_t", s_view, "0", "1", ("BM",))
-        logits = b.zeros("logits_acc", ("BG", "BM"))
-        with b.loop("k0", "0", "K", step="BK"):
-            hk = b.load("hk_tile", hk_view, "k0", "K", ("BK", "BM"))
-            k_t = b.expand("k_col", b.load("k_t", k_view, "0", "1", ("BK",), col0="k0"), ":, None")
-            hk = b.map("hk_tile", "{0} * {1} + {2} * {3}", hk, b.expand("decay_row", decay, "None, :"),
-                       k_t, b.expand("s_row", s_t, "None, :"))
-            b.store(hk_view, hk, "k0", "K")
-            q = b.load("q_g", q_view, "0", "G", ("BG", "BK"), col0="k0")
-            terms = b.map("qk_terms", "{0} * {1}", b.expand("q3", q, ":, :, None"), b.expand("hk3", hk, "None, :, :"))
-            b.map("logits_acc", "{0} + {1}", logits, b.reduce("qk", terms, 1))
+        # s_from_gate: s from the mapped gate, not another map
+        gate, decay, s_t = _token_gates(b, spec, s_view, mods.derived_from(spec.mods, "s") == "g")
+        logits = _update_keys(b, hk_view, k_view, q_view, decay, s_t, "0", "K")
         probs = softmax_slots(b, logits, DECODE_ROWS)
-        with b.loop("v0", "0", "V", step="BV"):
-            hv = b.load("hv_tile", hv_view, "0", "M", ("BM", "BV"), col0="v0")
-            v_t = b.expand("v_row", b.load("v_t", v_view, "0", "1", ("BV",), col0="v0"), "None, :")
-            hv = b.map("hv_tile", "{0} * {1} + {2} * {3}", hv, b.expand("decay_col", decay, ":, None"),
-                       b.expand("s_col", s_t, ":, None"), v_t)
-            b.store(hv_view, hv, "0", "M", col0="v0")
-            terms = b.map("pv_terms", "{0} * {1}", b.expand("p3", probs, ":, :, None"), b.expand("hv3", hv, "None, :, :"))
-            b.store(o_view, b.reduce("o_g", terms, 1), "0", "G", col0="v0")
+        _update_values(b, hv_view, v_view, o_view, decay, s_t, probs, "0", "V")
     return Program("gsa_decode_step", [q_view, k_view, v_view, s_view, gate, o_view], b.body).verify()
 
 
@@ -101,13 +116,6 @@ def _split_views():
     return q_view, k_view, v_view, o_view, s_view
 
 
-def _token_gates(b: Builder, spec: Spec, s_view: View):
-    gate = gate_view(spec.layout)
-    b.map("g_base", "g + i_n * stride_gb + i_tok * stride_gt + i_h * stride_gh", dtype="ptr", shape=())
-    decay = b.map("decay", "tl.exp2({0} * " + LOG2E + ")", b.load("g_t", gate, "0", "1", ("BM",)))
-    return gate, decay, b.load("s_t", s_view, "0", "1", ("BM",))
-
-
 def _part_view(split: str) -> View:
     """Rows (query heads of the group) of the partial logits of split `split` for token i_tok."""
     return View(f"(part + ((i_nh64 * T + i_tok) * NS + {split}) * G * M)", "M", "M")
@@ -119,17 +127,8 @@ def decode_keys(spec: Spec) -> Program:
     hk_view = View("hk_base", "M", "M")
     q_view, k_view, _, _, s_view = _split_views()
     with b.loop("i_tok", "0", "T"):
-        gate, decay, s_t = _token_gates(b, spec, s_view)
-        logits = b.zeros("logits_acc", ("BG", "BM"))
-        with b.loop("k0", "k_lo", "k_hi", step="BK"):
-            hk = b.load("hk_tile", hk_view, "k0", "k_hi", ("BK", "BM"))
-            k_t = b.expand("k_col", b.load("k_t", k_view, "0", "1", ("BK",), col0="k0"), ":, None")
-            hk = b.map("hk_tile", "{0} * {1} + {2} * {3}", hk, b.expand("decay_row", decay, "None, :"),
-                       k_t, b.expand("s_row", s_t, "None, :"))
-            b.store(hk_view, hk, "k0", "k_hi")
-            q = b.load("q_g", q_view, "0", "G", ("BG", "BK"), col0="k0")
-            terms = b.map("qk_terms", "{0} * {1}", b.expand("q3", q, ":, :, None"), b.expand("hk3", hk, "None, :, :"))
-            b.map("logits_acc", "{0} + {1}", logits, b.reduce("qk", terms, 1))
+        gate, decay, s_t = _token_gates(b, spec, s_view, derive_s=False)
+        logits = _update_keys(b, hk_view, k_view, q_view, decay, s_t, "k_lo", "k_hi")
         b.store(_part_view("i_s"), logits, "0", "G")
     return Program("gsa_decode_keys", [q_view, k_view, s_view, gate], b.body).verify()
 
@@ -140,18 +139,11 @@ def decode_values(spec: Spec) -> Program:
     hv_view = View("hv_base", "V", "v_hi")
     _, _, v_view, o_view, s_view = _split_views()
     with b.loop("i_tok", "0", "T"):
-        gate, decay, s_t = _token_gates(b, spec, s_view)
+        gate, decay, s_t = _token_gates(b, spec, s_view, derive_s=False)
         logits = b.zeros("logits_acc", ("BG", "BM"))
         with b.loop("i_p", "0", "NS", static=True):  # fixed order: every split gets the same p
             part = b.load("part_tile", _part_view("i_p"), "0", "G", ("BG", "BM"))
             b.map("logits_acc", "{0} + {1}", logits, part)
         probs = softmax_slots(b, logits, DECODE_ROWS)
-        with b.loop("v0", "v_lo", "v_hi", step="BV"):
-            hv = b.load("hv_tile", hv_view, "0", "M", ("BM", "BV"), col0="v0")
-            v_t = b.expand("v_row", b.load("v_t", v_view, "0", "1", ("BV",), col0="v0"), "None, :")
-            hv = b.map("hv_tile", "{0} * {1} + {2} * {3}", hv, b.expand("decay_col", decay, ":, None"),
-                       b.expand("s_col", s_t, ":, None"), v_t)
-            b.store(hv_view, hv, "0", "M", col0="v0")
-            terms = b.map("pv_terms", "{0} * {1}", b.expand("p3", probs, ":, :, None"), b.expand("hv3", hv, "None, :, :"))
-            b.store(o_view, b.reduce("o_g", terms, 1), "0", "G", col0="v0")
+        _update_values(b, hv_view, v_view, o_view, decay, s_t, probs, "v_lo", "v_hi")
     return Program("gsa_decode_values", [v_view, s_view, gate, o_view], b.body).verify()
