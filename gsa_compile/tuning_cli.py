@@ -75,13 +75,19 @@ def try_configs(jobs_list, jobs: Optional[int] = None) -> list:
         return list(pool.map(_try_config, jobs_list))
 
 
-def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None, ship=False, jobs=None):
-    """Tune the forward of one shape; returns (TuneResult, the job that checks the winner's backward)."""
+def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None, jobs=None, direction="forward"):
+    """Tune one shape's forward, or its backward (a TuningKey with direction "backward": it recomputes the
+    forward's states, so any chunk size and tiles will do; every backward kernel, the slot backward
+    included, runs with the config's warps, and the gradients of q, k, v, s must match the default
+    config's: dg is derived from them on the host). Returns (TuneResult, the job that checks the winner's
+    backward: a forward's config also runs the backward when no backward entry exists)."""
+    backward = direction == "backward"
     spec_like = Spec(GateLayout(layout), 64, launch.DTYPE_NAMES[dtype], K, V, M, group=1)
-    key = tuner.TuningKey.make(spec_like, T=T, BH=B * H)
+    key = tuner.TuningKey.make(spec_like, T=T, BH=B * H, direction=direction)
     space = tuner.search_space(spec_like, **(space or {}))
     shape, dtype_name = (B, T, H, K, V, M), launch.DTYPE_NAMES[dtype]
-    errors = try_configs([(layout, dtype_name, shape, c, False) for c in space], jobs)
+    job = lambda c: (layout, dtype_name, shape, c, backward, *([c.num_warps] if backward else []))  # noqa: E731
+    errors = try_configs([job(c) for c in space], jobs)
     candidates = [c for c, err in zip(space, errors) if err is None]
     dropped = [(c, err) for c, err in zip(space, errors) if err is not None]
     for config, reason in dropped:
@@ -89,41 +95,18 @@ def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None
     if space[0] not in candidates:
         raise RuntimeError(f"the default config fails on {key.to_str()}: {errors[0]}")
     q, k, v, s, g = make_inputs(B, T, H, K, V, M, layout, dtype, "cuda")
+    do = torch.randn_like(q) if backward else None
 
     def run(config):
+        if backward:
+            return launch.backward(do, None, None, q, k, v, s, g, K ** -0.5, None, None, None, config.chunk_size,
+                                   GateLayout(layout), config.tile_config(), slot_warps=config.num_warps)[:4]
         return launch.forward(q, k, v, s, g, K ** -0.5, None, None, None, config.chunk_size, GateLayout(layout),
                               config.tile_config())[0]
 
     result = tuner.tune(key, candidates, run, progress=True)
     result.trials.extend(tuner.Trial(config, "skipped", None, reason) for config, reason in dropped)
     return result, (layout, dtype_name, shape, result.best, True)
-
-
-def tune_backward_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None, jobs=None):
-    """Tune the backward of one shape on its own (a TuningKey with direction "backward"): it recomputes the
-    forward's states, so any chunk size and tiles will do. Every backward kernel, the slot backward
-    included, runs with the config's warps. The gradients of q, k, v, s must match the default config's
-    (dg is derived from them on the host)."""
-    spec_like = Spec(GateLayout(layout), 64, launch.DTYPE_NAMES[dtype], K, V, M, group=1)
-    key = tuner.TuningKey.make(spec_like, T=T, BH=B * H, direction="backward")
-    space = tuner.search_space(spec_like, **(space or {}))
-    shape, dtype_name = (B, T, H, K, V, M), launch.DTYPE_NAMES[dtype]
-    errors = try_configs([(layout, dtype_name, shape, c, True, c.num_warps) for c in space], jobs)
-    candidates = [c for c, err in zip(space, errors) if err is None]
-    dropped = [(c, err) for c, err in zip(space, errors) if err is not None]
-    if space[0] not in candidates:
-        raise RuntimeError(f"the default config fails on {key.to_str()}: {errors[0]}")
-    q, k, v, s, g = make_inputs(B, T, H, K, V, M, layout, dtype, "cuda")
-    do = torch.randn_like(q)
-
-    def run(config):
-        grads = launch.backward(do, None, None, q, k, v, s, g, K ** -0.5, None, None, None, config.chunk_size,
-                                GateLayout(layout), config.tile_config(), slot_warps=config.num_warps)
-        return grads[:4]
-
-    result = tuner.tune(key, candidates, run, progress=True)
-    result.trials.extend(tuner.Trial(config, "skipped", None, reason) for config, reason in dropped)
-    return result
 
 
 def main(args) -> int:
@@ -148,7 +131,7 @@ def main(args) -> int:
             tuner.default_cache().record(result.key, result.best, result.best_ms, result.default_ms, shipped=args.ship)
         results.append(result)
     for shape in shapes if args.direction in ("backward", "both") else ():
-        result = tune_backward_shape(*shape, layout=args.layout, space=space, jobs=args.jobs)
+        result, _ = tune_shape(*shape, layout=args.layout, space=space, jobs=args.jobs, direction="backward")
         if result.refused is None:
             tuner.default_cache().record(result.key, result.best, result.best_ms, result.default_ms, shipped=args.ship)
         results.append(result)
