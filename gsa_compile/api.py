@@ -131,7 +131,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.T
     tensors = (q, k, v, s, g, hk, hv, mod_params)
     if ops.eager_ok(*tensors) and not any(x is not None and x.requires_grad for x in tensors):
         if not inplace:  # the op's functional form: fresh float32 states
-            hk, hv = (torch.empty(x.shape, device=x.device, dtype=torch.float32).copy_(x) for x in (hk, hv))
+            hk, hv = launch.float32_copies(hk, hv)
         o = launch.decode_(q, k, v, s, g, problem.scale, hk, hv, problem.layout, mods_key=mods_key,
                            mod_params=mod_params)  # the op's kernels without the dispatcher (ops.eager_ok)
         return o, (hk, hv)

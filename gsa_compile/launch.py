@@ -19,6 +19,20 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 LOG2E = 1.4426950408889634
 
 
+def untraced(*tensors) -> bool:
+    """A real eager call: no compile trace, dispatch mode or functorch transform, and only plain tensors
+    (not the fake or functional tensors of a trace) among `tensors` (None allowed)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and not torch._C._are_functorch_transforms_active()
+            and all(x is None or type(x) is torch.Tensor for x in tensors))
+
+
+def float32_copies(*states):
+    """Fresh float32 copies of the states (the functional decode's new states)."""
+    return tuple(torch.empty(x.shape, device=x.device, dtype=torch.float32).copy_(x) for x in states)
+
+
 def block(size: int, preferred: int) -> int:
     """A power-of-two tile >= 16 (tl.dot's minimum), no larger than needed for `size`."""
     return max(16, min(preferred, next_power_of_2(size)))

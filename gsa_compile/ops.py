@@ -175,10 +175,7 @@ EAGER_FAST_PATH = os.environ.get("GSA_EAGER_OPS", "0") != "1"  # GSA_EAGER_OPS=1
 
 def eager_ok(*tensors) -> bool:
     """Whether this call may skip the dispatcher: eager, no mode or transform, plain tensors only."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    return (EAGER_FAST_PATH and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and not torch._C._are_functorch_transforms_active()
-            and all(x is None or type(x) is Tensor for x in tensors))
+    return EAGER_FAST_PATH and launch.untraced(*tensors)
 
 
 class EagerChunkForward(torch.autograd.Function):
@@ -228,7 +225,7 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale:
                    ) -> Tuple[Tensor, Tensor, Tensor]:
     """Functional decode: returns (o, new hk, new hv) in float32; the given states are not modified."""
     _validate(q, k, v, s, g, scale, hk, hv, None, gate_layout, mods, mod_params, state_name="hk/hv")
-    hk, hv = (torch.empty(x.shape, device=x.device, dtype=torch.float32).copy_(x) for x in (hk, hv))
+    hk, hv = launch.float32_copies(hk, hv)
     o = launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
                        mod_params=mod_params)
     return o, hk, hv

@@ -41,8 +41,8 @@ DEFAULT_MIN_SEGMENTS = 4  # unset variable: segment only where it at least quadr
 def _eager_gpu(call) -> bool:
     """A real (not traced) call on a GPU: the unset variable's default applies only there, so compiled
     graphs keep the unsegmented pass (the segmented one is timed eagerly: bench/segments_bench.py)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    return call.device.type == "cuda" and call.plain_tensors and _get_current_dispatch_mode() is None
+    from .launch import untraced
+    return call.device.type == "cuda" and call.plain_tensors and untraced()
 
 
 def requested(call) -> int:
