@@ -14,6 +14,10 @@
 # Steps (in the order bench/NOTES.md "Next GPU session" gives them):
 #   matrix         bench/gpu_config_matrix.py --sanitize           the bf16 slot-tile fault
 #   fla_warm       bench/fla_warm.py in the background (setsid)    fla's first-use autotuning
+#   fla_wait       wait (<= 120 s) for fla_warm's `done`
+#   fla_pack       fla's autotuning results (~/.triton/cache/*/*.autotune.json) into the pack, so a later
+#                  machine skips the tuning: put them in .fla_autotune/ (git-excluded) and carry it
+#   fla_restore    .fla_autotune/ back into ~/.triton/cache (fla then compiles only its chosen configs)
 #   tune_forward   tune --ship --direction forward                 (autotune/*.json copied into the pack)
 #   tune_backward  tune --ship --direction backward
 #   check          bench/gpu_long_check.py on shapes 2 and 3 (B=1, T=4096, tuned configs) vs float64
@@ -50,6 +54,15 @@ for name in "$@"; do
         fla_warm)
             PYTHONPATH=$(fla_path) setsid nohup python bench/fla_warm.py > /tmp/fla_warm.log 2>&1 < /dev/null &
             echo "fla_warm started in the background: /tmp/fla_warm.log" ;;
+        fla_wait)
+            for _ in $(seq 120); do grep -q '^done' /tmp/fla_warm.log 2>/dev/null && break; sleep 1; done
+            tail -n 5 /tmp/fla_warm.log; cp /tmp/fla_warm.log "$W/" ;;
+        fla_pack)
+            (cd ~/.triton/cache && find . -name '*.autotune.json' | tar -czf "$W/fla_autotune.tar.gz" -T -)
+            echo "packed $(tar -tzf "$W/fla_autotune.tar.gz" | wc -l) autotuning results" ;;
+        fla_restore)
+            mkdir -p ~/.triton/cache && tar -xzf .fla_autotune/fla_autotune.tar.gz -C ~/.triton/cache
+            echo "restored $(tar -tzf .fla_autotune/fla_autotune.tar.gz | wc -l) autotuning results" ;;
         tune_forward)
             step tune_forward 540 python -m gsa_compile tune --ship --direction forward
             cp autotune/*.json "$W/" ;;
