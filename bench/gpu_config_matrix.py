@@ -72,8 +72,13 @@ def main():
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     cases = list(itertools.product(args.dtypes.split(","), ints(args.slots), ints(args.chunks), ints(args.blocks),
                                    ints(args.warps), ints(args.slot_tiles)))
+    def run_and_print(case):
+        row = run(case, args.T)
+        print(f"done: {case} {row['status']} {row['error']}", flush=True)  # visible if the call is cut short
+        return row
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda case: run(case, args.T), cases))
+        rows = list(pool.map(run_and_print, cases))
     faults = [r for r in rows if r["status"] != "ok"]
     if args.sanitize and faults:
         first = faults[0]
