@@ -14,7 +14,7 @@
 # Steps (in the order bench/NOTES.md "Next GPU session" gives them):
 #   matrix         bench/gpu_config_matrix.py --sanitize           the bf16 slot-tile fault
 #   fla_warm       bench/fla_warm.py in the background (setsid)    fla's first-use autotuning
-#   fla_wait       wait (<= 120 s) for fla_warm's `done`
+#   fla_wait       wait (<= FLA_WAIT_S, 120 s) until every fla_warm process says `done`
 #   fla_pack       fla's autotuning results (~/.triton/cache/*/*.autotune.json) into the pack, so a later
 #                  machine skips the tuning: put them in .fla_autotune/ (git-excluded) and carry it
 #   fla_restore    .fla_autotune/ back into ~/.triton/cache (fla then compiles only its chosen configs)
@@ -52,11 +52,18 @@ for name in "$@"; do
     case $name in
         matrix) step matrix 300 python bench/gpu_config_matrix.py --sanitize --out "$W/matrix.json" ;;
         fla_warm)
-            PYTHONPATH=$(fla_path) setsid nohup python bench/fla_warm.py > /tmp/fla_warm.log 2>&1 < /dev/null &
-            echo "fla_warm started in the background: /tmp/fla_warm.log" ;;
+            n=0  # one process per fla autotuning key (H, K, V): shapes 1 and 3 share one
+            for shape in "4,4096,4,512,64" "8,2048,16,128,64" "8,2048,4,256,64"; do
+                n=$((n + 1))
+                PYTHONPATH=$(fla_path) setsid nohup python bench/fla_warm.py --shapes "$shape" \
+                    > /tmp/fla_warm_$n.log 2>&1 < /dev/null &
+            done
+            echo "fla_warm: $n processes in the background, logs /tmp/fla_warm_N.log" ;;
         fla_wait)
-            for _ in $(seq 120); do grep -q '^done' /tmp/fla_warm.log 2>/dev/null && break; sleep 1; done
-            tail -n 5 /tmp/fla_warm.log; cp /tmp/fla_warm.log "$W/" ;;
+            for _ in $(seq "${FLA_WAIT_S:-120}"); do
+                [ "$(cat /tmp/fla_warm_*.log 2>/dev/null | grep -c '^done')" -ge 3 ] && break; sleep 1
+            done
+            tail -n 3 /tmp/fla_warm_*.log; cp /tmp/fla_warm_*.log "$W/" ;;
         fla_pack)
             (cd ~/.triton/cache && find . -name '*.autotune.json' | tar -czf "$W/fla_autotune.tar.gz" -T -)
             echo "packed $(tar -tzf "$W/fla_autotune.tar.gz" | wc -l) autotuning results" ;;
@@ -75,7 +82,6 @@ for name in "$@"; do
                 python bench/gpu_long_check.py --T 4096 --dims 4,512,512,64 --layouts slot --dtypes bfloat16 \
                 --packed no --settings default,off --out $W/check_shape3.json" ;;
         bench)
-            [ -f /tmp/fla_warm.log ] && tail -n 3 /tmp/fla_warm.log
             step bench 560 env PYTHONPATH="$(fla_path)" python -m gsa_compile bench --out "$W/bench.json" ;;
         first_call)
             rm -rf ~/.triton/cache ~/.cache/gsa_compile
