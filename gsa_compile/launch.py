@@ -376,8 +376,10 @@ def decode_splits(n_heads: int, K: int, V: int, device, splits: Optional[int] = 
     """NS, the programs per (sequence, kv head) of the split decode (programs_decode.decode_keys/values).
 
     `splits` (or the environment variable GSA_DECODE_SPLITS) forces it, clamped to [1, min(K, V)];
-    otherwise 1 (today's one-launch kernel) when the N * H heads alone fill half the SMs or on the CPU,
-    else the largest power of two <= min(8, SMs // (N * H), V // 16, K // 16). Not yet timed (bench/NOTES.md).
+    otherwise 1 (the one-launch kernel) on the CPU, or where the N * H heads reach 4 programs per SM (large
+    batches: not timed), else the largest power of two <= min(8, max(2, SMs // (N * H)), V // 16, K // 16).
+    H200, K = V = 512, M = 64, CUDA graphs (results/2026-11-29_h200_decode_s5_*.json): B=1 H=4 takes NS = 8
+    (0.0062 ms; NS 1: 0.0198), B=64 H=4 NS = 2 (0.0471 ms; NS 1: 0.0557, NS 4 and 8 no better than 2).
     """
     import os
     if splits is None and os.environ.get(DECODE_SPLITS_ENV):
@@ -386,7 +388,10 @@ def decode_splits(n_heads: int, K: int, V: int, device, splits: Optional[int] = 
         return max(1, min(int(splits), K, V))
     if torch.device(device).type != "cuda":
         return 1
-    room = min(MAX_DECODE_SPLITS, _sm_count(torch.device(device)) // max(1, n_heads), V // 16, K // 16)
+    sms = _sm_count(torch.device(device))
+    if n_heads >= 4 * sms:
+        return 1
+    room = min(MAX_DECODE_SPLITS, max(2, sms // max(1, n_heads)), V // 16, K // 16)
     return 1 if room < 2 else 1 << (room.bit_length() - 1)
 
 
