@@ -16,8 +16,11 @@
 #   fla_warm       bench/fla_warm.py in the background (setsid)    fla's first-use autotuning
 #   fla_wait       wait (<= FLA_WAIT_S, 120 s) until every fla_warm process says `done`
 #   fla_pack       fla's autotuning results (~/.triton/cache/*/*.autotune.json) into the pack, so a later
-#                  machine skips the tuning: put them in .fla_autotune/ (git-excluded) and carry it
-#   fla_restore    .fla_autotune/ back into ~/.triton/cache (fla then compiles only its chosen configs)
+#                  machine skips the tuning: copy the tarball to bench/fla_autotune/ and commit it
+#   fla_restore    bench/fla_autotune/$FLA_AUTOTUNE back into ~/.triton/cache (fla then compiles only its
+#                  chosen configs; the hashes hold for this triton, fla and GPU only)
+# Timed steps (tune_*, bench, decode, mods, model) first end any fla_warm still running: a background
+# autotuning process on the same GPU skews every timing (session 5's bench ran beside one).
 #   tune_forward   tune --ship --direction forward                 (autotune/*.json copied into the pack)
 #   tune_backward  tune --ship --direction backward
 #   check          bench/gpu_long_check.py on shapes 2 and 3 (B=1, T=4096, tuned configs) vs float64
@@ -32,6 +35,7 @@ set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 OUT=${OUT:-/tmp/gsa_out}
 W=/tmp/gsa_steps
+FLA_AUTOTUNE=${FLA_AUTOTUNE:-bench/fla_autotune/h200_triton3.6_fla0.6.0.tar.gz}
 mkdir -p "$OUT" "$W"
 start=$(date +%s)
 fla_path() {
@@ -40,9 +44,16 @@ fla_path() {
     fi
     echo "/tmp/site:$PWD"
 }
+quiet_gpu() {  # end background fla_warm processes before anything is timed
+    if pgrep -f bench/fla_warm.py > /dev/null; then
+        echo "  ending fla_warm still running (its tuning is lost): $(pgrep -fc bench/fla_warm.py) processes"
+        pkill -f bench/fla_warm.py; sleep 2
+    fi
+}
 step() {  # step NAME LIMIT_S COMMAND...: run it, log to $W/NAME.log, print its tail
     local name=$1 limit=$2
     shift 2
+    case $name in tune_*|bench|decode|mods|model) quiet_gpu ;; esac
     echo "[$(( $(date +%s) - start )) s] $name (limit ${limit} s)"
     timeout "$limit" "$@" > "$W/$name.log" 2>&1
     echo "  exit $? after $(( $(date +%s) - start )) s"
@@ -68,8 +79,8 @@ for name in "$@"; do
             (cd ~/.triton/cache && find . -name '*.autotune.json' | tar -czf "$W/fla_autotune.tar.gz" -T -)
             echo "packed $(tar -tzf "$W/fla_autotune.tar.gz" | wc -l) autotuning results" ;;
         fla_restore)
-            mkdir -p ~/.triton/cache && tar -xzf .fla_autotune/fla_autotune.tar.gz -C ~/.triton/cache
-            echo "restored $(tar -tzf .fla_autotune/fla_autotune.tar.gz | wc -l) autotuning results" ;;
+            mkdir -p ~/.triton/cache && tar -xzf "$FLA_AUTOTUNE" -C ~/.triton/cache
+            echo "restored $(tar -tzf "$FLA_AUTOTUNE" | wc -l) autotuning results" ;;
         tune_forward)
             step tune_forward 540 python -m gsa_compile tune --ship --direction forward
             cp autotune/*.json "$W/" ;;
@@ -86,7 +97,8 @@ for name in "$@"; do
         first_call)
             rm -rf ~/.triton/cache ~/.cache/gsa_compile
             step first_call 120 python bench/first_call.py 4,4096,4,512,512,64 ;;
-        decode) step decode 240 python bench/decode_bench.py --splits auto,1,2,4,8 --out "$W/decode.json" ;;
+        decode) step decode 240 env PYTHONPATH="$(fla_path)" python bench/decode_bench.py --splits auto,1,2,4,8 \
+                    --out "$W/decode.json" ;;
         mods) step mods 300 python bench/mods_bench.py --out "$W/mods.json" ;;
         model) step model 400 env PYTHONPATH="$(fla_path)" python bench/model_bench.py --out "$W/model.json" ;;
         fuzz) step fuzz 330 python bench/gpu_hardening.py --only fuzz --fuzz-seconds 240 --fuzz-jobs 8 \

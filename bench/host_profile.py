@@ -6,7 +6,7 @@ and a cProfile of many calls (top functions by own time and by cumulative time).
 `--stub-kernels` replaces every generated kernel by a launcher that does nothing, so the host path alone
 is timed (any machine; on a CPU the backward's torch ops still run for real, so only fwd is meaningful).
 
-Rows: fwd and fwd+bwd. `host_ms` is the wall time per call with the GPU never waited on inside the
+Rows: fwd, fwd+bwd, and decode (recurrent_step in place: one token of each sequence, float32 states). `host_ms` is the wall time per call with the GPU never waited on inside the
 loop (a launch-bound call shows host_ms > kernels_ms); `kernels_ms` is the sum of its CUDA kernels'
 times from torch.profiler. A CPU run (interpreter) prints the cProfile only: its times are the
 interpreter's, not the launch path's.
@@ -23,7 +23,7 @@ import time
 import torch
 
 from gsa_compile import benchmark as bm
-from gsa_compile import chunk_gsa
+from gsa_compile import chunk_gsa, recurrent_step
 
 
 def per_call_ms(fn, calls, sync):
@@ -72,6 +72,9 @@ def main():
     do = torch.randn(B, T, H, D, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     runs = {"fwd": lambda: chunk_gsa(*inputs)[0], "fwd+bwd": bm._fwd_bwd(lambda: chunk_gsa(*inputs)[0], inputs, do)}
+    step = [x[:, :1].detach() for x in inputs]  # one token of each input: the decode step, B sequences
+    state = (torch.zeros(B, H, D, M, device=device), torch.zeros(B, H, M, D, device=device))
+    runs["decode"] = lambda: recurrent_step(*step, state=state, inplace=True)[0]
     rows = []
     for name, fn in runs.items():
         row = dict(run=name, shape=args.shape, host_ms=per_call_ms(fn, calls, sync))
