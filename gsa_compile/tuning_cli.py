@@ -135,6 +135,9 @@ def main(args) -> int:
         if result.refused is None:
             tuner.default_cache().record(result.key, result.best, result.best_ms, result.default_ms, shipped=args.ship)
         results.append(result)
+    for result in results:  # every config's time: what the winner beat, for the notes
+        timed = sorted((t for t in result.trials if t.time_ms is not None), key=lambda t: t.time_ms)
+        print(f"{result.key.to_str()}: " + ", ".join(f"{t.config.short()} {t.time_ms:.4f}" for t in timed))
     print(tuner.format_table(results))
     print(f"tuned {len(results)} shapes in {time.perf_counter() - start:.0f} s")
     return 0
