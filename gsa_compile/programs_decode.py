@@ -25,8 +25,10 @@ def _token_view(name: str, cols: str, head: str, rows: str = "") -> View:
 DECODE_ROWS = SlotIndex(b="i_n", h="(i_h * G + tl.arange(0, BG))[:, None]", t=None)  # rows: the query heads
 
 
-def _token_gates(b: Builder, spec: Spec, s_view: View, derive_s: bool):
-    """(gate view, e^g, s) of token i_tok; `derive_s`: s from the mapped gate (s_from_gate) instead of a load."""
+def _token_gates(b: Builder, spec: Spec, s_view: View):
+    """(gate view, e^g, s) of token i_tok; with mods that derive s from the mapped gate (s_from_gate), s is
+    derived here, not loaded (every decode program, like the chunked kernels)."""
+    derive_s = mods.derived_from(spec.mods, "s") == "g"
     gate = gate_view(spec.layout)
     b.map("g_base", "g + i_n * stride_gb + i_tok * stride_gt + i_h * stride_gh", dtype="ptr", shape=())
     g_t = b.load("g_t", gate, "0", "1", ("BM",))
@@ -69,8 +71,7 @@ def decode_step(spec: Spec) -> Program:
     o_view = _token_view("o", "V", "i_h * G", rows="stride_oh")
     k_view, v_view, s_view = (_token_view(n, c, "i_h") for n, c in (("k", "K"), ("v", "V"), ("s", "M")))
     with b.loop("i_tok", "0", "T"):
-        # s_from_gate: s from the mapped gate, not another map
-        gate, decay, s_t = _token_gates(b, spec, s_view, mods.derived_from(spec.mods, "s") == "g")
+        gate, decay, s_t = _token_gates(b, spec, s_view)
         logits = _update_keys(b, hk_view, k_view, q_view, decay, s_t, "0", "K")
         probs = softmax_slots(b, logits, DECODE_ROWS)
         _update_values(b, hv_view, v_view, o_view, decay, s_t, probs, "0", "V")
@@ -127,7 +128,7 @@ def decode_keys(spec: Spec) -> Program:
     hk_view = View("hk_base", "M", "M")
     q_view, k_view, _, _, s_view = _split_views()
     with b.loop("i_tok", "0", "T"):
-        gate, decay, s_t = _token_gates(b, spec, s_view, derive_s=False)
+        gate, decay, s_t = _token_gates(b, spec, s_view)
         logits = _update_keys(b, hk_view, k_view, q_view, decay, s_t, "k_lo", "k_hi")
         b.store(_part_view("i_s"), logits, "0", "G")
     return Program("gsa_decode_keys", [q_view, k_view, s_view, gate], b.body).verify()
@@ -139,7 +140,7 @@ def decode_values(spec: Spec) -> Program:
     hv_view = View("hv_base", "V", "v_hi")
     _, _, v_view, o_view, s_view = _split_views()
     with b.loop("i_tok", "0", "T"):
-        gate, decay, s_t = _token_gates(b, spec, s_view, derive_s=False)
+        gate, decay, s_t = _token_gates(b, spec, s_view)
         logits = b.zeros("logits_acc", ("BG", "BM"))
         with b.loop("i_p", "0", "NS", static=True):  # fixed order: every split gets the same p
             part = b.load("part_tile", _part_view("i_p"), "0", "G", ("BG", "BM"))
