@@ -7,7 +7,9 @@ bench/gpu_hardening.py runs on the GPU. This module imports neither pytest nor (
 
 The space: gate layout x chunk size x dtype x memory layout of the inputs x GQA x initial state x
 varlen x T (1, inside the first chunk, whole chunks, past a boundary) x where the upstream gradient
-enters (o, the final states, or both). `run_case` makes leaf tensors in the case's memory layout,
+enters (o, the final states, or both) x fused mods (none; feature maps; a slot_mod with a captured
+per-head tensor; gate_mod on raw gate logits; gate_mod with s derived from the gate), where the
+reference applies the same functions outside in float64. `run_case` makes leaf tensors in the case's memory layout,
 runs chunk_gsa on them and recurrent_gsa on float64 copies of the same leaves (through the same
 views), backpropagates the same random upstream gradients through both and returns the relative
 error of every output and of every leaf's gradient.
@@ -27,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gsa_compile import chunk_gsa, recurrent_gsa
+from gsa_compile import GSAMods, chunk_gsa, recurrent_gsa
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LAYOUTS = ("slot", "head", "decay_head", "decay_slot", "abc")
@@ -45,6 +47,8 @@ MEMORY = ("contiguous", "head_first", "sliced", "batch_expanded", "strided_last"
 TOLERANCE = {"float32": (1e-5, 1e-4, 1e-4), "float16": (1e-2, 1e-2, 3e-2), "bfloat16": (3e-2, 5e-2, 1e-1)}
 # Interpreter budget: (chunk rows) x (query heads) per case, as in test_backward.COST_CAP.
 INTERPRETER_COST_CAP = {16: 16, 32: 8, 64: 4, 128: 2}
+# Fused mods (gsa_compile.GSAMods): gate_mod needs a gate (not ABC), s_from_gate the slot layout.
+MODS = ("none", "maps", "slot_mod", "gate_mod", "s_from_gate")
 SMALL_DIMS = dict(K=(1, 5, 8, 13, 16, 24), V=(1, 3, 8, 11, 16, 19), M=(1, 3, 5, 8, 12))
 
 
@@ -76,6 +80,10 @@ def draw_case(pick, cost_cap=None, max_t=150, dims=SMALL_DIMS, dtypes=tuple(DTYP
 
     case = dict(chunk_size=choose("chunk_size", chunk_sizes), layout=choose("layout", LAYOUTS),
                 dtype=choose("dtype", dtypes), memory=choose("memory", MEMORY))
+    mods = choose("mods", MODS)
+    if case["layout"] == "abc" and mods in ("gate_mod", "s_from_gate"):
+        mods = "none"
+    case["mods"] = "gate_mod" if mods == "s_from_gate" and case["layout"] != "slot" else mods
     C = case["chunk_size"]
     cap = float("inf") if cost_cap is None else cost_cap[C]
     regime = choose("regime", ("one", "below", "exact", "above"))
@@ -121,6 +129,10 @@ def _values(case, gen):
              "decay_slot": lambda: -torch.rand(H, M, generator=gen)}
     if case["layout"] in gates:
         x["g"] = gates[case["layout"]]()
+        if case.get("mods") in ("gate_mod", "s_from_gate"):  # raw logits: the gate_mod maps them to log gates
+            x["g"] = torch.randn(x["g"].shape, generator=gen) * 2
+    if case.get("mods") == "s_from_gate":
+        del x["s"]
     dtype = DTYPES[case["dtype"]]
     x = {n: t.to(dtype) for n, t in x.items()}
     N = B if case["cu_seqlens"] is None else len(case["cu_seqlens"]) - 1
@@ -161,6 +173,21 @@ def make_leaves(case, device):
 
 # ------------------------------------------------------------------------------------------------ running
 
+def case_mods(case, device):
+    """The case's GSAMods (None for "none"): the same functions run fused in the kernels and, in float64,
+    outside them for the reference."""
+    kind = case.get("mods", "none")
+    if kind == "none":
+        return None
+    if kind == "maps":
+        return GSAMods(q_map=F.silu, k_map=lambda x: F.elu(x) + 1, v_map=F.relu)
+    if kind == "slot_mod":  # a captured per-query-head temperature (a kernel argument) and soft-capping
+        gen = torch.Generator().manual_seed(case["seed"] + 2)
+        temperature = (torch.rand(case["H"] * case["group"], generator=gen) + 0.5).to(device)
+        return GSAMods(slot_mod=lambda logit, b, h, t, m: 4 * torch.tanh(logit / temperature[h] / 4))
+    return GSAMods(gate_mod=lambda f: F.logsigmoid(f) / 8, s_from_gate=kind == "s_from_gate")
+
+
 def run_case(case, device="cpu"):
     """Errors (rel_err) of o, the final states and every leaf's gradient, chunk_gsa against recurrent_gsa."""
     return compare(case, *make_leaves(case, device))
@@ -175,16 +202,30 @@ def compare(case, leaves, views):
     want_final = case["upstream"] != "o"
 
     gate_terms = {}  # the reference's [B, T, H, M] per-token gate and s, whose gradients weigh dg's error
+    mods = case_mods(case, device)
+    fns = mods.functions if mods is not None else {}
+    shape = (case["B"], case["T"], case["H"], case["M"])
+
+    def mapped_gate(g):  # the log gate the recurrence sees, per token
+        return _per_token_gate(g if fns.get("gate_mod") is None else fns["gate_mod"](g), shape)
 
     def call(fn, tensors, as_kernel):
         args = {n: tensors[n] if as_kernel and head_first else views[n](tensors[n]) for n in tensors}
-        if not as_kernel and "g" in args:
-            args["g"] = gate_terms["g"] = _per_token_gate(args["g"], args["s"].shape).clone()
-            args["s"] = gate_terms["s"] = args["s"].clone()
+        kwargs = dict(chunk_size=case["chunk_size"], head_first=head_first, mods=mods) if as_kernel else \
+            dict(slot_mod=fns.get("slot_mod"))
+        if not as_kernel:  # the mods outside the kernels, in float64
+            for name in ("q", "k", "v"):
+                if fns.get(f"{name}_map") is not None:
+                    args[name] = fns[f"{name}_map"](args[name])
+            if "g" in args:
+                gate = mapped_gate(args["g"])
+                if mods is not None and mods.s_from_gate:  # s from the gate, outside the gate's own term
+                    args["s"] = 1 - torch.exp(gate)
+                args["g"] = gate_terms["g"] = gate.clone()
+                args["s"] = gate_terms["s"] = args["s"].clone()
         state = (args["hk0"], args["hv0"]) if "hk0" in args else None
-        kwargs = dict(chunk_size=case["chunk_size"], head_first=head_first) if as_kernel else {}
-        o, final = fn(args["q"], args["k"], args["v"], args["s"], args.get("g"), case.get("scale"), initial_state=state,
-                      output_final_state=want_final, cu_seqlens=cu, **kwargs)
+        o, final = fn(args["q"], args["k"], args["v"], args.get("s"), args.get("g"), case.get("scale"),
+                      initial_state=state, output_final_state=want_final, cu_seqlens=cu, **kwargs)
         return (o.transpose(1, 2) if as_kernel and head_first else o), final
 
     o, final = call(chunk_gsa, leaves, True)
@@ -214,8 +255,10 @@ def compare(case, leaves, views):
     if "g" in leaves:  # dg is a suffix sum of cancelling terms: weigh its error by their magnitudes
         dg_tokens, ds_tokens = grads_ref[-2:]
         terms = suffix_magnitudes(dg_tokens, gate_terms["s"] * ds_tokens, case["cu_seqlens"])
+        if mods is not None and mods.s_from_gate:  # and the gate's path through s = 1 - e^g
+            terms = terms + (torch.exp(gate_terms["g"]) * ds_tokens).abs()
         probe = ref_leaves["g"].detach().clone().requires_grad_()
-        tokens = _per_token_gate(views["g"](probe), views["s"](leaves["s"]).shape)
+        tokens = mapped_gate(views["g"](probe))  # through gate_mod: its derivative scales the terms
         magnitude, = torch.autograd.grad((tokens * terms.detach()).sum(), probe)
         errors["dg"] = rel_err(grads[names.index("g")], grads_ref[names.index("g")], scale=magnitude)
     errors["finite"] = bool(torch.isfinite(o).all()) and all(errors.pop(f"d{n}_finite") for n in names)
@@ -255,7 +298,7 @@ def failures(case, errors):
 
 # Fields fixed for the runtime variants of one drawn Spec: they select the compiled kernels (the memory
 # layout too, through the pointer alignment and stride specialisations), so variants reuse them.
-SPEC_LABELS = ("chunk_size", "layout", "dtype", "memory", "K", "V", "M", "heads", "initial_state", "varlen")
+SPEC_LABELS = ("chunk_size", "layout", "dtype", "memory", "K", "V", "M", "heads", "initial_state", "varlen", "mods")
 
 
 def explore(seconds, device, seed=0, variants=3, specs=400, jobs=1, **options):

@@ -2,8 +2,8 @@
 
 Each example draws a gate layout, chunk size (16-128), dtype (float32, float16, bfloat16), memory
 layout of the inputs (contiguous, head_first, sliced, batch-expanded, last-dim strided), GQA group,
-initial state, varlen packing, T around the chunk boundaries and where the upstream gradient
-enters; o, the final states and the gradient of every input must match the float64 reference
+initial state, varlen packing, T around the chunk boundaries, where the upstream gradient
+enters and the fused mods (maps, slot_mod, gate_mod, s_from_gate); o, the final states and the gradient of every input must match the float64 reference
 within differential.TOLERANCE of the dtype. An interpreter example costs 1-4 s, so the "ci" profile
 runs EXAMPLES examples (x10 under the "gpu" profile); bench/gpu_hardening.py runs the long GPU
 fuzz over the same space and records its summary under bench/results/.
