@@ -43,6 +43,10 @@ _PACKAGE = Path(__file__).resolve().parent
 # the sources of the tuned (forward) kernels: a change to any of them invalidates the tuning files
 _SOURCES = ("templates/common.py.jinja", "templates/state_pass.py.jinja", "templates/output_pass.py.jinja",
             "programs.py", "blocks.py", "ir.py", "codegen.py")
+# ... and of the backward (which recomputes the state pass): a backward entry records their hash as its
+# "kernel_hash" and is ignored once they change (the forward's config then serves the backward)
+_BACKWARD_SOURCES = _SOURCES + ("templates/state_backward.py.jinja", "templates/slot_backward.py.jinja",
+                                "templates/key_backward.py.jinja", "programs_backward.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,13 +183,18 @@ class Environment:
 
 
 @functools.lru_cache(maxsize=None)
-def source_hash(root: Path = _PACKAGE) -> str:
+def source_hash(root: Path = _PACKAGE, sources: tuple = _SOURCES) -> str:
     """sha256 (16 hex digits) of the kernel sources: templates, IR, programs, blocks, codegen."""
     h = hashlib.sha256()
-    for pattern in _SOURCES:
+    for pattern in sources:
         for path in sorted(root.glob(pattern)):
             h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+def backward_source_hash() -> str:
+    """The hash a backward entry is valid for (the forward's kernel sources and the backward's)."""
+    return source_hash(_PACKAGE, _BACKWARD_SOURCES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,9 +241,13 @@ def read_entries(path: Path, env: Environment) -> dict:
         problem = f"schema version {data.get('version')!r}, expected {SCHEMA_VERSION}"
     elif problem is None and data.get("header") != dataclasses.asdict(env):
         problem = f"made for {data.get('header')}, not for {dataclasses.asdict(env)}"
+    stale = 0
     for text, entry in data["entries"].items() if problem is None else ():
         try:
             key, cfg = TuningKey.from_str(text), LaunchConfig.from_json(entry["config"])
+            if key.direction == "backward" and entry.get("kernel_hash") != backward_source_hash():
+                stale += 1
+                continue
             if not all(t is None or (type(t) in (int, float) and t >= 0) for t in
                        (entry.get("time_ms"), entry.get("default_ms"))):
                 raise ValueError("bad time")
@@ -243,6 +256,9 @@ def read_entries(path: Path, env: Environment) -> dict:
             bad += 1
     if bad:
         problem = f"{bad} malformed entr{'y' if bad == 1 else 'ies'} ignored (the other entries are used)"
+    elif stale:
+        problem = (f"{stale} backward entr{'y' if stale == 1 else 'ies'} tuned for other backward kernels ignored "
+                   "(the forward's configs serve the backward until `tune --direction backward` runs again)")
     if problem is not None and str(path) not in _warned:
         _warned.add(str(path))
         warnings.warn(f"gsa_compile tuning file {path}: {problem}", RuntimeWarning, stacklevel=3)
@@ -295,6 +311,8 @@ class TuningCache:
         entry = {"config": config.to_json(), "time_ms": num(time_ms), "default_ms": num(default_ms),
                  "speedup": num(default_ms / time_ms) if time_ms and default_ms else None,
                  "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if key.direction == "backward":
+            entry["kernel_hash"] = backward_source_hash()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path.with_name(path.name + ".lock"), "a+") as lock:  # released on close

@@ -33,7 +33,9 @@ def key(T=4096, BH=64, **kw):
 
 def write(path, entries, env=ENV, **top):
     doc = {"format": tuner.FORMAT, "version": tuner.SCHEMA_VERSION, "header": dataclasses.asdict(env),
-           "entries": {k.to_str(): {"config": c.to_json(), "time_ms": 1.0, "default_ms": 2.0} for k, c in entries}}
+           "entries": {k.to_str(): {"config": c.to_json(), "time_ms": 1.0, "default_ms": 2.0,
+                                    **({"kernel_hash": tuner.backward_source_hash()} if k.direction == "backward" else {})}
+                       for k, c in entries}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**doc, **top}))
 
@@ -135,6 +137,25 @@ def test_backward_entries(dirs):
     assert cache.lookup(key(T=8192, direction="backward")) == (OTHER, "nearest")
     write(shipped / "NVIDIA_H200.json", [(key(), FAST)])
     assert TuningCache(ENV).lookup(back) == (DEFAULT_CONFIG, "default")
+
+
+def test_backward_entries_follow_the_backward_kernels(dirs, monkeypatch):
+    """A backward entry carries the hash of the backward's kernel sources; once they change it is ignored
+    (one warning) while the forward's entries stay; record() stamps the current hash."""
+    shipped, _ = dirs
+    back = key(direction="backward")
+    write(shipped / "NVIDIA_H200.json", [(key(), FAST), (back, OTHER)])
+    assert TuningCache(ENV).lookup(back) == (OTHER, "exact")
+    monkeypatch.setattr(tuner, "backward_source_hash", lambda: "0123456789abcdef")  # the backward kernels changed
+    (fwd, back_found), problems = caught(lambda: (TuningCache(ENV).lookup(key()), TuningCache(ENV).lookup(back)))
+    assert fwd == (FAST, "exact") and back_found == (DEFAULT_CONFIG, "default")
+    assert len(problems) == 1 and "tuned for other backward kernels" in str(problems[0].message)
+    cache = TuningCache(ENV)
+    assert cache.record(back, FAST, 1.0, 2.0, shipped=True)
+    doc = json.loads((shipped / "NVIDIA_H200.json").read_text())
+    assert doc["entries"][back.to_str()]["kernel_hash"] == "0123456789abcdef"
+    assert "kernel_hash" not in doc["entries"][key().to_str()]
+    assert cache.lookup(back) == (FAST, "exact")
 
 
 def test_backward_launch_takes_its_entry(dirs):
