@@ -15,6 +15,10 @@ Cases (bf16, slot gates, chunk 64, K = V = 128, M = 64 unless said; most share o
                     2.46e9 elements per input), forward only (~60 GiB): per-head runs against the big run
                     (0.0 = bit for bit), the far end of the last head against the reference, and the
                     [B, T, H, D] layout of the same tensors against the head_first one.
+    big_offsets_backward  the same at K = V = 512 (T = 599,296; 2.45e9 elements per q, k, v, o and their
+                    gradients), forward + backward: heads 0 and 7 alone give the big run's dq, dk, dv, ds,
+                    dg bit for bit. Both big cases run the state pass unsegmented (GSA_STATE_SEGMENTS=off),
+                    as the per-head runs must take the same one.
     many_sequences  10,000 packed sequences of 1-17 tokens (slot and ABC): forward + backward under
                     torch.cuda.set_sync_debug_mode("error") after one validating call; 16 sequences
                     against separate calls and the float64 reference.
@@ -146,7 +150,7 @@ def big_offsets(small=False):
     T = 64 * -(-(2 ** 31) // (64 * (H - 1) * K)) + 64 if not small else 200
     x = make(1, T, H, H, K, V, M, seed=3, requires_grad=False, head_first=True)
     result = dict(T=T, H=H, elements_per_input=H * T * K, last_head_offset=(H - 1) * T * K)
-    with torch.no_grad():
+    with torch.no_grad(), unsegmented():
         o, (hk, hv) = chunk_gsa(*x, output_final_state=True, chunk_size=CHUNK, head_first=True)  # o [1, H, T, V]
         result["finite"] = _finite(o, hk, hv)
         equal = {}
@@ -168,6 +172,49 @@ def big_offsets(small=False):
         result["standard_layout_vs_head_first"] = rel(o_std, o.transpose(1, 2))  # 0.0: bit for bit
     result["ok"] = (result["finite"] and max(equal.values()) <= 1e-6 and result["standard_layout_vs_head_first"] <= 1e-6
                     and result["last_head_end_o"] <= _tolerance("o"))
+    return result
+
+
+@contextlib.contextmanager
+def unsegmented():
+    """GSA_STATE_SEGMENTS=off: the per-head runs below must use the same state pass as the big run (the
+    segmented default would pick another segment count for one head: other rounding, not bit for bit)."""
+    before = os.environ.get("GSA_STATE_SEGMENTS")
+    os.environ["GSA_STATE_SEGMENTS"] = "off"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["GSA_STATE_SEGMENTS"]
+        else:
+            os.environ["GSA_STATE_SEGMENTS"] = before
+
+
+def big_offsets_backward(small=False):
+    """The backward where (last head) x (head stride) passes 2^31 (head_first q, k, v, o and their
+    gradients, K = V = 512 to fit the backward's memory, ~70 GB): heads 0 and H-1 run alone on views of
+    the same memory must give the big run's gradients bit for bit."""
+    H, K, V, M = 8, 512, 512, 64
+    T = 64 * -(-(2 ** 31) // (64 * (H - 1) * K)) + 64 if not small else 200
+    x = make(1, T, H, H, K, V, M, seed=4, requires_grad=False, head_first=True)
+    leaves = [t.requires_grad_() for t in x]
+    result = dict(T=T, H=H, K=K, elements_per_input=H * T * K, last_head_offset=(H - 1) * T * K)
+    gen = torch.Generator(device=_device()).manual_seed(5)
+    with unsegmented():
+        o, _ = chunk_gsa(*leaves, chunk_size=CHUNK, head_first=True)  # o [1, H, T, V]
+        do = torch.randn(o.shape, generator=gen, device=o.device).to(o.dtype)
+        grads = torch.autograd.grad(o, leaves, do)
+        del o
+        result["finite"] = _finite(*grads)
+        equal = {}
+        for h in (0, H - 1):
+            part = [t.detach()[:, h:h + 1].requires_grad_() for t in leaves]  # views of the same memory
+            o_h, _ = chunk_gsa(*part, chunk_size=CHUNK, head_first=True)
+            grads_h = torch.autograd.grad(o_h, part, do[:, h:h + 1])
+            equal[h] = {name: rel(a, b[:, h:h + 1]) for name, a, b in zip("qkvsg", grads_h, grads)}
+            del o_h, grads_h, part
+    result["per_head_grads_vs_big_run"] = equal  # 0.0: bit for bit
+    result["ok"] = result["finite"] and max(e for row in equal.values() for e in row.values()) <= 1e-6
     return result
 
 
@@ -403,7 +450,8 @@ def fuzz(seconds, small=False, seed=0, jobs=1):
 
 # ------------------------------------------------------------------------------------------------ main
 
-CASES = [("long_sequence", 75), ("big_offsets", 150), ("many_sequences", 150), ("graph_backward", 30),
+CASES = [("long_sequence", 75), ("big_offsets", 150), ("big_offsets_backward", 150), ("many_sequences", 150),
+         ("graph_backward", 30),
          ("graph_forward", 40), ("graph_decode", 25), ("determinism", 120)]
 
 
