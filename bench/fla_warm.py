@@ -11,8 +11,9 @@ results on disk too):
 
 `bench/gpu_session.sh fla_warm` starts one process per distinct fla autotuning key (fla keys its kernels on
 H, K, V and the chunk size, not on B or T: the first and third benchmark shapes share theirs), each with
-its own log /tmp/fla_warm_N.log. Then do other work (it shares the GPU: time nothing meanwhile) and, once /tmp/fla_warm.log says
-`done`, time with `TRITON_CACHE_AUTOTUNING=1 python -m gsa_compile bench` in a later call.
+its own log /tmp/fla_warm_N.log. Then do other work (it shares the GPU: time nothing meanwhile) and, once
+every log says `done` (`gpu_session.sh fla_wait`), time with `python -m gsa_compile bench`; `fla_pack` keeps
+the results for a later machine (bench/fla_autotune/).
 """
 import argparse
 import time
