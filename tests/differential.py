@@ -204,7 +204,8 @@ def compare(case, leaves, views):
     gate_terms = {}  # the reference's [B, T, H, M] per-token gate and s, whose gradients weigh dg's error
     mods = case_mods(case, device)
     fns = mods.functions if mods is not None else {}
-    shape = (case["B"], case["T"], case["H"], case["M"])
+    # [B, T, H, M]: s's shape, or g's where s is derived from it (s_from_gate: slot layout)
+    shape = views["s"](leaves["s"]).shape if "s" in leaves else views["g"](leaves["g"]).shape
 
     def mapped_gate(g):  # the log gate the recurrence sees, per token
         return _per_token_gate(g if fns.get("gate_mod") is None else fns["gate_mod"](g), shape)

@@ -48,4 +48,4 @@ def test_host_profile_stub_kernels(tmp_path):
                             check=False, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["run"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"fwd", "fwd+bwd"} and all(r["host_ms"] > 0 for r in rows.values())
+    assert set(rows) == {"fwd", "fwd+bwd", "decode"} and all(r["host_ms"] > 0 for r in rows.values())
