@@ -13,7 +13,8 @@
 # fla steps need the wheels: carry .whl (see the device README); they are unpacked to /tmp/site.
 # Steps (in the order bench/NOTES.md "Next GPU session" gives them):
 #   matrix         bench/gpu_config_matrix.py --sanitize           the bf16 slot-tile fault
-#   fla_warm       bench/fla_warm.py in the background (setsid)    fla's first-use autotuning
+#   fla_warm       bench/fla_warm.py in the background (setsid)    fla's first-use autotuning, one process
+#                  per shape of FLA_WARM_SHAPES (default: the 3 keys of the bench shapes and the model's)
 #   fla_wait       wait (<= FLA_WAIT_S, 120 s) until every fla_warm process says `done`
 #   fla_pack       fla's autotuning results (~/.triton/cache/*/*.autotune.json) into the pack, so a later
 #                  machine skips the tuning: copy the tarball to bench/fla_autotune/ and commit it
@@ -64,15 +65,17 @@ for name in "$@"; do
         matrix) step matrix 300 python bench/gpu_config_matrix.py --sanitize --out "$W/matrix.json" ;;
         fla_warm)
             n=0  # one process per fla autotuning key (H, K, V): shapes 1 and 3 share one
-            for shape in "4,4096,4,512,64" "8,2048,16,128,64" "8,2048,4,256,64"; do
+            for shape in ${FLA_WARM_SHAPES:-4,4096,4,512,64 8,2048,16,128,64 8,2048,4,256,64}; do
                 n=$((n + 1))
                 PYTHONPATH=$(fla_path) setsid nohup python bench/fla_warm.py --shapes "$shape" \
                     > /tmp/fla_warm_$n.log 2>&1 < /dev/null &
             done
+            echo "$n" > /tmp/fla_warm_count
             echo "fla_warm: $n processes in the background, logs /tmp/fla_warm_N.log" ;;
         fla_wait)
             for _ in $(seq "${FLA_WAIT_S:-120}"); do
-                [ "$(cat /tmp/fla_warm_*.log 2>/dev/null | grep -c '^done')" -ge 3 ] && break; sleep 1
+                [ "$(cat /tmp/fla_warm_*.log 2>/dev/null | grep -c '^done')" -ge "$(cat /tmp/fla_warm_count)" ] && break
+                sleep 1
             done
             tail -n 3 /tmp/fla_warm_*.log; cp /tmp/fla_warm_*.log "$W/" ;;
         fla_pack)
