@@ -62,7 +62,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run it, log to $W/NAME.log, print its 
 }
 for name in "$@"; do
     case $name in
-        matrix) step matrix 300 python bench/gpu_config_matrix.py --sanitize --out "$W/matrix.json" ;;
+        matrix) step matrix 300 python bench/gpu_config_matrix.py --sanitize --out "$W/matrix.json" ${MATRIX_ARGS:-} ;;
         fla_warm)
             n=0  # one process per fla autotuning key (H, K, V): shapes 1 and 3 share one
             for shape in ${FLA_WARM_SHAPES:-4,4096,4,512,64 8,2048,16,128,64 8,2048,4,256,64}; do
