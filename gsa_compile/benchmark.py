@@ -246,10 +246,39 @@ def environment():
     return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 torch=torch.__version__, triton=triton.__version__, gsa_compile=__version__,
-                kernel_source_hash=tuner.source_hash())  # names the kernels even where .git is absent or stale
+                kernel_source_hash=tuner.source_hash(),  # names the kernels even where .git is absent or stale
+                other_gpu_processes=other_gpu_processes())
+
+
+def other_gpu_processes():
+    """[[pid, MiB], ...] of other processes holding GPU memory (nvidia-smi), [] for none, None where nvidia-smi
+    does not answer (no GPU). A timing taken beside one shares the GPU: session 5's bench ran beside fla's
+    autotuning. Recorded with every environment() and around the bench's timings."""
+    import os
+    import subprocess
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_compute_apps(done.stdout, os.getpid()) if done.returncode == 0 else None
+
+
+def parse_compute_apps(text: str, own_pid: int):
+    """nvidia-smi's `pid, used_memory` CSV lines -> [[pid, MiB or None]] without `own_pid`."""
+    rows = []
+    for line in text.splitlines():
+        pid, _, mib = (part.strip() for part in line.partition(","))
+        if pid.isdigit() and int(pid) != own_pid:
+            rows.append([int(pid), int(mib) if mib.isdigit() else None])
+    return rows
 
 
 def print_table(result):
+    shared = [x for x in (result["environment"].get("other_gpu_processes"),
+                          result.get("other_gpu_processes_after_timing")) if x]
+    if shared:
+        print(f"WARNING: other processes held the GPU during this run (pid, MiB): {shared}; the timings are not clean")
     bad = [r for r in result["correctness"] if not r["ok"]]
     print(f"correctness: {len(result['correctness']) - len(bad)}/{len(result['correctness'])} ok")
     for r in result["correctness"]:
@@ -325,6 +354,7 @@ def run(quick=False, out=None, timing=True, jobs=6, sweep_lengths=()):
     if timing:
         torch.manual_seed(torch.seed() % 2**31)  # fresh inputs every run
         result["timing"] = time_shapes("cuda", SHAPES[:2] if quick else SHAPES)
+        result["other_gpu_processes_after_timing"] = other_gpu_processes()
         save()
     if sweep_lengths:
         result["sweep"] = sweep("cuda", sweep_lengths)

@@ -49,3 +49,14 @@ def test_host_profile_stub_kernels(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {r["run"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"fwd", "fwd+bwd", "decode"} and all(r["host_ms"] > 0 for r in rows.values())
+
+
+def test_other_gpu_processes_are_recorded():
+    """The benchmarks record other processes holding the GPU (a timing beside one is not clean): parsed from
+    nvidia-smi's CSV without this process; None where nvidia-smi does not answer."""
+    from gsa_compile import benchmark
+    text = "4242, 1500\n 17, 320\nNo running processes found\n99, [N/A]\n"
+    assert benchmark.parse_compute_apps(text, own_pid=17) == [[4242, 1500], [99, None]]
+    assert benchmark.parse_compute_apps("", own_pid=1) == []
+    found = benchmark.environment()["other_gpu_processes"]
+    assert found is None or all(pid != os.getpid() for pid, _ in found)
