@@ -43,6 +43,7 @@ import random
 import signal
 import sys
 import time
+import unittest.mock
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package and tests/differential.py (also in spawned workers)
 import differential  # noqa: E402
 
-from gsa_compile import chunk_gsa, launch, recurrent_gsa, recurrent_step  # noqa: E402
+from gsa_compile import chunk_gsa, launch, recurrent_gsa, recurrent_step, segments  # noqa: E402
 
 CHUNK = 64
 DIMS = dict(K=128, V=128, M=64)
@@ -175,19 +176,10 @@ def big_offsets(small=False):
     return result
 
 
-@contextlib.contextmanager
 def unsegmented():
     """GSA_STATE_SEGMENTS=off: the per-head runs below must use the same state pass as the big run (the
     segmented default would pick another segment count for one head: other rounding, not bit for bit)."""
-    before = os.environ.get("GSA_STATE_SEGMENTS")
-    os.environ["GSA_STATE_SEGMENTS"] = "off"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["GSA_STATE_SEGMENTS"]
-        else:
-            os.environ["GSA_STATE_SEGMENTS"] = before
+    return unittest.mock.patch.dict(os.environ, {segments.ENV: "off"})
 
 
 def big_offsets_backward(small=False):
