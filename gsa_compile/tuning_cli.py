@@ -116,25 +116,26 @@ def main(args) -> int:
     shapes = [parse_shape(x) for x in args.shapes] if args.shapes else [(B, T, H, D, D, M) for B, T, H, D, M in SHAPES]
     space = _space_options(args)
     start = time.perf_counter()
+    results = []
+
+    def keep(result):  # record a tuned (not refused) entry, and list it in the table
+        if result.refused is None:
+            tuner.default_cache().record(result.key, result.best, result.best_ms, result.default_ms, shipped=args.ship)
+        results.append(result)
+
     forward = args.direction in ("forward", "both")
     tuned = [tune_shape(*shape, layout=args.layout, space=space, jobs=args.jobs) for shape in shapes if forward]
     # the forward chose; the backward runs with the same config: check it, else keep the default
     checks = try_configs([check for _, check in tuned], args.jobs) if tuned else []
-    results = []
     for (result, _), problem in zip(tuned, checks):
         if problem is not None and result.refused is None:
             print(f"{result.key.to_str()}: {result.best.short()} fails in the backward ({problem}); "
                   "keeping the default")
             result.trials.append(tuner.Trial(result.best, "skipped", None, f"backward: {problem}"))
             result.best, result.best_ms = result.trials[0].config, result.default_ms
-        if result.refused is None:
-            tuner.default_cache().record(result.key, result.best, result.best_ms, result.default_ms, shipped=args.ship)
-        results.append(result)
+        keep(result)
     for shape in shapes if args.direction in ("backward", "both") else ():
-        result, _ = tune_shape(*shape, layout=args.layout, space=space, jobs=args.jobs, direction="backward")
-        if result.refused is None:
-            tuner.default_cache().record(result.key, result.best, result.best_ms, result.default_ms, shipped=args.ship)
-        results.append(result)
+        keep(tune_shape(*shape, layout=args.layout, space=space, jobs=args.jobs, direction="backward")[0])
     for result in results:  # every config's time: what the winner beat, for the notes
         timed = sorted((t for t in result.trials if t.time_ms is not None), key=lambda t: t.time_ms)
         print(f"{result.key.to_str()}: " + ", ".join(f"{t.config.short()} {t.time_ms:.4f}" for t in timed))
