@@ -314,9 +314,11 @@ def cdiv(a, b):
 # On the H200 (triton 3.6.0) a bf16 build with a 32-wide slot tile (M = 32, K = V = 64, chunk 64) faulted
 # with an illegal memory access that float32 (no tensor cores) and the CPU bounds checker do not show;
 # public Triton reports describe Hopper wgmma faults with 32-wide dot dimensions in triton >= 3.6
-# (bench/results/2026-11-29_h200_s4_ncu_longcheck_crash.md). Until that is pinned down on a GPU, bf16 and
-# fp16 kernels pad the slot tile to 64, the width every GPU run so far used (M = 64). UNVERIFIED as a fix;
-# GSA_MIN_SLOT_TILE=16 restores the plain rule (bench/gpu_config_matrix.py sweeps both).
+# (bench/results/2026-11-29_h200_s4_ncu_longcheck_crash.md). In session 5 the same config and 19 others ran
+# without a fault with and without the padding (results/2026-11-29_h200_matrix_s5_partial.txt): not
+# reproduced, not explained. Until it is, bf16 and fp16 kernels pad the slot tile to 64, the width every
+# GPU run before the fault used (M = 64), as a precaution; GSA_MIN_SLOT_TILE=16 restores the plain rule
+# (bench/gpu_config_matrix.py sweeps both).
 MIN_TENSOR_CORE_SLOT_TILE = int(os.environ.get("GSA_MIN_SLOT_TILE", "64"))
 
 
