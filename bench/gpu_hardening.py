@@ -517,7 +517,7 @@ def main(argv=None):
         began = time.time() - start
         seconds = max(0.0, min(args.fuzz_seconds, args.budget - began - 5))
         try:
-            with time_limit(seconds + 60):
+            with time_limit(seconds + max(30.0, seconds / 4) + 60):  # explore ends its processes by then
                 jobs = args.fuzz_jobs or (min(8, max(1, (os.cpu_count() or 2) // 2)) if torch.cuda.is_available() else 1)
                 row = fuzz(seconds, small=args.smoke, seed=args.seed, jobs=jobs)
         except Exception as error:  # noqa: BLE001

@@ -274,13 +274,13 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU (Triton interpreter), ours only")
     parser.add_argument("--no-fla", action="store_true", help="ours only")
     parser.add_argument("--budget", type=float, default=140.0, help="skip parts that would start after this many s")
-    for key in ("batch", "seq", "layers"):
+    for key in ("batch", "seq", "layers", "hidden", "heads"):
         parser.add_argument(f"--{key}", type=int, help=f"override the config's {key}")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.smoke:
         sys.exit("no CUDA GPU: run with --smoke for the CPU interpreter check")
-    cfg = dict(SMOKE if args.smoke else GPU, **{k: getattr(args, k) for k in ("batch", "seq", "layers")
+    cfg = dict(SMOKE if args.smoke else GPU, **{k: getattr(args, k) for k in ("batch", "seq", "layers", "hidden", "heads")
                                                 if getattr(args, k) is not None})
     bench = Bench(args, cfg, device)
     fla_cls, bench.result["environment"]["fla"] = load_fla(not (args.smoke or args.no_fla))

@@ -73,8 +73,9 @@ def recorded_launches(shape, config, layout="slot"):
 def compile_report(fn, args, kwargs):
     """(registers, spill store bytes, spill load bytes, shared memory bytes) for sm_90a."""
     names = fn.arg_names
-    constexprs = {n: kwargs[n] for n in names if n in kwargs}
-    signature, attrs, values = {}, {}, dict(zip(names, args))
+    constexprs = {n: kwargs[n] for n in names if n in kwargs and not isinstance(kwargs[n], torch.Tensor)}
+    values = dict(zip(names, args), **{n: x for n, x in kwargs.items() if isinstance(x, torch.Tensor)})  # mods' buffers
+    signature, attrs = {}, {}
     for i, name in enumerate(names):
         if name in constexprs:
             signature[name] = "constexpr"

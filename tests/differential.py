@@ -23,6 +23,7 @@ Memory layouts (what chunk_gsa receives):
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -306,7 +307,9 @@ def explore(seconds, device, seed=0, variants=3, specs=400, jobs=1, **options):
     """run_case over the Spec space until `seconds` pass (the long GPU fuzz of bench/gpu_hardening.py):
     per drawn Spec, `variants` runtime variants (T, B, packing, values, where the gradient enters), which
     reuse its compiled kernels. `options` go to draw_case. With jobs > 1 the Specs are shared among that
-    many spawned processes (compiling is the bottleneck with cold caches; the cases are small).
+    many spawned processes (compiling is the bottleneck with cold caches; the cases are small); each
+    process rewrites its share of the summary after every case, and one still compiling at the deadline
+    (+ a grace of a quarter of `seconds`, at least 30 s) is ended, its finished cases kept.
     Returns a summary: Specs and cases tried, the worst errors per dtype, every case above its tolerance
     and every crash."""
     deadline = time.time() + seconds
@@ -315,12 +318,8 @@ def explore(seconds, device, seed=0, variants=3, specs=400, jobs=1, **options):
     if jobs <= 1:
         parts = [_explore_specs(drawn, device, deadline, variants, options)]
     else:
-        import concurrent.futures
-        import multiprocessing
-        shares = [drawn[i::jobs] for i in range(jobs)]
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            parts = list(pool.map(_explore_specs, shares, [device] * jobs, [deadline] * jobs, [variants] * jobs,
-                                  [options] * jobs))
+        parts = _explore_in_processes(drawn, device, deadline, variants, options, jobs, grace=max(30.0, seconds / 4))
+        summary["processes_ended_at_deadline"] = sum(part.pop("ended", False) for part in parts)
     summary.update(specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
     for part in parts:
         summary["specs"] += part["specs"]
@@ -334,9 +333,51 @@ def explore(seconds, device, seed=0, variants=3, specs=400, jobs=1, **options):
     return summary
 
 
-def _explore_specs(drawn, device, deadline, variants, options):
+def _explore_in_processes(drawn, device, deadline, variants, options, jobs, grace):
+    """explore's shares in `jobs` spawned processes, each writing its summary to a file after every case."""
+    import multiprocessing
+    import pickle
+    import tempfile
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as folder:
+        paths = [os.path.join(folder, f"share{i}.pickle") for i in range(jobs)]
+        processes = [context.Process(target=_explore_share, args=(drawn[i::jobs], device, deadline, variants, options,
+                                                                  path), daemon=True) for i, path in enumerate(paths)]
+        for process in processes:
+            process.start()
+        parts = []
+        for process, path in zip(processes, paths):
+            process.join(max(0.0, deadline + grace - time.time()))
+            ended = process.is_alive()
+            if ended:  # compiling past the deadline: its finished cases are in the file
+                process.kill()
+                process.join()
+            try:
+                with open(path, "rb") as f:
+                    part = pickle.load(f)
+            except (OSError, EOFError, pickle.UnpicklingError):
+                part = dict(specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
+            if not ended and process.exitcode != 0:
+                part["crashes"].append(dict(case=None, error=f"fuzz process exited with code {process.exitcode}"))
+            parts.append(dict(part, ended=ended))
+    return parts
+
+
+def _explore_share(drawn, device, deadline, variants, options, path):
+    """A spawned process's share of explore; its summary goes to `path` (pickled) after every case."""
+    import pickle
+
+    def save(summary):
+        with open(path + ".tmp", "wb") as f:
+            pickle.dump(summary, f)
+        os.replace(path + ".tmp", path)
+    _explore_specs(drawn, device, deadline, variants, options, after_case=save)
+
+
+def _explore_specs(drawn, device, deadline, variants, options, after_case=lambda summary: None):
     """One process's share of explore: the drawn Specs in order until the deadline."""
     summary = dict(specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
+    after_case(summary)
     for first, variant_seed in drawn:
         if time.time() > deadline:
             break
@@ -351,8 +392,10 @@ def _explore_specs(drawn, device, deadline, variants, options):
                 errors = run_case(case, device)
             except Exception as error:  # noqa: BLE001 - a crash is a finding: record it and go on
                 summary["crashes"].append(dict(case=case, error=f"{type(error).__name__}: {error}"[:500]))
+                after_case(summary)
                 continue
             _record(summary, case, errors)
+            after_case(summary)
     return summary
 
 
