@@ -14,7 +14,9 @@
 # Steps (in the order bench/NOTES.md "Next GPU session" gives them):
 #   matrix         bench/gpu_config_matrix.py --sanitize           the bf16 slot-tile fault
 #   fla_warm       bench/fla_warm.py in the background (setsid)    fla's first-use autotuning, one process
-#                  per shape of FLA_WARM_SHAPES (default: the 3 keys of the bench shapes and the model's)
+#                  per shape of FLA_WARM_SHAPES (default: the 3 keys of the bench shapes and the model's);
+#                  FLA_WARM_MODEL=1 adds one warming the example model's fla parts (model_bench --warm
+#                  with MODEL_ARGS: its layer calls fla with other dtypes/keys than fla_warm.py; session 6)
 #   fla_wait       wait (<= FLA_WAIT_S, 120 s) until every fla_warm process says `done`
 #   fla_pack       fla's autotuning results (~/.triton/cache/*/*.autotune.json) into the pack, so a later
 #                  machine skips the tuning: copy the tarball to bench/fla_autotune/ and commit it
@@ -46,10 +48,11 @@ fla_path() {
     fi
     echo "/tmp/site:$PWD"
 }
+WARMERS='bench/fla_warm.py|model_bench.py --models fla --warm'  # (a pattern no calling command line should hold)
 quiet_gpu() {  # end background fla_warm processes before anything is timed
-    if pgrep -f bench/fla_warm.py > /dev/null; then
-        echo "  ending fla_warm still running (its tuning is lost): $(pgrep -fc bench/fla_warm.py) processes"
-        pkill -f bench/fla_warm.py; sleep 2
+    if pgrep -f "$WARMERS" > /dev/null; then
+        echo "  ending fla warming still running (its tuning is lost): $(pgrep -fc "$WARMERS") processes"
+        pkill -f "$WARMERS"; sleep 2
     fi
 }
 step() {  # step NAME LIMIT_S COMMAND...: run it, log to $W/NAME.log, print its tail
@@ -71,6 +74,11 @@ for name in "$@"; do
                 PYTHONPATH=$(fla_path) setsid nohup python bench/fla_warm.py --shapes "$shape" \
                     > /tmp/fla_warm_$n.log 2>&1 < /dev/null &
             done
+            if [ -n "${FLA_WARM_MODEL:-}" ]; then  # fla's layer in the example model: its own kernels and keys
+                n=$((n + 1))
+                PYTHONPATH=$(fla_path) setsid nohup bash -c "python bench/model_bench.py --models fla --warm \
+                    --budget 1200 ${MODEL_ARGS:-}; echo done" > /tmp/fla_warm_$n.log 2>&1 < /dev/null &
+            fi
             echo "$n" > /tmp/fla_warm_count
             echo "fla_warm: $n processes in the background, logs /tmp/fla_warm_N.log" ;;
         fla_wait)

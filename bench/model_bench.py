@@ -129,8 +129,12 @@ class Bench:
         """Run fn(*fn_args) -> dict of measurements, or record why not: it would start later than
         --budget less its expected cost_s (compiles), or it raised."""
         row = dict(part=name, model=model, **row)
+        wanted = self.args.models.split(",")
+        if not (set(wanted) >= {"ours", "fla"} if model == "both" else model in wanted):
+            return None
         if time.time() - self.start + cost_s > self.args.budget:
             return self.record(**row, skipped=f"time budget {self.args.budget:.0f} s")
+        print(f"[{time.time() - self.start:.0f} s] {name} {model} {row.get('mode', '')}", flush=True)
         try:
             self.record(**row, **fn(*fn_args))
         except Exception as exc:  # noqa: BLE001 - record and go on with the other parts
@@ -273,6 +277,9 @@ def main(argv=None):
     parser.add_argument("--out", help="write the JSON result here (rewritten after every row)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU (Triton interpreter), ours only")
     parser.add_argument("--no-fla", action="store_true", help="ours only")
+    parser.add_argument("--models", default="ours,fla", help="which models' parts run (fla's state_dict still "
+                        "comes from ours); `--models fla --warm` warms fla's kernels and autotuning for this config")
+    parser.add_argument("--warm", action="store_true", help="one untimed-quality iteration per part (warming)")
     parser.add_argument("--budget", type=float, default=140.0, help="skip parts that would start after this many s")
     for key in ("batch", "seq", "layers", "hidden", "heads"):
         parser.add_argument(f"--{key}", type=int, help=f"override the config's {key}")
@@ -282,6 +289,8 @@ def main(argv=None):
         sys.exit("no CUDA GPU: run with --smoke for the CPU interpreter check")
     cfg = dict(SMOKE if args.smoke else GPU, **{k: getattr(args, k) for k in ("batch", "seq", "layers", "hidden", "heads")
                                                 if getattr(args, k) is not None})
+    if args.warm:
+        cfg.update(warmup=0, iters=1, decode_steps=2, decode_reps=1)
     bench = Bench(args, cfg, device)
     fla_cls, bench.result["environment"]["fla"] = load_fla(not (args.smoke or args.no_fla))
     print("fla:", bench.result["environment"]["fla"], flush=True)

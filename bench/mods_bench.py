@@ -14,6 +14,7 @@ hidden / heads):
     layer_fwd         layer forward under torch.no_grad (prefill / inference)
     layer_fwd_train   layer forward with autograd recording (training forward), and its peak memory
     gsa_fwd           only the GSA part: chunk_gsa on raw q, k, v, f with mods vs maps + chunk_gsa
+    gsa_fwd_gate_only / gsa_fwd_maps_only   the same with only gate_mod + s_from_gate, or only the maps, fused
     layer_fwd_bwd     forward + backward (first shape only, if the time budget allows)
 
 Times are triton.testing.do_bench medians (ms); `saving_ms` = unfused - fused. On the GPU the gsa_fwd and
@@ -34,7 +35,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F
 
-from gsa_compile import GatedSlotAttention, chunk_gsa
+from gsa_compile import GatedSlotAttention, GSAMods, chunk_gsa
 
 GPU_SHAPES = [(4, 4096, 2048, 4, 64), (8, 2048, 2048, 16, 64), (1, 32768, 2048, 4, 64)]  # B, T, hidden, heads, M
 SMOKE_SHAPES = [(1, 40, 32, 2, 8)]
@@ -151,6 +152,21 @@ def measure(record, bench, budget, first, B, T, hidden, heads, slots, device, dt
         return chunk_gsa(q, k, v, None, f, 1.0, chunk_size=fused.chunk_size, mods=fused.mods)[0]
     with torch.no_grad():
         pair(record, bench, "gsa_fwd", shape, gsa_fused, gsa_unfused, kernels=True)
+        # which fused part costs (session 6: the fused forward was slower): the gate alone, the maps alone
+        fns = fused.mods.functions
+        gate_only = GSAMods(gate_mod=fns["gate_mod"], s_from_gate=True)
+        maps_only = GSAMods(q_map=fns["q_map"], k_map=fns["k_map"], v_map=fns["v_map"])
+
+        def gsa_gate_only():
+            return chunk_gsa(F.silu(q), F.silu(k), F.silu(v), None, f, 1.0, chunk_size=fused.chunk_size,
+                             mods=gate_only)[0]
+
+        def gsa_maps_only():
+            g = F.logsigmoid(f) / 8
+            return chunk_gsa(q, k, v, (1 - g.exp()).to(dtype), g, 1.0, chunk_size=fused.chunk_size, mods=maps_only)[0]
+        reference = gsa_unfused()
+        for step, fn in (("gsa_fwd_gate_only", gsa_gate_only), ("gsa_fwd_maps_only", gsa_maps_only)):
+            pair(record, bench, step, shape, fn, gsa_unfused, kernels=True, o_rel=rel(fn(), reference))
 
     def fwd_bwd(layer):
         def run():
