@@ -40,11 +40,13 @@ T_RANGE, BH_RANGE = (256, 1 << 20), (1, 4096)
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 DIRECTIONS = ("forward", "backward")
 _PACKAGE = Path(__file__).resolve().parent
-# the sources of the tuned (forward) kernels: a change to any of them invalidates the tuning files
+# the sources of the tuned (forward) kernels. An entry records the hash of the kernel text they generate
+# for its key (kernel_text_hash) and stays valid while that text is unchanged; entries written before
+# (no such field) are valid while these sources' hash equals their file's header source_hash
 _SOURCES = ("templates/common.py.jinja", "templates/state_pass.py.jinja", "templates/output_pass.py.jinja",
             "programs.py", "blocks.py", "ir.py", "codegen.py")
-# ... and of the backward (which recomputes the state pass): a backward entry records their hash as its
-# "kernel_hash" and is ignored once they change (the forward's config then serves the backward)
+# ... and of the backward (which recomputes the state pass): such older backward entries hold their hash
+# as "kernel_hash" (an invalid backward entry is ignored: the forward's config then serves the backward)
 _BACKWARD_SOURCES = _SOURCES + ("templates/state_backward.py.jinja", "templates/slot_backward.py.jinja",
                                 "templates/key_backward.py.jinja", "programs_backward.py")
 
@@ -174,7 +176,9 @@ class TuningKey:
 
 @dataclasses.dataclass(frozen=True)
 class Environment:
-    """The header of a tuning file: it is used only by processes whose environment is equal."""
+    """The header of a tuning file: it is used only by processes whose environment is equal, but for
+    source_hash (the package's kernel sources when it was written), which decides only for entries
+    without a kernel_text_hash."""
     gpu: str
     capability: str  # "9.0"
     triton: str
@@ -193,8 +197,35 @@ def source_hash(root: Path = _PACKAGE, sources: tuple = _SOURCES) -> str:
 
 
 def backward_source_hash() -> str:
-    """The hash a backward entry is valid for (the forward's kernel sources and the backward's)."""
+    """The hash an older backward entry is valid for (the forward's kernel sources and the backward's)."""
     return source_hash(_PACKAGE, _BACKWARD_SOURCES)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_text_hash(key: "TuningKey", chunk_size: int) -> str:
+    """sha256 (16 hex digits) of the generated Triton source of the kernels an entry of `key` runs at
+    `chunk_size`: the forward's state and output passes, and for a backward key the backward programs
+    too. An entry is valid while this text is unchanged, whatever else changed (an fp16-only codegen
+    change keeps the bf16 entries)."""
+    from . import codegen, programs, programs_backward
+    from .spec import Spec
+    spec = Spec(layout=GateLayout(key.layout), chunk_size=chunk_size, dtype=key.dtype, K=key.K, V=key.V, M=key.M,
+                group=key.group, varlen=key.varlen, initial_state=False, final_state=True)
+    builders = (programs.state_pass, programs.output_pass)
+    if key.direction == "backward":
+        builders += programs_backward.BACKWARD_PROGRAMS
+    h = hashlib.sha256()
+    for builder in builders:
+        h.update(codegen.source(builder, spec).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def entry_is_current(key: "TuningKey", entry: dict, header: dict, env: Environment) -> bool:
+    """Whether an entry was tuned for the kernels this package generates for its key."""
+    if "kernel_text_hash" in entry:
+        return entry["kernel_text_hash"] == kernel_text_hash(key, entry["config"].chunk_size)
+    same_sources = header.get("source_hash") == env.source_hash  # an entry written before kernel_text_hash
+    return same_sources and (key.direction == "forward" or entry.get("kernel_hash") == backward_source_hash())
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,6 +255,10 @@ def tuning_dirs() -> tuple[Path, Path]:
 _warned: set = set()  # files warned about in this process
 
 
+def _without_sources(header: dict) -> dict:
+    return {k: v for k, v in header.items() if k != "source_hash"}
+
+
 def read_entries(path: Path, env: Environment) -> dict:
     """{TuningKey: entry} of a file valid for `env`; {} plus one warning (per file and process) when
     it is corrupted, truncated, of another schema or made for another environment."""
@@ -239,26 +274,32 @@ def read_entries(path: Path, env: Environment) -> dict:
         problem = f"not a {FORMAT} file"
     elif problem is None and data.get("version") != SCHEMA_VERSION:
         problem = f"schema version {data.get('version')!r}, expected {SCHEMA_VERSION}"
-    elif problem is None and data.get("header") != dataclasses.asdict(env):
+    elif problem is None and not (isinstance(data.get("header"), dict) and
+                                  _without_sources(data["header"]) == _without_sources(dataclasses.asdict(env))):
         problem = f"made for {data.get('header')}, not for {dataclasses.asdict(env)}"
-    stale = 0
+    stale = collections.Counter()
     for text, entry in data["entries"].items() if problem is None else ():
         try:
             key, cfg = TuningKey.from_str(text), LaunchConfig.from_json(entry["config"])
-            if key.direction == "backward" and entry.get("kernel_hash") != backward_source_hash():
-                stale += 1
-                continue
             if not all(t is None or (type(t) in (int, float) and t >= 0) for t in
                        (entry.get("time_ms"), entry.get("default_ms"))):
                 raise ValueError("bad time")
-            entries[key] = dict(entry, config=cfg)
+            entry = dict(entry, config=cfg)
+            if not entry_is_current(key, entry, data["header"], env):
+                stale[key.direction] += 1
+                continue
+            # an older entry valid now: stamped, so that rewriting the file under a new header keeps it
+            entries[key] = dict(entry, kernel_text_hash=kernel_text_hash(key, cfg.chunk_size))
         except (ValueError, TypeError, KeyError, AttributeError):
             bad += 1
     if bad:
         problem = f"{bad} malformed entr{'y' if bad == 1 else 'ies'} ignored (the other entries are used)"
     elif stale:
-        problem = (f"{stale} backward entr{'y' if stale == 1 else 'ies'} tuned for other backward kernels ignored "
-                   "(the forward's configs serve the backward until `tune --direction backward` runs again)")
+        n = sum(stale.values())
+        problem = (f"{n} entr{'y' if n == 1 else 'ies'} ({', '.join(f'{c} {d}' for d, c in sorted(stale.items()))}) "
+                   f"tuned for other kernels ignored (file written with sources {data['header'].get('source_hash')}, "
+                   f"these are {env.source_hash}); `tune` again (an ignored backward entry: the forward's "
+                   "config serves the backward)")
     if problem is not None and str(path) not in _warned:
         _warned.add(str(path))
         warnings.warn(f"gsa_compile tuning file {path}: {problem}", RuntimeWarning, stacklevel=3)
@@ -311,8 +352,7 @@ class TuningCache:
         entry = {"config": config.to_json(), "time_ms": num(time_ms), "default_ms": num(default_ms),
                  "speedup": num(default_ms / time_ms) if time_ms and default_ms else None,
                  "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        if key.direction == "backward":
-            entry["kernel_hash"] = backward_source_hash()
+        entry["kernel_text_hash"] = kernel_text_hash(key, config.chunk_size)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path.with_name(path.name + ".lock"), "a+") as lock:  # released on close

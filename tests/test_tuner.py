@@ -139,9 +139,10 @@ def test_backward_entries(dirs):
     assert TuningCache(ENV).lookup(back) == (DEFAULT_CONFIG, "default")
 
 
-def test_backward_entries_follow_the_backward_kernels(dirs, monkeypatch):
-    """A backward entry carries the hash of the backward's kernel sources; once they change it is ignored
-    (one warning) while the forward's entries stay; record() stamps the current hash."""
+def test_older_backward_entries_follow_the_backward_sources(dirs, monkeypatch):
+    """An entry written before kernel_text_hash: a backward one carries the hash of the backward's kernel
+    sources and is ignored once they change (one warning) while the forward's entries stay; record()
+    stamps the text hash of the kernels it tuned."""
     shipped, _ = dirs
     back = key(direction="backward")
     write(shipped / "NVIDIA_H200.json", [(key(), FAST), (back, OTHER)])
@@ -149,13 +150,37 @@ def test_backward_entries_follow_the_backward_kernels(dirs, monkeypatch):
     monkeypatch.setattr(tuner, "backward_source_hash", lambda: "0123456789abcdef")  # the backward kernels changed
     (fwd, back_found), problems = caught(lambda: (TuningCache(ENV).lookup(key()), TuningCache(ENV).lookup(back)))
     assert fwd == (FAST, "exact") and back_found == (DEFAULT_CONFIG, "default")
-    assert len(problems) == 1 and "tuned for other backward kernels" in str(problems[0].message)
+    assert len(problems) == 1 and "1 backward) tuned for other kernels" in str(problems[0].message)
     cache = TuningCache(ENV)
     assert cache.record(back, FAST, 1.0, 2.0, shipped=True)
     doc = json.loads((shipped / "NVIDIA_H200.json").read_text())
-    assert doc["entries"][back.to_str()]["kernel_hash"] == "0123456789abcdef"
-    assert "kernel_hash" not in doc["entries"][key().to_str()]
+    assert doc["entries"][back.to_str()]["kernel_text_hash"] == tuner.kernel_text_hash(back, FAST.chunk_size)
+    assert doc["entries"][key().to_str()]["kernel_text_hash"] == tuner.kernel_text_hash(key(), FAST.chunk_size)
     assert cache.lookup(back) == (FAST, "exact")
+
+
+def test_entries_follow_the_generated_kernel_text(dirs, monkeypatch):
+    """Entries stamped with kernel_text_hash hold under other package sources (another header
+    source_hash) while their kernels' text is unchanged, and only those whose text changed are ignored."""
+    from gsa_compile import codegen
+    shipped, _ = dirs
+    fp16 = key(dtype="float16")
+    path = shipped / "NVIDIA_H200.json"
+    assert TuningCache(ENV).record(key(), FAST, 1.0, 2.0, shipped=True)
+    assert TuningCache(ENV).record(fp16, FAST, 1.0, 2.0, shipped=True)
+    changed = dataclasses.replace(ENV, source_hash="fedcba9876543210")  # a later package: other sources
+    assert [TuningCache(changed).lookup(k) for k in (key(), fp16)] == [(FAST, "exact")] * 2
+    real = codegen.source
+    monkeypatch.setattr(codegen, "source", lambda builder, spec: real(builder, spec) + (
+        "# fp16 changed\n" if spec.dtype == "float16" else ""))
+    tuner.kernel_text_hash.cache_clear()
+    try:
+        found, problems = caught(lambda: [TuningCache(changed).lookup(k) for k in (key(), fp16)])
+        assert found == [(FAST, "exact"), (DEFAULT_CONFIG, "default")]
+        assert len(problems) == 1 and "1 forward) tuned for other kernels" in str(problems[0].message)
+        assert json.loads(path.read_text())["header"]["source_hash"] == ENV.source_hash
+    finally:
+        tuner.kernel_text_hash.cache_clear()
 
 
 def test_backward_launch_takes_its_entry(dirs):
