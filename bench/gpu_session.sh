@@ -34,7 +34,7 @@
 #   model          bench/model_bench.py (ours vs fla layer); MODEL_ARGS="--hidden 2048" gives heads of
 #                  K = V = 512, whose fla autotuning the pack already holds (the default's 256 it does not)
 #   fuzz           bench/gpu_hardening.py --only fuzz, 240 s, 8 processes
-#   hardening      bench/gpu_hardening.py (all GPU-only cases)
+#   hardening      bench/gpu_hardening.py (all GPU-only cases, then a 120 s fuzz)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 OUT=${OUT:-/tmp/gsa_out}
@@ -69,7 +69,9 @@ for name in "$@"; do
         matrix) step matrix 300 python bench/gpu_config_matrix.py --sanitize --out "$W/matrix.json" ${MATRIX_ARGS:-} ;;
         fla_warm)
             n=0  # one process per fla autotuning key (H, K, V): shapes 1 and 3 share one
-            for shape in ${FLA_WARM_SHAPES:-4,4096,4,512,64 8,2048,16,128,64 8,2048,4,256,64}; do
+            shapes=${FLA_WARM_SHAPES:-4,4096,4,512,64 8,2048,16,128,64 8,2048,4,256,64}
+            [ "$shapes" = none ] && shapes=""  # FLA_WARM_SHAPES=none: only the model (FLA_WARM_MODEL=1)
+            for shape in $shapes; do
                 n=$((n + 1))
                 PYTHONPATH=$(fla_path) setsid nohup python bench/fla_warm.py --shapes "$shape" \
                     > /tmp/fla_warm_$n.log 2>&1 < /dev/null &
@@ -116,7 +118,8 @@ for name in "$@"; do
                    ${MODEL_ARGS:-} --out "$W/model.json" ;;
         fuzz) step fuzz 330 python bench/gpu_hardening.py --only fuzz --fuzz-seconds 240 --fuzz-jobs 8 \
                   --out "$W/fuzz.json" ;;
-        hardening) step hardening 500 python bench/gpu_hardening.py --out "$W/hardening.json" ;;
+        hardening) step hardening 540 python bench/gpu_hardening.py --budget 500 --fuzz-seconds 120 --fuzz-jobs 8 \
+                       --out "$W/hardening.json" ;;  # every case (limits sum to ~740 s; s3-s6 took 60-80 s each)
         *) echo "unknown step $name (see the header of bench/gpu_session.sh)"; exit 2 ;;
     esac
 done

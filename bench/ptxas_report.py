@@ -41,7 +41,7 @@ TUNED = {  # autotune/NVIDIA_H200.json for the benchmark shapes: chunk, BK, BV, 
 }
 
 
-def recorded_launches(shape, config, layout="slot"):
+def recorded_launches(shape, config, layout="slot", dtype=torch.bfloat16):
     """[(program name, jit function, args, kwargs)] of one forward, backward and decode step on small CPU tensors
     with the shape's K, V, M (T shortened: the kernels do not specialise on it)."""
     B, T, H, K, V, M = shape
@@ -57,7 +57,7 @@ def recorded_launches(shape, config, layout="slot"):
 
     codegen.kernel = Recorder
     try:
-        q, k, v, s, g = benchmark.make_inputs(1, 2 * chunk, H, K, V, M, layout, torch.bfloat16, "cpu")
+        q, k, v, s, g = benchmark.make_inputs(1, 2 * chunk, H, K, V, M, layout, dtype, "cpu")
         tiles = TileConfig(BK=BK, BV=BV, num_warps=warps, num_stages=stages)
         o, hk, hv = launch.forward(q, k, v, s, g, K ** -0.5, None, None, None, chunk, GateLayout(layout), tiles)
         launch.backward(torch.randn_like(o), None, None, q, k, v, s, g, K ** -0.5, None, None, None, chunk,
@@ -108,6 +108,7 @@ def main(argv=None):
     parser.add_argument("--shape", help="B,T,H,K,V,M (default: the three benchmark shapes)")
     parser.add_argument("--config", help="chunk,BK,BV,warps,stages (default: the shipped tuned config)")
     parser.add_argument("--layout", default="slot")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = parser.parse_args(argv)
     parse = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
     shapes = {parse(args.shape): parse(args.config) if args.config else TUNED.get(parse(args.shape), (64, 64, 64, 4, 2))} \
@@ -115,7 +116,7 @@ def main(argv=None):
     print(f"{'shape':<26} {'config':<18} {'kernel':<16} {'launch':<10} {'regs':>5} {'spill st':>9} {'spill ld':>9} "
           f"{'smem':>7}")
     for shape, config in shapes.items():
-        for name, fn, call_args, kwargs in recorded_launches(shape, config, args.layout):
+        for name, fn, call_args, kwargs in recorded_launches(shape, config, args.layout, getattr(torch, args.dtype)):
             regs, stores, loads, smem = compile_report(fn, call_args, kwargs)
             own = f"w{kwargs.get('num_warps')}" + (f" BC{kwargs['BC']}" if "BC" in kwargs else "")
             print(f"{'B%d T%d H%d K%d V%d M%d' % shape:<26} {'%d/%d/%d w%d s%d' % config:<18} {name:<16} {own:<10} "

@@ -132,10 +132,16 @@ class _Emitter:
         return [f"tl.store({ptr}, {n.value.name}, mask={mask})"]  # tl.store casts to the pointee type
 
     def emit_dot(self, n: ir.Dot):
-        def operand(t: ir.Tile, trans: bool):
-            x = t.name if t.dtype == n.operand_dtype else f"{t.name}.to({self.dtype(n.operand_dtype)})"
-            return f"tl.trans({x})" if trans else x
+        operand_dtype = n.operand_dtype
         precision = {"float32": ', input_precision="ieee"', "float64": ", out_dtype=tl.float64"}.get(self.spec.dtype, "")
+        if self.spec.dtype == "float16" and operand_dtype == "in" and (n.a.dtype, n.b.dtype) != ("in", "in"):
+            # an fp32 intermediate (q k^T, a state, an attention block) can pass fp16's 65504 although every
+            # true value is in range: tf32 products (fp16's 10 mantissa bits, fp32's exponent) instead
+            operand_dtype, precision = "f32", ', input_precision="tf32"'
+
+        def operand(t: ir.Tile, trans: bool):
+            x = t.name if t.dtype == operand_dtype else f"{t.name}.to({self.dtype(operand_dtype)})"
+            return f"tl.trans({x})" if trans else x
         acc = f", {n.acc.name}" if n.acc is not None else ""
         return [f"{n.out.name} = tl.dot({operand(n.a, n.trans_a)}, {operand(n.b, n.trans_b)}{acc}{precision})"]
 

@@ -228,13 +228,13 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0):
     hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, H, K, M), (call.n_chunk_rows, H, M, V))
     hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
     cu, offsets = call.tables(hk_final)
-    plan = None if copies else segments.plan(call, k, v, s, g if call.spec.layout.data_dependent else None)
+    plan = segments.plan(call, k, v, s, g if call.spec.layout.data_dependent else None)
     if plan is not None:  # GSA_STATE_SEGMENTS: segments of each sequence in parallel (segments.py)
         initial = (None, None) if hk0 is None else (hk0.to(call.acc_dtype), hv0.to(call.acc_dtype))
         segments.state_pass(plan, call, k, v, s, g, *initial, gc, hk_chunks, hv_chunks, hk_final, hv_final,
-                            _gate_strides(g, call.spec.layout))
+                            _gate_strides(g, call.spec.layout), **copies)
         call.segments = plan
-        return gc, s, hk_chunks, hv_chunks, hk_final, hv_final
+        return gc, copies.get("mapped_s", s), hk_chunks, hv_chunks, hk_final, hv_final
     hk0 = hk0.to(call.acc_dtype).contiguous() if hk0 is not None else hk_final  # unused when the Spec has none
     hv0 = hv0.to(call.acc_dtype).contiguous() if hv0 is not None else hv_final
     call.run(programs.state_pass, call.tile_grid(),

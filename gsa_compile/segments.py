@@ -187,13 +187,16 @@ def scan(C: torch.Tensor, local, edge, reverse: bool):
     return tuple(o.to(x.dtype).contiguous() for o, x in zip(out, local))
 
 
-def _run(call, builder, spec, grid, *args):
-    call.wrap(codegen.kernel(builder, spec))[grid](*args, **call.mod_args, **call.consts[builder.__name__],
+def _run(call, builder, spec, grid, *args, **extra):
+    call.wrap(codegen.kernel(builder, spec))[grid](*args, **call.mod_args, **extra, **call.consts[builder.__name__],
                                                    **call.launch)
 
 
-def state_pass(p: Plan, call, k, v, s, g, hk0, hv0, gc, hk_chunks, hv_chunks, hk_final, hv_final, gate_strides):
-    """launch.state_pass in three phases: fills gc, the chunk states and the final states in place."""
+def state_pass(p: Plan, call, k, v, s, g, hk0, hv0, gc, hk_chunks, hv_chunks, hk_final, hv_final, gate_strides,
+               **copies):
+    """launch.state_pass in three phases: fills gc, the chunk states and the final states in place, and
+    the mapped copies the mods store (`copies`: mapped_s, contiguous [B, T, H, M], so a packed row's
+    index is also its dense one), written by both phases with the same values."""
     from .launch import _strides
 
     N, S, H = call.N, p.S, call.H
@@ -202,11 +205,12 @@ def state_pass(p: Plan, call, k, v, s, g, hk0, hv0, gc, hk_chunks, hv_chunks, hk
     hk_seg, hv_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
     local = dataclasses.replace(call.spec, varlen=True, initial_state=False)
     _run(call, programs.state_pass, local, grid, k, v, s, g, gc, hk_chunks, hv_chunks, hk_seg, hv_seg,
-         hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
+         hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides, **copies)
     initial = None if hk0 is None else (hk0, hv0)
     hk_start, hv_start = scan(p.log2_prefix(gc), (hk_seg, hv_seg), initial, reverse=False)
     _run(call, programs.state_pass, dataclasses.replace(local, initial_state=True), grid,
-         k, v, s, g, gc, hk_chunks, hv_chunks, hk_start, hv_start, hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
+         k, v, s, g, gc, hk_chunks, hv_chunks, hk_start, hv_start, hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides,
+         **copies)
     hk_final.copy_(hk_seg.view(N, S, *hk_seg.shape[1:])[:, -1])
     hv_final.copy_(hv_seg.view(N, S, *hv_seg.shape[1:])[:, -1])
 
