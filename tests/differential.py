@@ -9,7 +9,8 @@ The space: gate layout x chunk size x dtype x memory layout of the inputs x GQA 
 varlen x T (1, inside the first chunk, whole chunks, past a boundary) x where the upstream gradient
 enters (o, the final states, or both) x fused mods (none; feature maps; a slot_mod with a captured
 per-head tensor; gate_mod on raw gate logits; gate_mod with s derived from the gate), where the
-reference applies the same functions outside in float64. `run_case` makes leaf tensors in the case's memory layout,
+reference applies the same functions outside in float64, x the magnitude of q and k (1, or 300 with a
+scale that keeps the logits O(1): q k^T past fp16's range). `run_case` makes leaf tensors in the case's memory layout,
 runs chunk_gsa on them and recurrent_gsa on float64 copies of the same leaves (through the same
 views), backpropagates the same random upstream gradients through both and returns the relative
 error of every output and of every leaf's gradient.
@@ -50,6 +51,8 @@ TOLERANCE = {"float32": (1e-5, 1e-4, 1e-4), "float16": (1e-2, 1e-2, 3e-2), "bflo
 INTERPRETER_COST_CAP = {16: 16, 32: 8, 64: 4, 128: 2}
 # Fused mods (gsa_compile.GSAMods): gate_mod needs a gate (not ABC), s_from_gate the slot layout.
 MODS = ("none", "maps", "slot_mod", "gate_mod", "s_from_gate")
+# Input magnitudes of q and k: 300 makes q k^T pass fp16's range (as test_fp16_large_values)
+MAGNITUDES = (1, 1, 1, 300)
 SMALL_DIMS = dict(K=(1, 5, 8, 13, 16, 24), V=(1, 3, 8, 11, 16, 19), M=(1, 3, 5, 8, 12))
 
 
@@ -113,6 +116,10 @@ def draw_case(pick, cost_cap=None, max_t=150, dims=SMALL_DIMS, dtypes=tuple(DTYP
     case.update(T=T, K=choose("K", dims["K"]), V=choose("V", dims["V"]), M=choose("M", dims["M"]),
                 initial_state=choose("initial_state", (False, True)),
                 upstream=choose("upstream", ("both", "o", "final")), seed=choose("seed", range(2 ** 31)))
+    magnitude = choose("magnitude", MAGNITUDES)
+    if magnitude != 1:  # |q|, |k| ~ magnitude: q k^T far past fp16's 65504, the logits kept O(1) (v is not
+        # scaled: with it, sums such as a per-slot decay's gradient over all tokens truly pass fp16's range)
+        case.update(magnitude=magnitude, scale=case["K"] ** -0.5 / magnitude ** 2)
     return case
 
 
@@ -123,7 +130,8 @@ def _values(case, gen):
     B, T, H, K, V, M = (case[n] for n in ("B", "T", "H", "K", "V", "M"))
     HQ = H * case["group"]
     r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
-    x = dict(q=r(B, T, HQ, K), k=r(B, T, H, K), v=r(B, T, H, V))
+    big = case.get("magnitude", 1)
+    x = dict(q=r(B, T, HQ, K) * big, k=r(B, T, H, K) * big, v=r(B, T, H, V))
     x["s"] = r(B, T, H, M) if case["layout"] == "abc" else torch.rand(B, T, H, M, generator=gen)
     gates = {"slot": lambda: F.logsigmoid(r(B, T, H, M)), "head": lambda: F.logsigmoid(r(B, T, H)),
              "decay_head": lambda: -torch.rand(H, generator=gen),
