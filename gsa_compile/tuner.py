@@ -201,22 +201,30 @@ def backward_source_hash() -> str:
     return source_hash(_PACKAGE, _BACKWARD_SOURCES)
 
 
-@functools.lru_cache(maxsize=None)
 def kernel_text_hash(key: "TuningKey", chunk_size: int) -> str:
     """sha256 (16 hex digits) of the generated Triton source of the kernels an entry of `key` runs at
     `chunk_size`: the forward's state and output passes, and for a backward key the backward programs
-    too. An entry is valid while this text is unchanged, whatever else changed (an fp16-only codegen
-    change keeps the bf16 entries)."""
+    too, each with and without initial states and also as the packed (varlen) variant that the
+    segmented state pass runs. An entry is valid while this text is unchanged, whatever else changed
+    (an fp16-only codegen change keeps the bf16 entries)."""
+    return _kernel_text_hash(key.layout, key.dtype, key.K, key.V, key.M, key.group, key.varlen, key.direction,
+                             chunk_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_text_hash(layout, dtype, K, V, M, group, varlen, direction, chunk_size) -> str:
     from . import codegen, programs, programs_backward
     from .spec import Spec
-    spec = Spec(layout=GateLayout(key.layout), chunk_size=chunk_size, dtype=key.dtype, K=key.K, V=key.V, M=key.M,
-                group=key.group, varlen=key.varlen, initial_state=False, final_state=True)
     builders = (programs.state_pass, programs.output_pass)
-    if key.direction == "backward":
+    if direction == "backward":
         builders += programs_backward.BACKWARD_PROGRAMS
     h = hashlib.sha256()
-    for builder in builders:
-        h.update(codegen.source(builder, spec).encode() + b"\0")
+    for packed in sorted({bool(varlen), True}):
+        for initial_state in (False, True):
+            spec = Spec(layout=GateLayout(layout), chunk_size=chunk_size, dtype=dtype, K=K, V=V, M=M, group=group,
+                        varlen=packed, initial_state=initial_state, final_state=True)
+            for builder in builders:
+                h.update(codegen.source(builder, spec).encode() + b"\0")
     return h.hexdigest()[:16]
 
 

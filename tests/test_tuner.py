@@ -173,14 +173,14 @@ def test_entries_follow_the_generated_kernel_text(dirs, monkeypatch):
     real = codegen.source
     monkeypatch.setattr(codegen, "source", lambda builder, spec: real(builder, spec) + (
         "# fp16 changed\n" if spec.dtype == "float16" else ""))
-    tuner.kernel_text_hash.cache_clear()
+    tuner._kernel_text_hash.cache_clear()
     try:
         found, problems = caught(lambda: [TuningCache(changed).lookup(k) for k in (key(), fp16)])
         assert found == [(FAST, "exact"), (DEFAULT_CONFIG, "default")]
         assert len(problems) == 1 and "1 forward) tuned for other kernels" in str(problems[0].message)
         assert json.loads(path.read_text())["header"]["source_hash"] == ENV.source_hash
     finally:
-        tuner.kernel_text_hash.cache_clear()
+        tuner._kernel_text_hash.cache_clear()
 
 
 def test_backward_launch_takes_its_entry(dirs):
