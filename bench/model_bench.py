@@ -48,6 +48,7 @@ _spec.loader.exec_module(lm)
 
 GPU = dict(vocab=32000, hidden=1024, layers=4, heads=4, slots=64, batch=8, seq=2048, chunk_size=None,
            prefill=512, decode_batches=(1, 64), decode_steps=32, decode_reps=5, warmup=3, iters=10)
+OVERRIDES = ("batch", "seq", "layers", "hidden", "heads")  # config keys a command-line option may set
 SMOKE = dict(vocab=64, hidden=32, layers=1, heads=2, slots=8, batch=2, seq=32, chunk_size=16,
              prefill=8, decode_batches=(1, 2), decode_steps=2, decode_reps=1, warmup=1, iters=1)
 COMPILE_COST_S = 40  # a guess at a cold torch.compile of the training step: later starts are skipped
@@ -281,18 +282,18 @@ def main(argv=None):
                         "comes from ours); `--models fla --warm` warms fla's kernels and autotuning for this config")
     parser.add_argument("--warm", action="store_true", help="one untimed-quality iteration per part (warming)")
     parser.add_argument("--budget", type=float, default=140.0, help="skip parts that would start after this many s")
-    for key in ("batch", "seq", "layers", "hidden", "heads"):
+    for key in OVERRIDES:
         parser.add_argument(f"--{key}", type=int, help=f"override the config's {key}")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.smoke:
         sys.exit("no CUDA GPU: run with --smoke for the CPU interpreter check")
-    cfg = dict(SMOKE if args.smoke else GPU, **{k: getattr(args, k) for k in ("batch", "seq", "layers", "hidden", "heads")
-                                                if getattr(args, k) is not None})
+    cfg = dict(SMOKE if args.smoke else GPU, **{k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
     if args.warm:
         cfg.update(warmup=0, iters=1, decode_steps=2, decode_reps=1)
     bench = Bench(args, cfg, device)
-    fla_cls, bench.result["environment"]["fla"] = load_fla(not (args.smoke or args.no_fla))
+    fla_cls, bench.result["environment"]["fla"] = load_fla(not (args.smoke or args.no_fla)
+                                                           and "fla" in args.models.split(","))
     print("fla:", bench.result["environment"]["fla"], flush=True)
 
     torch.manual_seed(0)

@@ -359,8 +359,8 @@ class TuningCache:
         num = lambda x: None if x is None or not math.isfinite(x) else round(float(x), 6)  # noqa: E731
         entry = {"config": config.to_json(), "time_ms": num(time_ms), "default_ms": num(default_ms),
                  "speedup": num(default_ms / time_ms) if time_ms and default_ms else None,
-                 "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        entry["kernel_text_hash"] = kernel_text_hash(key, config.chunk_size)
+                 "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "kernel_text_hash": kernel_text_hash(key, config.chunk_size)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path.with_name(path.name + ".lock"), "a+") as lock:  # released on close

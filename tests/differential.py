@@ -10,8 +10,8 @@ varlen x T (1, inside the first chunk, whole chunks, past a boundary) x where th
 enters (o, the final states, or both) x fused mods (none; feature maps; a slot_mod with a captured
 per-head tensor; gate_mod on raw gate logits; gate_mod with s derived from the gate), where the
 reference applies the same functions outside in float64, x the magnitude of q and k (1, or 300 with a
-scale that keeps the logits O(1): q k^T past fp16's range). `run_case` makes leaf tensors in the case's memory layout,
-runs chunk_gsa on them and recurrent_gsa on float64 copies of the same leaves (through the same
+scale that keeps the logits O(1): q k^T past fp16's range). `run_case` makes leaf tensors in the case's
+memory layout, runs chunk_gsa on them and recurrent_gsa on float64 copies of the same leaves (through the same
 views), backpropagates the same random upstream gradients through both and returns the relative
 error of every output and of every leaf's gradient.
 
@@ -328,7 +328,7 @@ def explore(seconds, device, seed=0, variants=3, specs=400, jobs=1, **options):
     else:
         parts = _explore_in_processes(drawn, device, deadline, variants, options, jobs, grace=max(30.0, seconds / 4))
         summary["processes_ended_at_deadline"] = sum(part.pop("ended", False) for part in parts)
-    summary.update(specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
+    summary.update(_empty_summary())
     for part in parts:
         summary["specs"] += part["specs"]
         summary["failures"] += part["failures"]
@@ -339,6 +339,10 @@ def explore(seconds, device, seed=0, variants=3, specs=400, jobs=1, **options):
         summary["cases"] += part["cases"]
     summary["ok"] = not summary["failures"] and not summary["crashes"] and summary["cases"] > 0
     return summary
+
+
+def _empty_summary():
+    return dict(specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
 
 
 def _explore_in_processes(drawn, device, deadline, variants, options, jobs, grace):
@@ -364,7 +368,7 @@ def _explore_in_processes(drawn, device, deadline, variants, options, jobs, grac
                 with open(path, "rb") as f:
                     part = pickle.load(f)
             except (OSError, EOFError, pickle.UnpicklingError):
-                part = dict(specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
+                part = _empty_summary()
             if not ended and process.exitcode != 0:
                 part["crashes"].append(dict(case=None, error=f"fuzz process exited with code {process.exitcode}"))
             parts.append(dict(part, ended=ended))
@@ -384,7 +388,7 @@ def _explore_share(drawn, device, deadline, variants, options, path):
 
 def _explore_specs(drawn, device, deadline, variants, options, after_case=lambda summary: None):
     """One process's share of explore: the drawn Specs in order until the deadline."""
-    summary = dict(specs=0, cases=0, by_dtype={}, failures=[], crashes=[])
+    summary = _empty_summary()
     after_case(summary)
     for first, variant_seed in drawn:
         if time.time() > deadline:
