@@ -31,13 +31,13 @@ def seq_view(name: str, cols: str, base: str = "", row_stride: str = "") -> View
 
 
 def input_view(spec, name: str, cols: str) -> View:
-    """Token rows of input `name` for a program after the state pass: where the Spec's mods store its mapped
-    value (mods.STORED_MAPS), launch passes the state pass's copy in its place, read as is (no map)."""
+    """Token rows of input `name` for a program after the gate pass: where the Spec's mods store its mapped
+    value (mods.STORED_MAPS), launch passes the gate pass's copy in its place, read as is (no map)."""
     return dataclasses.replace(seq_view(name, cols), mapped=name in mods.stored(spec.mods))
 
 
 def mapped_copy(name: str, cols: str) -> View:
-    """Where the state pass stores mapped input `name`: the kernel argument `mapped_<name>`, a contiguous
+    """Where the gate pass stores mapped input `name`: the kernel argument `mapped_<name>`, a contiguous
     [B, T, H, cols] buffer in the input dtype (the kv head's rows, like gc)."""
     return View(f"(mapped_{name} + (i_b * T * H + i_h) * {cols})", f"H * {cols}", cols, tensor=name, mapped=True)
 

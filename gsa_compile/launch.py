@@ -94,6 +94,24 @@ SLOT_BACKWARD_WARPS, SLOT_BACKWARD_BC = 8, 8
 BACKWARD_CONFIG_ENV = "GSA_BACKWARD_CONFIG"
 
 
+# GSA_FORWARD_CONFIG="BT,BK,BV,warps,stages" forces the forward's launch, whatever the tuning file says (A/B
+# timings of two kernel versions at one config while the tuning entries of one of them are stale).
+FORWARD_CONFIG_ENV = "GSA_FORWARD_CONFIG"
+
+
+def forward_override():
+    """(chunk_size, TileConfig) from GSA_FORWARD_CONFIG, or None."""
+    import os
+    value = os.environ.get(FORWARD_CONFIG_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        BT, BK, BV, warps, stages = (int(x) for x in value.split(","))
+    except ValueError:
+        raise ValueError(f"{FORWARD_CONFIG_ENV}={value!r}: expected five integers BT,BK,BV,warps,stages") from None
+    return BT, TileConfig(BK=BK, BV=BV, num_warps=warps, num_stages=stages)
+
+
 def backward_override():
     """(chunk_size, TileConfig, (slot warps, slot BC)) from GSA_BACKWARD_CONFIG, or None."""
     import os
@@ -114,6 +132,7 @@ def kernel_constants(spec: Spec, config: TileConfig, slot_bc: int = SLOT_BACKWAR
     common = dict(K=spec.K, V=spec.V, M=spec.M, BT=spec.chunk_size, BK=BK, BV=BV, BM=spec.BM)
     per_chunk = dict(G=spec.group, BC=spec.BC, **common)
     return {
+        "gate_pass": dict(M=spec.M, BT=spec.chunk_size, BM=spec.BM),
         "state_pass": dict(NK=cdiv(spec.K, BK), **common),
         "output_pass": per_chunk,
         "slot_backward": dict(per_chunk, BC=min(slot_bc, spec.chunk_size)),
@@ -214,33 +233,48 @@ class Call:
         return self.consts["state_pass"]["NK"] + cdiv(self.V, self.consts["state_pass"]["BV"])
 
 
-def state_pass(call: Call, k, v, s, g, hk0, hv0):
-    """(gate cumsum, s for the later programs, chunk-start states of Hk and Hv, final states).
+def gate_pass(call: Call, s, g):
+    """(gc, w, gtot, s for the later programs): the gate pass (programs.gate_pass) over every chunk.
 
-    Where the Spec's mods store mapped inputs (mods.STORED_MAPS: s with s_from_gate), the state pass writes
-    them to contiguous copies in the input dtype, and the s returned is that copy, which the later programs
-    read with no map; otherwise it is s itself."""
-    H, K, V, M = call.H, call.K, call.V, call.M
+    Where the Spec's mods store mapped inputs (mods.STORED_MAPS: s with s_from_gate), it writes them to
+    contiguous copies in the input dtype, and the s returned is that copy, which the later programs read
+    with no map; otherwise it is s itself. w is kept in bf16 for bf16 inputs (the state pass's products
+    round it to bf16 anyway), else in the accumulator type."""
+    H, M = call.H, call.M
     stored = call.mods.stored if call.mods is not None else ()
-    copies = {f"mapped_{name}": torch.empty(x.shape, device=x.device, dtype=k.dtype)
+    copies = {f"mapped_{name}": torch.empty(x.shape, device=x.device, dtype=x.dtype)  # s has the inputs' dtype
               for name, x in (("s", s),) if name in stored}
     gc = call.f32(call.B, call.T, H, M)
+    w = torch.empty(call.B, call.T, H, M, device=call.device,
+                    dtype=torch.bfloat16 if call.spec.dtype == "bfloat16" else call.acc_dtype)
+    gtot = call.f32(call.n_chunk_rows, H, M)
+    cu, offsets = call.tables(gc)
+    grid, chunk_seq, chunk_idx = call.chunk_grid(H, gc)
+    call.run(programs.gate_pass, grid, s, g, gc, w, gtot, cu, offsets, chunk_seq, chunk_idx, call.T, H,
+             *_strides(s), *_gate_strides(g, call.spec.layout), **copies)
+    return gc, w, gtot, copies.get("mapped_s", s)
+
+
+def state_pass(call: Call, k, v, s, g, hk0, hv0):
+    """(gate cumsum, s for the later programs, chunk-start states of Hk and Hv, final states): the gate
+    pass, then the state pass (segmented where segments.plan says so)."""
+    H, K, V, M = call.H, call.K, call.V, call.M
+    gc, w, gtot, s_read = gate_pass(call, s, g)
     hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, H, K, M), (call.n_chunk_rows, H, M, V))
     hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
     cu, offsets = call.tables(hk_final)
-    plan = segments.plan(call, k, v, s, g if call.spec.layout.data_dependent else None)
+    plan = segments.plan(call, k, v)
     if plan is not None:  # GSA_STATE_SEGMENTS: segments of each sequence in parallel (segments.py)
         initial = (None, None) if hk0 is None else (hk0.to(call.acc_dtype), hv0.to(call.acc_dtype))
-        segments.state_pass(plan, call, k, v, s, g, *initial, gc, hk_chunks, hv_chunks, hk_final, hv_final,
-                            _gate_strides(g, call.spec.layout), **copies)
+        segments.state_pass(plan, call, k, v, w, gtot, gc, *initial, hk_chunks, hv_chunks, hk_final, hv_final)
         call.segments = plan
-        return gc, copies.get("mapped_s", s), hk_chunks, hv_chunks, hk_final, hv_final
+        return gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final
     hk0 = hk0.to(call.acc_dtype).contiguous() if hk0 is not None else hk_final  # unused when the Spec has none
     hv0 = hv0.to(call.acc_dtype).contiguous() if hv0 is not None else hv_final
     call.run(programs.state_pass, call.tile_grid(),
-             k, v, s, g, gc, hk_chunks, hv_chunks, hk0, hv0, hk_final, hv_final, cu, offsets,
-             call.T, H, *_strides(k), *_strides(v), *_strides(s), *_gate_strides(g, call.spec.layout), **copies)
-    return gc, copies.get("mapped_s", s), hk_chunks, hv_chunks, hk_final, hv_final
+             k, v, w, gtot, hk_chunks, hv_chunks, hk0, hv0, hk_final, hv_final, cu, offsets,
+             call.T, H, *_strides(k), *_strides(v))
+    return gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final
 
 
 def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, layout: GateLayout,
@@ -251,6 +285,9 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     With mods (mods.py), q, k, v, s, g are the raw inputs the kernels map on load."""
     q, k, v, s = unit_last_stride(q, k, v, s)
     g = gate_for_kernels(g, layout)
+    override = forward_override()
+    if override is not None:
+        chunk_size, config = override
     call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params)
     gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     o = torch.empty(call.B, call.T, call.HQ, call.V, device=q.device, dtype=q.dtype)
@@ -316,7 +353,7 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
              chunk_idx, T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read), *_strides(do))
 
     final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3)  # [N, H, M]
-    # s as the kernels used it: where the mods map s, the state pass's copy (mods.STORED_MAPS holds every mapped s)
+    # s as the kernels used it: where the mods map s, the gate pass's copy (mods.STORED_MAPS holds every mapped s)
     dg = gate_gradient(x.view(B, T, H, HQ // H, M).sum(3) - s_read.to(ds.dtype) * ds, final_terms, cu_seqlens, layout)
     grads = {"q": dq, "k": dk, "v": dv, "s": ds, "g": dg}
     dparams = torch.zeros(0, device=q.device, dtype=torch.float32)

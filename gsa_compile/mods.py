@@ -11,9 +11,9 @@ Where each mod applies (every program: forward, backward and decode, with no edi
 
     q_map, k_map, v_map   every load of q, k, v is mapped element-wise (IR views name the tensor they read)
     gate_mod(g)           every load of the gate: the log forget gate is gate_mod(g), for any layout but ABC
-                          (only the state pass and decode load g; the other programs read its cumsum gc)
+                          (only the gate pass and decode load g; the other programs read its cumsum gc)
     s_from_gate=True      s is not an input: s = 1 - exp(gate_mod(g)) (slot layout only, where s and g share
-                          [B, T, H, M]). The state pass derives s from the gate tile it mapped (an IR `Derive`)
+                          [B, T, H, M]). The gate pass derives s from the gate tile it mapped (an IR `Derive`)
                           and stores it (`STORED_MAPS`); the output pass and the backward read that copy as is
     slot_mod(logit, b, h, t, m)
                           the natural-unit slot logits scale * Hk^T q, before the softmax over slots;
@@ -56,9 +56,9 @@ from .mod_expr import Expr, derivative, evaluate, op, params_of, scatter_index
 from .spec import GateLayout
 
 LOAD_MODS = ("q_map", "k_map", "v_map", "gate_mod")
-# Mapped inputs the state pass stores ([B, T, H, cols], the input dtype) for the later programs (output pass,
+# Mapped inputs the gate pass stores ([B, T, H, cols], the input dtype) for the later programs (output pass,
 # slot and key backward), which then load the copy with no map. Only s: it is loaded 2-3 times per chunk and
-# query head after the state pass, and with s_from_gate its map costs a logsigmoid and an exp per element. g needs
+# query head after the gate pass, and with s_from_gate its map costs a logsigmoid and an exp per element. g needs
 # no copy (the later programs read its cumsum gc); q, k, v are mapped on load everywhere (each element is loaded
 # by 1 + G programs in the forward: a stored copy would trade one HBM write for G maps; bench/NOTES.md).
 STORED_MAPS = ("s",)
@@ -329,7 +329,7 @@ class TracedMods:
 
     def kernel_params(self, with_terms: bool, stores: Tuple[str, ...] = ()) -> List[str]:
         """Extra kernel arguments: the flat captured values, slot_backward's leaf-gradient terms, and the
-        buffers `mapped_<tensor>` the state pass stores mapped inputs to."""
+        buffers `mapped_<tensor>` the gate pass stores mapped inputs to."""
         return ((["mod_params"] if self.n_params else []) + (["mod_terms"] if with_terms and self.slot_leaves else [])
                 + [f"mapped_{name}" for name in stores])
 
@@ -468,7 +468,7 @@ def slot_leaf_count(key: str) -> int:
 
 
 def stored(key: str) -> Tuple[str, ...]:
-    """The inputs whose mapped value the state pass stores for the later programs under a Spec's `mods` key."""
+    """The inputs whose mapped value the gate pass stores for the later programs under a Spec's `mods` key."""
     traced = lookup(key)
     return traced.stored if traced is not None else ()
 

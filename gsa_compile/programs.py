@@ -4,10 +4,14 @@ Notation: chunk of BT tokens starting at row `t0`, sub-chunks of BC rows; `b` is
 cumulative log2 gate (b_t = log2(e) * sum_{i<=t in chunk} g_i, per slot, f32, non-increasing), and
 w = s * 2^(b_last - b) is each token's weight in the state at the chunk's end.
 
+0. gate pass   (per kv head and chunk; all chunks in parallel): everything the state pass needs from
+               s and g, once per chunk: b (gc), the weights w and the chunk's total log2 gate b_last
+               (gtot, one row per chunk). With user mods that map s (mods.py: s_from_gate), also the
+               mapped s, derived from the mapped gate. (Inside the state pass this chain sat on its
+               sequential critical path, in each of its K/V tile programs: bench/NOTES.md, session 7.)
 1. state pass  (per kv head and K or V tile; sequential over chunks). Both recurrences need only
-               k, v, s, g:   Hk_{c+1} = Hk_c * 2^{b_last} + k^T w,   Hv_{c+1} = 2^{b_last} Hv_c + w^T v.
-               Stores every chunk-start state, the final states and the gate cumsum b (gc); with user
-               mods that map s (mods.py: s_from_gate), also the mapped s, derived from the mapped gate.
+               k, v, w, b_last:   Hk_{c+1} = Hk_c * 2^{b_last} + k^T w,   Hv_{c+1} = 2^{b_last} Hv_c + w^T v.
+               Stores every chunk-start state and the final states.
 2. output pass (per query head and chunk; all chunks in parallel):
                logits = scale * (2^b (q Hk_c) + intra(q k^T, s)),  p = softmax_M(logits),
                o = (p 2^b) Hv_c + att v  with att[t, j] = sum_m p_t s_j 2^(b_t - b_j) (j <= t).
@@ -43,51 +47,73 @@ def gate_view(layout: GateLayout) -> View:
     return View("g_base", row_stride, "M", col_stride, tensor="g")
 
 
-def state_pass(spec: Spec) -> Program:
-    """Programs i_t < NK carry Hk rows k0:k0+BK; the others carry Hv columns v0:v0+BV. The program i_t = 0
-    stores gc (and the mapped inputs of mods.STORED_MAPS) for the later programs."""
-    b = Builder()
-    k_view, v_view, s_view, gc_view = seq_view("k", "K"), seq_view("v", "V"), seq_view("s", "M"), seq_view("gc", "M")
-    s_from_gate = mods.derived_from(spec.mods, "s") == "g"
+def chunk_total(i_c: str = "i_c") -> View:
+    """Chunk i_c's total log2 gate b_last [BM] in `gtot` [chunk rows, H, M] (f32), indexed like the chunk states."""
+    return View(f"(gtot + ((boc + {i_c}) * H + i_h) * M)", "0", "M")
 
-    def gate_weights():
-        g = chunk_rows(b, "g_c", gate_view(spec.layout))
-        # floor the log gate (so -inf, a reset, never meets -inf in a difference; see spec.GATE_FLOOR)
-        g2 = b.map("g2", f"tl.maximum({{0}}, {GATE_FLOOR}) * " + LOG2E, g)
-        gc = b.reduce("gc_c", g2, 0, "cumsum")
-        total = b.reduce("g_total", g2, 0, "sum")
-        last = b.expand("b_last", total, "None, :")
-        s = b.derive("s_c", g, "s") if s_from_gate else chunk_rows(b, "s_c", s_view)
-        return gc, total, last, s, b.map("w", "{0} * tl.exp2({1} - {2})", s, last, gc)
+
+def gate_pass(spec: Spec) -> Program:
+    """Per (chunk, kv head): gc, w = s * 2^(b_last - b) and b_last of the chunk, and the mapped s of
+    mods.STORED_MAPS, for the state pass and the later programs."""
+    b = Builder()
+    s_view, gc_view, w_view = seq_view("s", "M"), seq_view("gc", "M"), seq_view("w", "M")
+    g = chunk_rows(b, "g_c", gate_view(spec.layout))
+    # floor the log gate (so -inf, a reset, never meets -inf in a difference; see spec.GATE_FLOOR)
+    g2 = b.map("g2", f"tl.maximum({{0}}, {GATE_FLOOR}) * " + LOG2E, g)
+    gc = b.reduce("gc_c", g2, 0, "cumsum")
+    total = b.reduce("g_total", g2, 0, "sum")
+    s = b.derive("s_c", g, "s") if mods.derived_from(spec.mods, "s") == "g" else chunk_rows(b, "s_c", s_view)
+    w = b.map("w_c", "{0} * tl.exp2({1} - {2})", s, b.expand("b_last", total, "None, :"), gc)
+    b.store(gc_view, gc, "t0", "eos")
+    b.store(w_view, w, "t0", "eos")
+    b.store(chunk_total(), total, "t0", "eos")  # one row; masked off for the spare programs of a packed batch
+    if "s" in mods.stored(spec.mods):
+        b.store(mapped_copy("s", "M"), s, "t0", "eos")
+    return Program("gsa_gate_pass", [s_view, gc_view, w_view], b.body).verify()
+
+
+def state_pass(spec: Spec) -> Program:
+    """Programs i_t < NK carry Hk rows k0:k0+BK; the others carry Hv columns v0:v0+BV. Each step reads the
+    gate pass's w tile (pipelined with k or v) and b_last row: no gate arithmetic on the sequential path.
+    b_last of the next chunk is loaded one step ahead (a [BM] row is not pipelined by the compiler, and
+    its latency would otherwise add to every step)."""
+    b = Builder()
+    k_view, v_view, w_view = seq_view("k", "K"), seq_view("v", "V"), seq_view("w", "M")
+
+    def chunk_loop(store_state, update):
+        """The sequential walk: store the chunk-start state, then update(w, b_last) the state."""
+        total = b.load("g_total", chunk_total("0"), "0", "n_chunks", ("BM",))
+        with b.loop("i_c", "0", "n_chunks"):
+            b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
+            store_state()
+            w = chunk_rows(b, "w_c", w_view)
+            ahead = b.load("g_next", chunk_total("i_c + 1"), "i_c + 1", "n_chunks", ("BM",))
+            update(w, total)
+            b.map("g_total", "{0}", ahead)  # the next step's b_last (the same tile name: loop-carried)
 
     with b.when("i_t < NK"):
         shape = ("BK", "BM")
         init = View("hk_init_base", "M", "M")
         hk = b.load("hk", init, "k0", "K", shape) if spec.initial_state else b.zeros("hk", shape)
-        with b.loop("i_c", "0", "n_chunks"):
-            b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
-            b.store(chunk_state("hk"), hk, "k0", "K")
-            gc, total, last, s, w = gate_weights()
-            b.store(gc_view, gc, "t0", "eos", when="i_t == 0")
-            if "s" in mods.stored(spec.mods):
-                b.store(mapped_copy("s", "M"), s, "t0", "eos", when="i_t == 0")
+
+        def update_hk(w, total):
             k = chunk_rows(b, "k_c", k_view, "BK", "k0", "in")
-            hk_decayed = b.map("hk", "{0} * tl.exp2({1})", hk, last)
+            hk_decayed = b.map("hk", "{0} * tl.exp2({1})", hk, b.expand("b_last", total, "None, :"))
             b.dot("hk", k, w, trans_a=True, acc=hk_decayed)
+        chunk_loop(lambda: b.store(chunk_state("hk"), hk, "k0", "K"), update_hk)
         b.store(View("hk_final_base", "M", "M"), hk, "k0", "K")
     with b.when("i_t >= NK"):
         shape = ("BM", "BV")
         init = View("hv_init_base", "V", "V")
         hv = b.load("hv", init, "0", "M", shape, col0="v0") if spec.initial_state else b.zeros("hv", shape)
-        with b.loop("i_c", "0", "n_chunks"):
-            b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
-            b.store(chunk_state("hv"), hv, "0", "M", col0="v0")
-            gc, total, _, _, w = gate_weights()
+
+        def update_hv(w, total):
             v = chunk_rows(b, "v_c", v_view, "BV", "v0", "in")
             hv_decayed = b.map("hv", "{0} * tl.exp2({1})", hv, b.expand("decay_col", total, ":, None"))
             b.dot("hv", w, v, trans_a=True, acc=hv_decayed)
+        chunk_loop(lambda: b.store(chunk_state("hv"), hv, "0", "M", col0="v0"), update_hv)
         b.store(View("hv_final_base", "V", "V"), hv, "0", "M", col0="v0")
-    return Program("gsa_state_pass", [k_view, v_view, s_view, gc_view], b.body).verify()
+    return Program("gsa_state_pass", [k_view, v_view, w_view], b.body).verify()
 
 
 def output_pass(spec: Spec) -> Program:
@@ -126,4 +152,4 @@ def output_pass(spec: Spec) -> Program:
     return Program("gsa_output_pass", [q, k, v, s_view, gc_view, o, aqk, loff, pd, attd], b.body).verify()
 
 
-FORWARD_PROGRAMS = (state_pass, output_pass)
+FORWARD_PROGRAMS = (gate_pass, state_pass, output_pass)

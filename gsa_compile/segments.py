@@ -6,8 +6,8 @@ are affine in the state, so each sequence is cut into S segments of whole chunks
 context_parallel, inside one device) and the generated programs run unchanged, as varlen launches
 whose "sequences" are the segments:
 
-  1. the state pass on the segments from a zero state: each segment's local end states F_j (and gc,
-     which is chunk-local and does not see the cut);
+  1. the state pass on the segments from a zero state: each segment's local end states F_j (the gate
+     pass ran before, once for the whole call: gc, w and the chunk totals are chunk-local);
   2. an exclusive scan over the segments, start_0 = initial state (or 0), start_{j+1} = A_j (.) start_j + F_j,
      with A_j = 2^(a_j) the segment's decay (a_j: the sum of its chunks' log2 gates, read from gc).
      In closed form, with C_j = a_0 + ... + a_{j-1} (C_0 = 0, non-increasing),
@@ -17,8 +17,9 @@ whose "sequences" are the segments:
 The state backward (programs_backward.state_backward) is the same in reverse: local gradients D_j from
 zero, then end_j = sum_{i>j} 2^(C_i - C_{j+1}) D_i + 2^(C_S - C_{j+1}) dH_final, then the pass again.
 
-Dense [B, T, H, D] inputs are read as one packed batch of B * T tokens, which needs each strided
-input's batch stride to be T times its time stride (else, or with S = 1, the unsegmented pass runs).
+Dense [B, T, H, D] inputs are read as one packed batch of B * T tokens, which needs k's and v's batch
+stride to be T times their time stride (else, or with S = 1, the unsegmented pass runs; the gate pass's
+outputs are contiguous).
 Segment tables are built on the device (no host synchronisation); empty segments (S larger than a
 sequence's chunk count) pass their state through.
 """
@@ -192,25 +193,22 @@ def _run(call, builder, spec, grid, *args, **extra):
                                                    **call.launch)
 
 
-def state_pass(p: Plan, call, k, v, s, g, hk0, hv0, gc, hk_chunks, hv_chunks, hk_final, hv_final, gate_strides,
-               **copies):
-    """launch.state_pass in three phases: fills gc, the chunk states and the final states in place, and
-    the mapped copies the mods store (`copies`: mapped_s, contiguous [B, T, H, M], so a packed row's
-    index is also its dense one), written by both phases with the same values."""
+def state_pass(p: Plan, call, k, v, w, gtot, gc, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final):
+    """launch.state_pass's state pass in three phases, after the gate pass (w, gtot, gc): fills the chunk
+    states and the final states in place."""
     from .launch import _strides
 
     N, S, H = call.N, p.S, call.H
     grid = (call.tiles() * N * S * H,)
-    strides = (*_strides(k), *_strides(v), *_strides(s), *gate_strides)
+    strides = (*_strides(k), *_strides(v))
     hk_seg, hv_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
     local = dataclasses.replace(call.spec, varlen=True, initial_state=False)
-    _run(call, programs.state_pass, local, grid, k, v, s, g, gc, hk_chunks, hv_chunks, hk_seg, hv_seg,
-         hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides, **copies)
+    _run(call, programs.state_pass, local, grid, k, v, w, gtot, hk_chunks, hv_chunks, hk_seg, hv_seg,
+         hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
     initial = None if hk0 is None else (hk0, hv0)
     hk_start, hv_start = scan(p.log2_prefix(gc), (hk_seg, hv_seg), initial, reverse=False)
     _run(call, programs.state_pass, dataclasses.replace(local, initial_state=True), grid,
-         k, v, s, g, gc, hk_chunks, hv_chunks, hk_start, hv_start, hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides,
-         **copies)
+         k, v, w, gtot, hk_chunks, hv_chunks, hk_start, hv_start, hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
     hk_final.copy_(hk_seg.view(N, S, *hk_seg.shape[1:])[:, -1])
     hv_final.copy_(hv_seg.view(N, S, *hv_seg.shape[1:])[:, -1])
 

@@ -203,7 +203,7 @@ def backward_source_hash() -> str:
 
 def kernel_text_hash(key: "TuningKey", chunk_size: int) -> str:
     """sha256 (16 hex digits) of the generated Triton source of the kernels an entry of `key` runs at
-    `chunk_size`: the forward's state and output passes, and for a backward key the backward programs
+    `chunk_size`: the forward's gate, state and output passes, and for a backward key the backward programs
     too, each with and without initial states and also as the packed (varlen) variant that the
     segmented state pass runs. An entry is valid while this text is unchanged, whatever else changed
     (an fp16-only codegen change keeps the bf16 entries)."""
@@ -215,7 +215,7 @@ def kernel_text_hash(key: "TuningKey", chunk_size: int) -> str:
 def _kernel_text_hash(layout, dtype, K, V, M, group, varlen, direction, chunk_size) -> str:
     from . import codegen, programs, programs_backward
     from .spec import Spec
-    builders = (programs.state_pass, programs.output_pass)
+    builders = programs.FORWARD_PROGRAMS
     if direction == "backward":
         builders += programs_backward.BACKWARD_PROGRAMS
     h = hashlib.sha256()

@@ -363,7 +363,7 @@ def test_kernel_cache(tmp_path, monkeypatch):
     K, V, M = 45, 3, 21
     spec = Spec(layout=GateLayout.DECAY_SLOT, chunk_size=16, dtype="float32", K=K, V=V, M=M, group=1,
                 final_state=True)
-    builders = (programs.state_pass, programs.output_pass)
+    builders = programs.FORWARD_PROGRAMS
     keys = {(b.__name__, spec) for b in builders}
     assert not keys & set(codegen._MODULES), "this Spec was generated earlier in the process"
 

@@ -288,7 +288,7 @@ def test_same_mod_never_recompiles_and_different_mods_get_their_own_kernels():
     assert set(codegen._MODULES) == compiled and torch.equal(o_first, o_equal)
     o_other, _ = chunk_gsa(q, k, v, s, g, chunk_size=16, mods=other)
     new = set(codegen._MODULES) - compiled
-    assert {name for name, _ in new} == {"state_pass", "output_pass"}
+    assert {name for name, _ in new} == {"gate_pass", "state_pass", "output_pass"}
     assert all(spec.mods == other.key for _, spec in new)
     assert rel(o_other, o_first) > 1e-3
 
@@ -303,23 +303,25 @@ def test_codegen_refuses_an_untagged_view_of_a_mapped_input():
         codegen.render_body(ir.Program("p", [], b.body), spec)
 
 
-def test_s_from_gate_is_derived_and_stored_by_the_state_pass_only():
-    """The gate map runs in the state pass (and decode) only: the state pass derives s from the mapped gate
-    (no second load and map of the raw gate) and stores it; the other programs read that copy with no map."""
+def test_s_from_gate_is_derived_and_stored_by_the_gate_pass_only():
+    """The gate map runs in the gate pass (and decode) only: the gate pass derives s from the mapped gate
+    (no second load and map of the raw gate) and stores it; the other programs read that copy (or the gate
+    pass's w) with no map."""
     from gsa_compile import programs_backward, programs_decode
     gate = GSAMods(q_map=F.silu, gate_mod=lambda f: F.logsigmoid(f) / 8, s_from_gate=True)
     spec = Spec(layout=GateLayout.SLOT, chunk_size=16, dtype="bfloat16", K=8, V=8, M=4, mods=gate.key)
-    state = codegen.source(programs.state_pass, spec)
-    assert kernel_args(state)[-1] == "mapped_s" and state.count("tl.store((mapped_s +") == 1
-    assert "s_base +" not in state.split("s_base = s +")[1] and state.count("tl.log(") == 2  # g once per branch
-    for builder in (programs.output_pass, programs_backward.slot_backward, programs_backward.key_backward):
+    gates = codegen.source(programs.gate_pass, spec)
+    assert kernel_args(gates)[-1] == "mapped_s" and gates.count("tl.store((mapped_s +") == 1
+    assert "s_base +" not in gates.split("s_base = s +")[1] and gates.count("tl.log(") == 1  # g read once
+    for builder in (programs.state_pass, programs.output_pass, programs_backward.slot_backward,
+                    programs_backward.key_backward):
         text = codegen.source(builder, spec)
         assert "tl.log(" not in text and "s_c_raw" not in text and "mapped_s" not in kernel_args(text), builder.__name__
-        assert "silu" in gate.description and "sigmoid(" in text  # q_map still applies on load
+    assert "silu" in gate.description and "sigmoid(" in codegen.source(programs.output_pass, spec)  # q_map on load
     decode = codegen.source(programs_decode.decode_step, Spec(**{**spec.__dict__, "chunk_size": 16}))
     assert decode.count("tl.log(") == 1 and "s_t_raw" not in decode
     for other in (GSAMods(gate_mod=F.logsigmoid), GSAMods(k_map=F.silu)):  # s not mapped: nothing stored
-        assert "mapped_s" not in codegen.source(programs.state_pass, Spec(**{**spec.__dict__, "mods": other.key}))
+        assert "mapped_s" not in codegen.source(programs.gate_pass, Spec(**{**spec.__dict__, "mods": other.key}))
 
 
 def kernel_args(source):
@@ -461,5 +463,5 @@ def test_kernels_with_every_mod_kind_compile_for_sm90():
                             check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     fits = json.loads(result.stdout.strip().splitlines()[-1])
-    assert fits == {name: True for name in ("state_pass", "output_pass", "slot_backward", "state_backward",
-                                            "key_backward", "decode_step")}
+    assert fits == {name: True for name in ("gate_pass", "state_pass", "output_pass", "slot_backward",
+                                            "state_backward", "key_backward", "decode_step")}

@@ -28,6 +28,6 @@ def test_forward_and_backward_kernels_fit_sm90():
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     footprints = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(footprints) == {"state_pass", "output_pass", "slot_backward", "state_backward", "key_backward"}
+    assert set(footprints) == {"gate_pass", "state_pass", "output_pass", "slot_backward", "state_backward", "key_backward"}
     for name, (shared, fits) in footprints.items():
         assert fits and 0 < shared <= 232448, (name, shared)
