@@ -7,7 +7,8 @@ one step with `triton.testing.do_bench` (host launch overhead included) and with
 `do_bench_cudagraph` (the step captured in a CUDA graph, as a serving loop would run it).
 --splits: one row per value of NS, the programs per (sequence, kv head) of the split decode
 (GSA_DECODE_SPLITS; "auto" = launch.decode_splits' choice, 1 = the one-launch kernel).
-State read+write floor: B*H*(K*M + M*V)*4 bytes * 2 / 4.2 TB/s.
+State read+write floor: B*H*(K*M + M*V)*4 bytes * 2 / 4.2 TB/s; `copy_graph_ms` is what the GPU takes
+to read and write those bytes in practice (hk and hv copied into other buffers, in a CUDA graph).
 """
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ def measure(shape, splits, fused_recurrent_gsa):
     with torch.cuda.stream(torch.cuda.Stream()):
         row["ours_graph_ms"] = triton.testing.do_bench_cudagraph(raw, rep=200, return_mode="median")
     row["floor_ms"] = B * H * (K * M + M * V) * 4 * 2 / 4.2e12 * 1e3
+    hk2, hv2 = torch.empty_like(hk1), torch.empty_like(hv1)
+    copy = lambda: (hk2.copy_(hk1), hv2.copy_(hv1))  # noqa: E731 - the state bytes read and written once
+    with torch.cuda.stream(torch.cuda.Stream()):
+        row["copy_graph_ms"] = triton.testing.do_bench_cudagraph(copy, rep=200, return_mode="median")
     print(json.dumps(row), flush=True)
     if fused_recurrent_gsa is not None:
         state = (hk.clone(), hv.clone())
@@ -85,11 +90,11 @@ def main():
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=1)
     os.environ.pop(launch.DECODE_SPLITS_ENV, None)
-    print(f"{'shape':<26} {'NS':>4} {'ours':>8} {'op':>8} {'graph':>8} {'fla':>8} {'fla gr':>8} {'floor':>8}")
+    print(f"{'shape':<26} {'NS':>4} {'ours':>8} {'op':>8} {'graph':>8} {'fla':>8} {'fla gr':>8} {'floor':>8} {'copy':>8}")
     for r in result["rows"]:
         print(f"B{r['B']} H{r['H']} K{r['K']} V{r['V']} M{r['M']:<6} {r['NS']:>4} {r['ours_ms']:8.4f} {r['ours_op_ms']:8.4f} "
               f"{r['ours_graph_ms']:8.4f} {r.get('fla_ms', float('nan')):8.4f} {r.get('fla_graph_ms', float('nan')):8.4f} "
-              f"{r['floor_ms']:8.4f}")
+              f"{r['floor_ms']:8.4f} {r.get('copy_graph_ms', float('nan')):8.4f}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ rewrites the --out summary after each; a per-case time guard (SIGALRM) stops a c
     python bench/gpu_hardening.py --smoke                                            # CPU interpreter, tiny
 
 Cases (bf16, slot gates, chunk 64, K = V = 128, M = 64 unless said; most share one set of kernels):
+    regressions     the bf16/fp16 cases that failed on the H200 before (tests/gpu_regression_cases.json),
+                    each in its own process, against float64 at the fuzz's tolerances (session 7: K or
+                    V = 32 gave wrong values or an illegal memory access; spec.py's tile floors since).
     long_sequence   B=1, T=2^20, H=4: forward and backward finite; outputs and (upstream gradient on the
                     prefix only) every gradient on the first P tokens against the float64 reference, the
                     gradients past P exactly 0; the last L outputs and the final states against the
@@ -430,6 +433,23 @@ def _deterministic_algorithms():
 GPU_DIMS = dict(K=(32, 64, 128), V=(32, 64, 128), M=(16, 32, 64))
 
 
+def regressions(small=False):
+    """The bf16/fp16 cases that failed on the H200 (tests/gpu_regression_cases.json), each in its own process
+    (an illegal memory access ends a process's CUDA context), vs float64 at the fuzz's tolerances."""
+    if not torch.cuda.is_available():
+        return dict(ok=True, skipped="CUDA only (the interpreter passes these cases)")
+    import concurrent.futures
+
+    import fuzz_repro
+    cases = fuzz_repro.load_cases(ROOT / "tests" / "gpu_regression_cases.json")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda case: fuzz_repro.spawn(case, "cuda", "default"), cases))
+    failed = [dict(case=i, **({"error": run["error"][-300:]} if "error" in run else {"above": run["failures"]}))
+              for i, run in enumerate(runs) if "error" in run or run["failures"] or not run["repeat_equal"]]
+    worst = max((v for run in runs for k, v in run.get("errors", {}).items() if k != "finite"), default=None)
+    return dict(ok=not failed, cases=len(cases), failed=failed, worst_error=worst)
+
+
 def fuzz(seconds, small=False, seed=0, jobs=1):
     """differential.explore at GPU sizes (on CPU: the interpreter's budget, no bf16), in `jobs` processes."""
     on_gpu = torch.cuda.is_available()
@@ -442,7 +462,7 @@ def fuzz(seconds, small=False, seed=0, jobs=1):
 
 # ------------------------------------------------------------------------------------------------ main
 
-CASES = [("long_sequence", 75), ("big_offsets", 150), ("big_offsets_backward", 150), ("many_sequences", 150),
+CASES = [("regressions", 120), ("long_sequence", 75), ("big_offsets", 150), ("big_offsets_backward", 150), ("many_sequences", 150),
          ("graph_backward", 30),
          ("graph_forward", 40), ("graph_decode", 25), ("determinism", 120)]
 

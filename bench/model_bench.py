@@ -66,7 +66,22 @@ class ListCache(list):
         return self[layer_idx]
 
 
-def load_fla(use_fla):
+def float32_gate(fla_gsa_module):
+    """Make fla's layer hand its gate to chunk_gsa / fused_recurrent_gsa in float32, as our benchmarks and
+    fla_warm.py call them. fla's layer computes `logsigmoid(f_proj(x)) / normalizer` under autocast and so
+    passes a bf16 gate; Triton's autotuner keys on argument dtypes, so the bf16 gate reaches keys that no
+    warm-up covered and fla autotunes every kernel afresh (minutes a key; session 6's first fla training
+    step never finished). The cast is exact (bf16 -> fp32), fla's kernels accumulate the gate in fp32
+    either way, and the extra bytes (B T H M x 2) are < 0.1 % of a training step's."""
+    for name in ("chunk_gsa", "fused_recurrent_gsa"):
+        native = getattr(fla_gsa_module, name)
+
+        def with_float32_gate(*args, native=native, g=None, **kwargs):
+            return native(*args, g=None if g is None else g.float(), **kwargs)
+        setattr(fla_gsa_module, name, with_float32_gate)
+
+
+def load_fla(use_fla, native_gate=False):
     """(adapted fla layer class, info dict) or (None, info with the reason fla is skipped)."""
     if not use_fla:
         return None, dict(skipped="--smoke / --no-fla: ours only")
@@ -77,7 +92,10 @@ def load_fla(use_fla):
         from fla.layers import GatedSlotAttention as FlaGSA
     except Exception as exc:  # noqa: BLE001 - any import failure means: run ours only
         return None, dict(skipped=f"fla does not import: {exc!r}")
-    info = dict(version=getattr(fla, "__version__", "?"), path=os.path.dirname(fla.__file__))
+    info = dict(version=getattr(fla, "__version__", "?"), path=os.path.dirname(fla.__file__),
+                gate_dtype="the layer's own (bf16 under autocast)" if native_gate else "float32 (float32_gate)")
+    if not native_gate:
+        float32_gate(importlib.import_module("fla.layers.gsa"))
     with contextlib.suppress(ImportError):
         import transformers
         info["transformers"] = transformers.__version__
@@ -281,6 +299,8 @@ def main(argv=None):
     parser.add_argument("--models", default="ours,fla", help="which models' parts run (fla's state_dict still "
                         "comes from ours); `--models fla --warm` warms fla's kernels and autotuning for this config")
     parser.add_argument("--warm", action="store_true", help="one untimed-quality iteration per part (warming)")
+    parser.add_argument("--fla-native-gate", action="store_true", help="leave fla's layer passing its bf16 "
+                        "gate (default: cast to float32, the dtype fla_warm.py tunes; see float32_gate)")
     parser.add_argument("--budget", type=float, default=140.0, help="skip parts that would start after this many s")
     for key in OVERRIDES:
         parser.add_argument(f"--{key}", type=int, help=f"override the config's {key}")
@@ -293,7 +313,8 @@ def main(argv=None):
         cfg.update(warmup=0, iters=1, decode_steps=2, decode_reps=1)
     bench = Bench(args, cfg, device)
     fla_cls, bench.result["environment"]["fla"] = load_fla(not (args.smoke or args.no_fla)
-                                                           and "fla" in args.models.split(","))
+                                                           and "fla" in args.models.split(","),
+                                                           args.fla_native_gate)
     print("fla:", bench.result["environment"]["fla"], flush=True)
 
     torch.manual_seed(0)

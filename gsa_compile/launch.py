@@ -128,7 +128,7 @@ def backward_override():
 
 def kernel_constants(spec: Spec, config: TileConfig, slot_bc: int = SLOT_BACKWARD_BC):
     """The constexpr arguments of every program (forward and backward) for a Spec and tile config."""
-    BK, BV = block(spec.K, config.BK), block(spec.V, config.BV)
+    BK, BV = spec.kv_tile(spec.K, config.BK), spec.kv_tile(spec.V, config.BV)
     common = dict(K=spec.K, V=spec.V, M=spec.M, BT=spec.chunk_size, BK=BK, BV=BV, BM=spec.BM)
     per_chunk = dict(G=spec.group, BC=spec.BC, **common)
     return {

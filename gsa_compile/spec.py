@@ -311,14 +311,17 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
-# On the H200 (triton 3.6.0) a bf16 build with a 32-wide slot tile (M = 32, K = V = 64, chunk 64) faulted
-# with an illegal memory access that float32 (no tensor cores) and the CPU bounds checker do not show;
-# public Triton reports describe Hopper wgmma faults with 32-wide dot dimensions in triton >= 3.6
-# (bench/results/2026-11-29_h200_s4_ncu_longcheck_crash.md). In session 5 the same config and 19 others ran
-# without a fault with and without the padding (results/2026-11-29_h200_matrix_s5_partial.txt): not
-# reproduced, not explained. Until it is, bf16 and fp16 kernels pad the slot tile to 64, the width every
-# GPU run before the fault used (M = 64), as a precaution; GSA_MIN_SLOT_TILE=16 restores the plain rule
-# (bench/gpu_config_matrix.py sweeps both).
+# Tensor-core tiles (bf16 / fp16: wgmma on the H200). Every GPU failure found so far had a 32-wide dot
+# dimension in a bf16/fp16 kernel: session 4's fault (slot tile 32) and session 7's GPU fuzz, where six
+# cases with K or V = 32 gave an illegal memory access or wrong values that the CPU interpreter, its
+# bounds checker and its cross-program race checker (tests/races.py) do not show
+# (bench/results/2026-11-29_h200_fuzz_repro_s7*.json). Public reports describe the same class in Triton
+# >= 3.6 on sm_90 (several tl.dots in one kernel with a 16- or 32-wide block: an illegal address or silent
+# corruption; 64 and wider safe). Every passing GPU run used K, V and slot tiles >= 64. So bf16 and fp16
+# kernels take BK, BV and the slot tile >= 64 (padded columns are masked); GSA_MIN_KV_TILE /
+# GSA_MIN_SLOT_TILE = 16 restore the plain rule (bench/fuzz_repro.py runs both). A 64-wide slot tile alone
+# did not make K = 32 or V = 32 correct (session 7), hence the K and V floor as well.
+MIN_TENSOR_CORE_KV_TILE = int(os.environ.get("GSA_MIN_KV_TILE", "64"))
 MIN_TENSOR_CORE_SLOT_TILE = int(os.environ.get("GSA_MIN_SLOT_TILE", "64"))
 
 
@@ -343,6 +346,12 @@ class Spec:
         minimum), and for tensor-core dtypes at least MIN_TENSOR_CORE_SLOT_TILE (see there)."""
         floor = MIN_TENSOR_CORE_SLOT_TILE if self.dtype in ("bfloat16", "float16") else 16
         return max(16, floor, next_power_of_2(self.M))
+
+    def kv_tile(self, size: int, preferred: int) -> int:
+        """BK or BV for a K or V of `size`: a power of two >= 16, no larger than needed, and for tensor-core
+        dtypes at least MIN_TENSOR_CORE_KV_TILE (see there)."""
+        floor = MIN_TENSOR_CORE_KV_TILE if self.dtype in ("bfloat16", "float16") else 16
+        return max(16, floor, min(preferred, next_power_of_2(size)))
 
     @property
     def BC(self) -> int:

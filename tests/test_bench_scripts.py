@@ -60,3 +60,21 @@ def test_other_gpu_processes_are_recorded():
     assert benchmark.parse_compute_apps("", own_pid=1) == []
     found = benchmark.environment()["other_gpu_processes"]
     assert found is None or all(pid != os.getpid() for pid, _ in found)
+
+
+def test_fuzz_repro_reads_both_case_files(tmp_path):
+    """bench/fuzz_repro.py re-runs the recorded GPU failures (tests/gpu_regression_cases.json) or a
+    gpu_hardening.py result's fuzz failures; every recorded case is a complete differential case."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fuzz_repro
+    sys.path.insert(0, str(ROOT / "tests"))
+    import differential
+    cases = fuzz_repro.load_cases(ROOT / "tests" / "gpu_regression_cases.json")
+    assert len(cases) == 10 and all(c["dtype"] in ("bfloat16", "float16") for c in cases)
+    fields = set(differential.draw_case(lambda label, options: options[0]))
+    assert all(fields <= set(c) for c in cases)
+    hardening = tmp_path / "hardening.json"
+    hardening.write_text(json.dumps({"cases": {"fuzz": {"failures": [{"case": cases[0], "above_tolerance": {}}]}}}))
+    assert fuzz_repro.load_cases(hardening) == cases[:1]
+    assert all(set(v) - {"fresh"} <= {"GSA_MIN_SLOT_TILE", "GSA_MIN_KV_TILE", "CUDA_LAUNCH_BLOCKING",
+                                      "GSA_BACKWARD_CONFIG"} for v in fuzz_repro.VARIANTS.values())

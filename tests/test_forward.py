@@ -201,15 +201,23 @@ def test_low_precision(dtype, layout):
         assert rel_err(hk, rhk) <= LOW_PRECISION_TOL and rel_err(hv, rhv) <= LOW_PRECISION_TOL
 
 
-def test_slot_tile_padding():
-    """Tensor-core dtypes pad the slot tile to 64 (spec.MIN_TENSOR_CORE_SLOT_TILE: a bf16 build with a
-    32-wide slot tile faulted on the H200); test_low_precision (M=7, so BM=64) shows the padded slots
-    change nothing but rounding."""
+def test_tensor_core_tile_floors():
+    """Tensor-core dtypes take slot, K and V tiles >= 64 (spec.MIN_TENSOR_CORE_SLOT_TILE / _KV_TILE: every
+    bf16/fp16 failure on the H200 had a 32-wide dot dimension); test_low_precision (K=20, V=24, M=7: all three
+    padded) shows the padded columns change nothing but rounding. float32 keeps the plain rule."""
     from gsa_compile import spec as spec_module
-    bm = lambda dtype, M: Spec(layout=GateLayout.SLOT, chunk_size=64, dtype=dtype, K=64, V=64, M=M).BM  # noqa: E731
-    floor = spec_module.MIN_TENSOR_CORE_SLOT_TILE
-    assert (bm("float32", 7), bm("float32", 32), bm("float32", 100)) == (16, 32, 128)
-    assert (bm("bfloat16", 32), bm("float16", 7), bm("bfloat16", 128)) == (max(floor, 32), max(floor, 16), 128)
+    from gsa_compile.launch import kernel_constants
+    from gsa_compile.spec import TileConfig
+    make = lambda dtype, M, K=64, V=64: Spec(layout=GateLayout.SLOT, chunk_size=64, dtype=dtype, K=K, V=V, M=M)  # noqa: E731
+    slot, kv = spec_module.MIN_TENSOR_CORE_SLOT_TILE, spec_module.MIN_TENSOR_CORE_KV_TILE
+    assert (make("float32", 7).BM, make("float32", 32).BM, make("float32", 100).BM) == (16, 32, 128)
+    assert (make("bfloat16", 32).BM, make("float16", 7).BM, make("bfloat16", 128).BM) == (max(slot, 32), max(slot, 16), 128)
+    tiles = lambda spec, BK, BV: (lambda c: (c["BK"], c["BV"]))(  # noqa: E731
+        kernel_constants(spec, TileConfig(BK=BK, BV=BV))["output_pass"])
+    assert tiles(make("float32", 64, K=32, V=20), 64, 64) == (32, 32)
+    assert tiles(make("bfloat16", 64, K=32, V=20), 64, 64) == (max(kv, 32), max(kv, 32))
+    assert tiles(make("float16", 64, K=512, V=128), 32, 128) == (max(kv, 32), 128)
+    assert tiles(make("bfloat16", 64, K=512, V=512), 128, 128) == (128, 128)
 
 
 # ----------------------------------------------------------------------------- opcheck

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import differential
 from bounds import bounds_checked
+from races import races_checked
 from gsa_compile import chunk_gsa, codegen, recurrent_step
 from gsa_compile.spec import GATE_FLOOR
 from test_backward import make_inputs
@@ -189,6 +190,29 @@ def test_packed_batch_stays_in_bounds(layout):
                                 cu_seqlens=torch.tensor(cu, dtype=torch.int32), chunk_size=16)
         (o.sum() + hk.sum() + hv.sum()).backward()
     assert not faults, faults[:5]
+
+
+def test_programs_share_no_memory_within_a_launch():
+    """The interpreter runs a launch's programs one after another, a GPU concurrently: no program may load
+    or store what another program of the same launch stores (GQA, a packed batch, states, forward and
+    backward). The checker itself flags a kernel whose programs all store one row."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def racy(x):
+        tl.store(x + tl.arange(0, 4), tl.zeros([4], tl.float32) + tl.program_id(0))
+
+    with races_checked() as races:
+        racy[(2,)](torch.zeros(4))
+    assert len(races) == 1 and "two programs store" in races[0]
+    cu = [0, 5, 21, 40]
+    q, k, v, s, g, hk0, hv0 = make_inputs("slot", 1, 40, 4, 2, 8, 8, 4, 3, True, seed=18)  # GQA group 2
+    with races_checked() as races:
+        o, (hk, hv) = chunk_gsa(q, k, v, s, g, initial_state=(hk0, hv0), output_final_state=True,
+                                cu_seqlens=torch.tensor(cu, dtype=torch.int32), chunk_size=16)
+        (o.sum() + hk.sum() + hv.sum()).backward()
+    assert not races, races[:5]
 
 
 class _Recorder:
