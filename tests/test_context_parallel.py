@@ -215,7 +215,13 @@ def cases():
     return built
 
 
-@pytest.mark.parametrize("world", [2, 4])
+# 4 gloo ranks: ~30 s of the CI's 2 cores (4 processes compiling), so only with GSA_SLOW_TESTS=1; in CI
+# 2 gloo ranks run, and 4 ranks run in one process (test_simulated_group_matches_single_process).
+FOUR_RANKS = pytest.param(4, marks=[pytest.mark.slow, pytest.mark.skipif(
+    os.environ.get("GSA_SLOW_TESTS", "0") != "1", reason="~30 s on 2 cores; 4 ranks run simulated: GSA_SLOW_TESTS=1")])
+
+
+@pytest.mark.parametrize("world", [2, FOUR_RANKS])
 def test_gloo_ranks_match_single_process(world, cases, tmp_path, monkeypatch):
     torch.save(cases, tmp_path / "cases.pt")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the children import triton in interpreter mode
