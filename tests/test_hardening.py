@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import differential
 from bounds import bounds_checked
 from races import races_checked
-from gsa_compile import chunk_gsa, codegen, recurrent_step
+from gsa_compile import chunk_gsa, codegen, programs, recurrent_step
 from gsa_compile.spec import GATE_FLOOR
 from test_backward import make_inputs
 
@@ -315,7 +315,8 @@ def test_strided_inputs_match_contiguous(memory, monkeypatch):
     for name in grads:
         assert torch.equal(grads[name], grads2[name]), f"d{name}"
     pointers = [{x.data_ptr() for x in launch} for launch in launches]
-    forward, backward = set().union(*pointers[:2]), set().union(*pointers[2:])
+    n_forward = len(programs.FORWARD_PROGRAMS)  # the forward's launches come first, then the backward's
+    forward, backward = set().union(*pointers[:n_forward]), set().union(*pointers[n_forward:])
     copied = memory == "strided_last"  # a last-dimension stride of 2: copied to unit stride
     for name in ("q", "k", "v", "s", "g"):
         assert (args[name].data_ptr() in forward) != copied, f"{name} ({memory}) in the forward launches"
