@@ -462,9 +462,9 @@ def fuzz(seconds, small=False, seed=0, jobs=1):
 
 # ------------------------------------------------------------------------------------------------ main
 
-CASES = [("regressions", 120), ("long_sequence", 75), ("big_offsets", 150), ("big_offsets_backward", 150), ("many_sequences", 150),
-         ("graph_backward", 30),
-         ("graph_forward", 40), ("graph_decode", 25), ("determinism", 120)]
+CASES = [("regressions", 120), ("long_sequence", 75), ("big_offsets", 150), ("big_offsets_backward", 150),
+         ("many_sequences", 150), ("graph_backward", 30), ("graph_forward", 40), ("graph_decode", 25),
+         ("determinism", 120)]
 
 
 class CaseTimeout(Exception):

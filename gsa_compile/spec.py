@@ -312,12 +312,12 @@ def cdiv(a, b):
 
 
 # Tensor-core tiles (bf16 / fp16: wgmma on the H200). Every GPU failure found so far had a 32-wide dot
-# dimension in a bf16/fp16 kernel: session 4's fault (slot tile 32) and session 7's GPU fuzz, where six
-# cases with K or V = 32 gave an illegal memory access or wrong values that the CPU interpreter, its
+# dimension in a bf16/fp16 kernel: session 4's fault (slot tile 32) and session 7's GPU fuzz, where ten
+# configurations with K or V = 32 gave an illegal memory access or wrong values that the CPU interpreter, its
 # bounds checker and its cross-program race checker (tests/races.py) do not show
 # (bench/results/2026-11-29_h200_fuzz_repro_s7*.json). Public reports describe the same class in Triton
 # >= 3.6 on sm_90 (several tl.dots in one kernel with a 16- or 32-wide block: an illegal address or silent
-# corruption; 64 and wider safe). Every passing GPU run used K, V and slot tiles >= 64. So bf16 and fp16
+# corruption; 64 and wider safe). The GPU checks of earlier sessions all ran tiles >= 64. So bf16 and fp16
 # kernels take BK, BV and the slot tile >= 64 (padded columns are masked); GSA_MIN_KV_TILE /
 # GSA_MIN_SLOT_TILE = 16 restore the plain rule (bench/fuzz_repro.py runs both). A 64-wide slot tile alone
 # did not make K = 32 or V = 32 correct (session 7), hence the K and V floor as well.
