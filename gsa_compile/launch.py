@@ -175,6 +175,9 @@ class Call:
         self.HQ, self.K, self.H, self.V, self.M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
         self.N = self.B if cu_seqlens is None else cu_seqlens.numel() - 1
         self.plain_tensors = type(q) is torch.Tensor  # not a fake or functional tensor of a trace
+        override = forward_override() if direction == "forward" else None
+        if override is not None:  # GSA_FORWARD_CONFIG (also for launch.state_pass alone: segments_bench.py)
+            chunk_size, config = override
         if chunk_size == AUTO:
             chunk_size, config, source = tuned_config(
                 layout, q.dtype, self.K, self.V, self.M, self.HQ // self.H, cu_seqlens is not None, _hint(self.T),
@@ -285,9 +288,6 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     With mods (mods.py), q, k, v, s, g are the raw inputs the kernels map on load."""
     q, k, v, s = unit_last_stride(q, k, v, s)
     g = gate_for_kernels(g, layout)
-    override = forward_override()
-    if override is not None:
-        chunk_size, config = override
     call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params)
     gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     o = torch.empty(call.B, call.T, call.HQ, call.V, device=q.device, dtype=q.dtype)
