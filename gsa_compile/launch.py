@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from . import codegen, mods, programs, programs_backward, programs_decode, segments
-from .spec import GateLayout, Spec, TileConfig, cdiv, next_power_of_2
+from .spec import GateLayout, Spec, TileConfig, block, cdiv, next_power_of_2
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                torch.float64: "float64"}  # float64: interpreter only, for gradcheck
@@ -31,11 +31,6 @@ def untraced(*tensors) -> bool:
 def float32_copies(*states):
     """Fresh float32 copies of the states (the functional decode's new states)."""
     return tuple(torch.empty(x.shape, device=x.device, dtype=torch.float32).copy_(x) for x in states)
-
-
-def block(size: int, preferred: int) -> int:
-    """A power-of-two tile >= 16 (tl.dot's minimum), no larger than needed for `size`."""
-    return max(16, min(preferred, next_power_of_2(size)))
 
 
 def chunk_layout(cu_seqlens: Optional[torch.Tensor], B: int, T: int, chunk_size: int):

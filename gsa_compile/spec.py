@@ -305,6 +305,11 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def block(size: int, preferred: int) -> int:
+    """A power-of-two tile >= 16 (tl.dot's minimum), no larger than needed for `size`."""
+    return max(16, min(preferred, next_power_of_2(size)))
+
+
 def cdiv(a, b):
     """ceil(a / b) for ints and symbolic sizes on the host (triton.cdiv is a jit function: each host
     call goes through JITFunction.__call__, ~5 us, five times per forward)."""
@@ -344,14 +349,16 @@ class Spec:
     def BM(self) -> int:
         """The slot tile: M rounded up to a power of two (padded slots are masked), at least 16 (tl.dot's
         minimum), and for tensor-core dtypes at least MIN_TENSOR_CORE_SLOT_TILE (see there)."""
-        floor = MIN_TENSOR_CORE_SLOT_TILE if self.dtype in ("bfloat16", "float16") else 16
-        return max(16, floor, next_power_of_2(self.M))
+        return max(self._tile_floor(MIN_TENSOR_CORE_SLOT_TILE), next_power_of_2(self.M))
 
     def kv_tile(self, size: int, preferred: int) -> int:
-        """BK or BV for a K or V of `size`: a power of two >= 16, no larger than needed, and for tensor-core
-        dtypes at least MIN_TENSOR_CORE_KV_TILE (see there)."""
-        floor = MIN_TENSOR_CORE_KV_TILE if self.dtype in ("bfloat16", "float16") else 16
-        return max(16, floor, min(preferred, next_power_of_2(size)))
+        """BK or BV for a K or V of `size`: `block(size, preferred)`, and for tensor-core dtypes at least
+        MIN_TENSOR_CORE_KV_TILE (see there)."""
+        return max(self._tile_floor(MIN_TENSOR_CORE_KV_TILE), block(size, preferred))
+
+    def _tile_floor(self, tensor_core_floor: int) -> int:
+        """The narrowest tile of a dot dimension: 16 (tl.dot's minimum), `tensor_core_floor` for bf16/fp16."""
+        return max(16, tensor_core_floor if self.dtype in ("bfloat16", "float16") else 16)
 
     @property
     def BC(self) -> int:

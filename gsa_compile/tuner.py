@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from .spec import SUPPORTED_CHUNK_SIZES, GateLayout, TileConfig, next_power_of_2
+from .spec import SUPPORTED_CHUNK_SIZES, GateLayout, TileConfig, block, next_power_of_2
 
 try:
     import fcntl
@@ -76,9 +76,8 @@ class LaunchConfig(TileConfig):
         return TileConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TileConfig)})
 
     def normalized(self, K: int, V: int) -> "LaunchConfig":
-        """Tiles clamped as launch.block() does: a power of two >= 16, <= next_pow2(K or V)."""
-        return dataclasses.replace(self, BK=max(16, min(self.BK, next_power_of_2(K))),
-                                   BV=max(16, min(self.BV, next_power_of_2(V))))
+        """Tiles clamped by spec.block: a power of two >= 16, <= next_pow2(K or V)."""
+        return dataclasses.replace(self, BK=block(K, self.BK), BV=block(V, self.BV))
 
     def short(self) -> str:
         return f"BT={self.chunk_size} BK={self.BK} BV={self.BV} w={self.num_warps} s={self.num_stages}"

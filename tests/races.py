@@ -10,20 +10,17 @@ import contextlib
 
 import numpy as np
 
+from bounds import interpreter_accesses
+
 
 @contextlib.contextmanager
 def races_checked():
     """Yields the list of races found while the block runs (empty when programs never share memory)."""
-    from triton.runtime import interpreter
-    executor, builder = interpreter.GridExecutor, interpreter.InterpreterBuilder
-    saved = {name: getattr(cls, name) for cls, name in ((executor, "_init_args_hst"), (builder, "create_masked_load"),
-                                                        (builder, "create_masked_store"))}
     races, state = [], dict(kernel="", writer={}, reader={}, reported=set())
     MANY = -1
 
-    def init(self, args_dev, kwargs):
-        state.update(kernel=getattr(self.fn, "__name__", str(self.fn)), writer={}, reader={})
-        return saved["_init_args_hst"](self, args_dev, kwargs)
+    def on_launch(name, tensors):
+        state.update(kernel=name, writer={}, reader={})
 
     def report(kind, address, first, second):
         key = (state["kernel"], kind)
@@ -31,34 +28,22 @@ def races_checked():
             state["reported"].add(key)
             races.append(f"{state['kernel']}: {kind} at {address:#x} (programs {first} and {second})")
 
-    def tracked(name, what):
-        def access(self, ptrs, *args):
-            mask = args[0] if what == "load" else args[1]
-            addresses = np.unique(ptrs.data[np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)])
-            program = self.grid_idx
-            writer, reader = state["writer"], state["reader"]
-            for address in addresses.tolist():
-                w = writer.get(address)
-                if what == "load":
-                    if w is not None and w != program:
-                        report("load of another program's store", address, w, program)
-                    r = reader.get(address)
-                    reader[address] = program if r is None or r == program else MANY
-                else:
-                    if w is not None and w != program:
-                        report("two programs store", address, w, program)
-                    r = reader.get(address)
-                    if r is not None and r != program:
-                        report("store after another program's load", address, r, program)
-                    writer[address] = program
-            return saved[name](self, ptrs, *args)
-        return access
+    def on_access(builder, what, addresses):
+        program, writer, reader = builder.grid_idx, state["writer"], state["reader"]
+        for address in np.unique(addresses).tolist():
+            w = writer.get(address)
+            if what == "load":
+                if w is not None and w != program:
+                    report("load of another program's store", address, w, program)
+                r = reader.get(address)
+                reader[address] = program if r is None or r == program else MANY
+            else:
+                if w is not None and w != program:
+                    report("two programs store", address, w, program)
+                r = reader.get(address)
+                if r is not None and r != program:
+                    report("store after another program's load", address, r, program)
+                writer[address] = program
 
-    executor._init_args_hst = init
-    builder.create_masked_load = tracked("create_masked_load", "load")
-    builder.create_masked_store = tracked("create_masked_store", "store")
-    try:
+    with interpreter_accesses(on_launch, on_access):
         yield races
-    finally:
-        executor._init_args_hst = saved["_init_args_hst"]
-        builder.create_masked_load, builder.create_masked_store = saved["create_masked_load"], saved["create_masked_store"]
