@@ -7,6 +7,8 @@ one step with `triton.testing.do_bench` (host launch overhead included) and with
 `do_bench_cudagraph` (the step captured in a CUDA graph, as a serving loop would run it).
 --splits: one row per value of NS, the programs per (sequence, kv head) of the split decode
 (GSA_DECODE_SPLITS; "auto" = launch.decode_splits' choice, 1 = the one-launch kernel).
+--configs "64,64,4;128,128,8": one row per tile config BK,BV,warps of the decode kernels as well
+(GSA_DECODE_CONFIG; "default" = launch.decode_'s 32, 32, 4).
 State read+write floor: B*H*(K*M + M*V)*4 bytes * 2 / 4.2 TB/s; `copy_graph_ms` is what the GPU takes
 to read and write those bytes in practice (hk and hv copied into other buffers, in a CUDA graph).
 """
@@ -66,11 +68,21 @@ def measure(shape, splits, fused_recurrent_gsa):
     return row
 
 
+def set_env(name, value):
+    """value `auto` / `default` clears the override."""
+    if value in ("auto", "default"):
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
     parser.add_argument("--shapes", default="64,4,512,512,64;1,4,512,512,64")
     parser.add_argument("--splits", default="auto", help="comma list of NS values or auto (split decode)")
+    parser.add_argument("--configs", default="default",
+                        help="';' list of BK,BV,warps for the decode kernels (GSA_DECODE_CONFIG) or default")
     args = parser.parse_args()
     try:
         from fla.ops.gsa import fused_recurrent_gsa
@@ -79,20 +91,23 @@ def main():
         fused_recurrent_gsa = None
     result = dict(environment=bm.environment(), rows=[])
     for shape in args.shapes.split(";"):
-        for n, splits in enumerate(args.splits.split(",")):
-            if splits == "auto":
-                os.environ.pop(launch.DECODE_SPLITS_ENV, None)
-            else:
-                os.environ[launch.DECODE_SPLITS_ENV] = splits
+        runs = [(c, n) for c in args.configs.split(";") for n in args.splits.split(",")]
+        for n, (config, splits) in enumerate(runs):
+            set_env(launch.DECODE_SPLITS_ENV, splits)
+            set_env(launch.DECODE_CONFIG_ENV, config)
             row = measure(shape, splits, fused_recurrent_gsa if n == 0 else None)
+            row["config"] = config
             result["rows"].append(row)
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=1)
-    os.environ.pop(launch.DECODE_SPLITS_ENV, None)
-    print(f"{'shape':<26} {'NS':>4} {'ours':>8} {'op':>8} {'graph':>8} {'fla':>8} {'fla gr':>8} {'floor':>8} {'copy':>8}")
+    set_env(launch.DECODE_SPLITS_ENV, "auto")
+    set_env(launch.DECODE_CONFIG_ENV, "default")
+    print(f"{'shape':<26} {'NS':>4} {'BK,BV,warps':>11} {'ours':>8} {'op':>8} {'graph':>8} {'fla':>8} {'fla gr':>8} "
+          f"{'floor':>8} {'copy':>8}")
     for r in result["rows"]:
-        print(f"B{r['B']} H{r['H']} K{r['K']} V{r['V']} M{r['M']:<6} {r['NS']:>4} {r['ours_ms']:8.4f} {r['ours_op_ms']:8.4f} "
+        print(f"B{r['B']} H{r['H']} K{r['K']} V{r['V']} M{r['M']:<6} {r['NS']:>4} {r['config']:>11} "
+              f"{r['ours_ms']:8.4f} {r['ours_op_ms']:8.4f} "
               f"{r['ours_graph_ms']:8.4f} {r.get('fla_ms', float('nan')):8.4f} {r.get('fla_graph_ms', float('nan')):8.4f} "
               f"{r['floor_ms']:8.4f} {r.get('copy_graph_ms', float('nan')):8.4f}")
 

@@ -92,32 +92,40 @@ BACKWARD_CONFIG_ENV = "GSA_BACKWARD_CONFIG"
 # GSA_FORWARD_CONFIG="BT,BK,BV,warps,stages" forces the forward's launch, whatever the tuning file says (A/B
 # timings of two kernel versions at one config while the tuning entries of one of them are stale).
 FORWARD_CONFIG_ENV = "GSA_FORWARD_CONFIG"
+# GSA_DECODE_CONFIG="BK,BV,warps" forces the decode kernels' tiles and warps (bench/decode_bench.py --configs).
+DECODE_CONFIG_ENV = "GSA_DECODE_CONFIG"
+
+
+def _env_ints(name: str, fields: str):
+    """The comma-separated integers of environment variable `name` (one per field of `fields`), or None."""
+    import os
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        numbers = [int(x) for x in value.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) != len(fields.split(",")):
+        raise ValueError(f"{name}={value!r}: expected {len(fields.split(','))} integers {fields}")
+    return numbers
 
 
 def forward_override():
     """(chunk_size, TileConfig) from GSA_FORWARD_CONFIG, or None."""
-    import os
-    value = os.environ.get(FORWARD_CONFIG_ENV, "").strip()
-    if not value:
+    value = _env_ints(FORWARD_CONFIG_ENV, "BT,BK,BV,warps,stages")
+    if value is None:
         return None
-    try:
-        BT, BK, BV, warps, stages = (int(x) for x in value.split(","))
-    except ValueError:
-        raise ValueError(f"{FORWARD_CONFIG_ENV}={value!r}: expected five integers BT,BK,BV,warps,stages") from None
+    BT, BK, BV, warps, stages = value
     return BT, TileConfig(BK=BK, BV=BV, num_warps=warps, num_stages=stages)
 
 
 def backward_override():
     """(chunk_size, TileConfig, (slot warps, slot BC)) from GSA_BACKWARD_CONFIG, or None."""
-    import os
-    value = os.environ.get(BACKWARD_CONFIG_ENV, "").strip()
-    if not value:
+    value = _env_ints(BACKWARD_CONFIG_ENV, "BT,BK,BV,warps,stages,slot_warps,slot_BC")
+    if value is None:
         return None
-    try:
-        BT, BK, BV, warps, stages, slot_warps, slot_bc = (int(x) for x in value.split(","))
-    except ValueError:
-        raise ValueError(f"{BACKWARD_CONFIG_ENV}={value!r}: expected seven integers "
-                         "BT,BK,BV,warps,stages,slot_warps,slot_BC") from None
+    BT, BK, BV, warps, stages, slot_warps, slot_bc = value
     return BT, TileConfig(BK=BK, BV=BV, num_warps=warps, num_stages=stages), (slot_warps, slot_bc)
 
 
@@ -408,10 +416,11 @@ def decode_splits(n_heads: int, K: int, V: int, device, splits: Optional[int] = 
     """NS, the programs per (sequence, kv head) of the split decode (programs_decode.decode_keys/values).
 
     `splits` (or the environment variable GSA_DECODE_SPLITS) forces it, clamped to [1, min(K, V)];
-    otherwise 1 (the one-launch kernel) on the CPU, or where the N * H heads reach 4 programs per SM (large
-    batches: not timed), else the largest power of two <= min(8, max(2, SMs // (N * H)), V // 16, K // 16).
-    H200, K = V = 512, M = 64, CUDA graphs (results/2026-11-29_h200_decode_s5_*.json): B=1 H=4 takes NS = 8
-    (0.0062 ms; NS 1: 0.0198), B=64 H=4 NS = 2 (0.0471 ms; NS 1: 0.0557, NS 4 and 8 no better than 2).
+    otherwise 1 (the one-launch kernel) on the CPU, or where the N * H heads fill every SM, else the largest
+    power of two <= min(8, max(2, SMs // (N * H)), V // 16, K // 16).
+    H200, K = V = 512, M = 64, CUDA graphs: B=1 H=4 takes NS = 8 (0.0062 ms; NS 1: 0.0198;
+    results/2026-11-29_h200_decode_s5_*.json); B=64 H=4 (256 heads, 132 SMs) NS = 1 with decode_tiles' 128-wide
+    tiles and 8 warps: 0.0382 ms (NS 2: 0.0421 at its best tiles; results/2026-11-29_h200_decode_s8_configs.json).
     """
     import os
     if splits is None and os.environ.get(DECODE_SPLITS_ENV):
@@ -421,10 +430,23 @@ def decode_splits(n_heads: int, K: int, V: int, device, splits: Optional[int] = 
     if torch.device(device).type != "cuda":
         return 1
     sms = _sm_count(torch.device(device))
-    if n_heads >= 4 * sms:
+    if n_heads >= sms:
         return 1
     room = min(MAX_DECODE_SPLITS, max(2, sms // max(1, n_heads)), V // 16, K // 16)
     return 1 if room < 2 else 1 << (room.bit_length() - 1)
+
+
+def decode_tiles(NS: int, BG: int, BM: int):
+    """(BK, BV, warps) of the decode kernels (GSA_DECODE_CONFIG overrides). The one-launch kernel (NS = 1:
+    many heads) streams the states in 128-row/column tiles with 8 warps, capped so that a tile's
+    [BG, BK, BM] product holds at most 64 x 128 elements (the size timed); the split kernels keep the
+    32-wide tiles and 4 warps they were timed with. H200, B=64 H=4 K=V=512 M=64, NS=1, CUDA graphs
+    (results/2026-11-29_h200_decode_s8_configs.json): 32/32 w4 0.0549 ms, 64/64 w8 0.0402, 128/128 w4
+    0.0390, 128/128 w8 0.0382 (a plain copy of the state bytes: 0.0350)."""
+    if NS > 1:
+        return 32, 32, 4
+    tile = max(16, min(128, 8192 // (BG * BM)))
+    return tile, tile, 8
 
 
 def decode_(q, k, v, s, g, scale: float, hk, hv, layout: GateLayout, wrap: Callable = lambda kernel: kernel,
@@ -447,16 +469,16 @@ def decode_(q, k, v, s, g, scale: float, hk, hv, layout: GateLayout, wrap: Calla
     NS = decode_splits(B * H, K, V, q.device, splits)
     args = (T, H, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_gate_strides(g, layout),
             *_strides(o))
+    BG = next_power_of_2(spec.group)
+    BK, BV, warps = _env_ints(DECODE_CONFIG_ENV, "BK,BV,warps") or decode_tiles(NS, BG, spec.BM)
+    consts = dict(K=K, V=V, M=M, G=spec.group, BG=BG, BK=block(cdiv(K, NS), BK), BV=block(cdiv(V, NS), BV),
+                  BM=spec.BM, num_warps=warps)
     if NS == 1:
-        consts = dict(K=K, V=V, M=M, G=spec.group, BG=next_power_of_2(spec.group), BK=block(K, 32),
-                      BV=block(V, 32), BM=spec.BM)
         wrap(codegen.kernel(programs_decode.decode_step, spec))[(B * H,)](
             q, k, v, s, g, hk, hv, o, *args, **mod_args, **consts)
         return o
-    consts = dict(K=K, V=V, M=M, G=spec.group, NS=NS, BG=next_power_of_2(spec.group),
-                  BK=block(cdiv(K, NS), 32), BV=block(cdiv(V, NS), 32), BM=spec.BM)
     part = torch.empty(B * H, T, NS, spec.group, M, device=q.device, dtype=torch.float32)  # partial slot logits
     for builder in (programs_decode.decode_keys, programs_decode.decode_values):
         wrap(codegen.kernel(builder, spec))[(B * H, NS)](
-            q, k, v, s, g, hk, hv, o, part, *args, **mod_args, **consts)
+            q, k, v, s, g, hk, hv, o, part, *args, NS=NS, **mod_args, **consts)
     return o

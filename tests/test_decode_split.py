@@ -82,11 +82,13 @@ def test_split_count_choice(monkeypatch):
     monkeypatch.setattr(launch, "_sm_count", lambda device: 132)  # H200
     assert launch.decode_splits(4, 512, 512, "cpu") == 1  # the interpreter: one launch unless forced
     assert launch.decode_splits(4, 512, 512, "cuda") == 8  # B=1 H=4
-    assert launch.decode_splits(256, 512, 512, "cuda") == 2  # B=64 H=4: NS 2 timed best on the H200
-    assert launch.decode_splits(528, 512, 512, "cuda") == 1  # 4 programs per SM: the one-launch kernel
-    assert launch.decode_splits(256, 16, 512, "cuda") == 1  # K / 16 = 1
+    assert launch.decode_splits(256, 512, 512, "cuda") == 1  # B=64 H=4: every SM busy, one launch timed best
+    assert launch.decode_splits(131, 512, 512, "cuda") == 2  # fewer heads than SMs
+    assert launch.decode_splits(64, 16, 512, "cuda") == 1  # K / 16 = 1
     assert launch.decode_splits(48, 512, 512, "cuda") == 2
     assert launch.decode_splits(4, 32, 64, "cuda") == 2  # at most K / 16
     assert launch.decode_splits(4, 512, 512, "cuda", splits=3) == 3
+    assert launch.decode_tiles(1, 1, 64) == (128, 128, 8) and launch.decode_tiles(1, 4, 64) == (32, 32, 8)
+    assert launch.decode_tiles(8, 1, 64) == (32, 32, 4)
     monkeypatch.setenv(launch.DECODE_SPLITS_ENV, "64")
     assert launch.decode_splits(4, 20, 12, "cuda") == 12  # forced, clamped to min(K, V)
