@@ -15,6 +15,8 @@ hidden / heads):
     layer_fwd_train   layer forward with autograd recording (training forward), and its peak memory
     gsa_fwd           only the GSA part: chunk_gsa on raw q, k, v, f with mods vs maps + chunk_gsa
     gsa_fwd_gate_only / gsa_fwd_maps_only   the same with only gate_mod + s_from_gate, or only the maps, fused
+    layer_gate_fwd / layer_gate_fwd_bwd   the layer with fuse_mods="gate" (only gate_mod and s fused; the
+                      maps in torch) against the unfused one: forward (no_grad), forward + backward
     layer_fwd_bwd     forward + backward (first shape only, if the time budget allows)
 
 Times are triton.testing.do_bench medians (ms); `saving_ms` = unfused - fused. On the GPU the gsa_fwd and
@@ -97,13 +99,13 @@ def rel(a, b):
 
 
 def layers(hidden, heads, slots, device, dtype, chunk_size):
+    """The layer with fuse_mods False, True (all) and 'gate', one state_dict."""
     torch.manual_seed(0)
-    unfused = GatedSlotAttention(hidden_size=hidden, num_heads=heads, num_slots=slots, fuse_mods=False,
-                                 chunk_size=chunk_size).to(device=device, dtype=dtype)
-    fused = GatedSlotAttention(hidden_size=hidden, num_heads=heads, num_slots=slots, fuse_mods=True,
-                               chunk_size=chunk_size).to(device=device, dtype=dtype)  # opt-in since 5a63f84
-    fused.load_state_dict(unfused.state_dict())
-    return unfused, fused
+    made = [GatedSlotAttention(hidden_size=hidden, num_heads=heads, num_slots=slots, fuse_mods=fuse,
+                               chunk_size=chunk_size).to(device=device, dtype=dtype) for fuse in (False, True, "gate")]
+    for layer in made[1:]:
+        layer.load_state_dict(made[0].state_dict())
+    return made
 
 
 def pair(record, bench, step, shape, fused_fn, unfused_fn, kernels=False, **extra):
@@ -131,7 +133,7 @@ def correctness(record, unfused, fused, x):
 def measure(record, bench, budget, first, B, T, hidden, heads, slots, device, dtype, smoke):
     """Every row of one shape."""
     shape = dict(B=B, T=T, hidden=hidden, heads=heads, K=hidden // heads, M=slots)
-    unfused, fused = layers(hidden, heads, slots, device, dtype, 16 if smoke else None)
+    unfused, fused, gate_fused = layers(hidden, heads, slots, device, dtype, 16 if smoke else None)
     x = torch.randn(B, T, hidden, device=device, dtype=dtype)
     if first:
         correctness(record, unfused, fused, x)
@@ -139,6 +141,8 @@ def measure(record, bench, budget, first, B, T, hidden, heads, slots, device, dt
         pair(record, bench, "layer_fwd", shape, lambda: fused(x), lambda: unfused(x))
     pair(record, bench, "layer_fwd_train", shape, lambda: fused(x), lambda: unfused(x),
          fused_peak_mib=peak_mib(lambda: fused(x), device), unfused_peak_mib=peak_mib(lambda: unfused(x), device))
+    with torch.no_grad():
+        pair(record, bench, "layer_gate_fwd", shape, lambda: gate_fused(x), lambda: unfused(x))
 
     H, K, M = heads, hidden // heads, slots
     q, k, v = (torch.randn(B, T, H, K, device=device, dtype=dtype) for _ in range(3))
@@ -173,6 +177,8 @@ def measure(record, bench, budget, first, B, T, hidden, heads, slots, device, dt
             layer(x)[0].float().square().mean().backward()
             layer.zero_grad(set_to_none=True)
         return run
+    if record.elapsed() < budget:
+        pair(record, bench, "layer_gate_fwd_bwd", shape, fwd_bwd(gate_fused), fwd_bwd(unfused), kernels=first)
     if first and record.elapsed() < budget:
         pair(record, bench, "layer_fwd_bwd", shape, fwd_bwd(fused), fwd_bwd(unfused), kernels=True,
              fused_peak_mib=peak_mib(fwd_bwd(fused), device), unfused_peak_mib=peak_mib(fwd_bwd(unfused), device))

@@ -93,10 +93,18 @@ def log_forget_gate(f, normalizer):
     return F.logsigmoid(f) / normalizer
 
 
-def _fused_mods(feature_map: str, gate_logit_normalizer) -> GSAMods:
+FUSE_MODS = {False: "none", True: "all", "none": "none", "gate": "gate", "all": "all"}
+
+
+def _fused_mods(fuse: str, feature_map: str, gate_logit_normalizer) -> Optional[GSAMods]:
+    """The GSAMods of fuse_mods: None ("none"), the gate and s ("gate"), or also the maps ("all")."""
+    if fuse == "none":
+        return None
+    gate_mod = functools.partial(log_forget_gate, normalizer=gate_logit_normalizer)
+    if fuse == "gate":
+        return GSAMods(gate_mod=gate_mod, s_from_gate=True)
     phi = F.silu if feature_map == "swish" else F.relu  # t2r: relu after its Linear, which runs in torch
-    return GSAMods(q_map=phi, k_map=phi, v_map=F.silu, s_from_gate=True,
-                   gate_mod=functools.partial(log_forget_gate, normalizer=gate_logit_normalizer))
+    return GSAMods(q_map=phi, k_map=phi, v_map=F.silu, s_from_gate=True, gate_mod=gate_mod)
 
 
 def _positions(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
@@ -179,7 +187,7 @@ class GatedSlotAttention(nn.Module):
                  elementwise_affine: Optional[bool] = True, norm_eps: float = 1e-5, gate_logit_normalizer: int = 8,
                  feature_map: str = "swish", use_output_gate: bool = False, use_norm: bool = True,
                  layer_idx: Optional[int] = None, scale: Optional[float] = 1.0, chunk_size: Optional[int] = None,
-                 fuse_mods: bool = False, **kwargs):
+                 fuse_mods=False, **kwargs):
         super().__init__()
         if mode not in ("chunk", "fused_recurrent"):
             raise NotImplementedError(f"mode {mode!r} is not supported: use 'chunk' or 'fused_recurrent'")
@@ -203,7 +211,9 @@ class GatedSlotAttention(nn.Module):
         self.scale = scale
         self.num_slots = self.head_k_dim if num_slots is None else num_slots
         self.layer_idx, self.chunk_size = layer_idx, chunk_size
-        self.fuse_mods = fuse_mods
+        if fuse_mods not in FUSE_MODS:
+            raise ValueError(f"fuse_mods must be False / 'none', 'gate' or True / 'all', got {fuse_mods!r}")
+        self.fuse_mods = FUSE_MODS[fuse_mods]
 
         # registration order matches fla's, so state_dict keys come in the same order
         self.register_module("feature_map", None)
@@ -215,7 +225,7 @@ class GatedSlotAttention(nn.Module):
             self.feature_map = T2RFeatureMap(self.head_k_dim, self.head_k_dim)
         else:
             raise NotImplementedError(f"feature_map {feature_map!r} is not supported: use 'swish', 'relu' or 't2r'")
-        self.mods = _fused_mods(feature_map, gate_logit_normalizer) if fuse_mods else None
+        self.mods = _fused_mods(self.fuse_mods, feature_map, gate_logit_normalizer)
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim_per_group, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.value_dim_per_group, bias=False)
@@ -268,14 +278,16 @@ class GatedSlotAttention(nn.Module):
         k = k.reshape(B, T, self.num_kv_heads, self.head_k_dim)
         v = v.reshape(B, T, self.num_kv_heads, self.head_v_dim)
         f = f.reshape(B, T, self.num_kv_heads, self.num_slots)
-        if self.mods is not None:  # maps, gate and s run inside the kernels (self.mods)
+        if self.fuse_mods == "all":  # the maps run inside the kernels (self.mods)
             if isinstance(self.feature_map, T2RFeatureMap):
                 q, k = self.feature_map.layer(q), self.feature_map.layer(k)
+        else:
+            q, k, v = self.feature_map(q), self.feature_map(k), F.silu(v)
+        if self.mods is not None:  # the gate and s run inside the kernels (self.mods)
             if mask is not None:  # padded tokens: gate_mod(+inf) = 0 (no decay) and s = 0 (no write)
                 f = f.masked_fill(~mask[:, :, None, None].bool(), float("inf"))
             s, f = None, f.to(q.dtype)  # the kernels read f as s too
         else:
-            q, k, v = self.feature_map(q), self.feature_map(k), F.silu(v)
             f = F.logsigmoid(f) / self.gate_logit_normalizer
             s = (1 - f.exp()).to(q.dtype)
             if mask is not None:  # padded tokens neither write (s = 0) nor decay (f = 0) the state

@@ -213,6 +213,11 @@ def test_layer_rejects_bad_cu_seqlens(cu, exc, message):
         layer(torch.randn(1, 5, 8), cu_seqlens=cu)
 
 
+def test_layer_rejects_an_unknown_fuse_mods():
+    with pytest.raises(ValueError, match=r"^fuse_mods must be False / 'none', 'gate' or True / 'all', got 'maps'"):
+        GatedSlotAttention(hidden_size=8, num_heads=2, num_slots=4, fuse_mods="maps")
+
+
 def test_layer_rejects_a_foreign_cache():
     layer = GatedSlotAttention(hidden_size=8, num_heads=2, num_slots=4, chunk_size=16)
     with pytest.raises(TypeError, match=r"^cache must be a GSACache or None"):

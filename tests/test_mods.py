@@ -372,17 +372,19 @@ CFG = dict(hidden_size=32, num_heads=4, num_kv_heads=2, num_slots=8, use_short_c
            chunk_size=16)
 
 
-def layer_pair(**overrides):
+def layer_pair(fuse="all", **overrides):
     torch.manual_seed(0)
     unfused = GatedSlotAttention(**{**CFG, **overrides}, fuse_mods=False)
-    fused = GatedSlotAttention(**{**CFG, **overrides}, fuse_mods=True)
+    fused = GatedSlotAttention(**{**CFG, **overrides}, fuse_mods=fuse)
     fused.load_state_dict(unfused.state_dict())
     return unfused, fused
 
 
-def test_layer_with_fused_mods_matches_the_unfused_layer():
-    unfused, fused = layer_pair()
-    assert fused.mods is not None and unfused.mods is None
+@pytest.mark.parametrize("fuse", ["gate", "all"])
+def test_layer_with_fused_mods_matches_the_unfused_layer(fuse):
+    unfused, fused = layer_pair(fuse)
+    assert unfused.mods is None and fused.mods is not None
+    assert (fused.mods.functions["q_map"] is None) == (fuse == "gate")
     x = torch.randn(2, 20, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[1, :6] = 0  # left padding
