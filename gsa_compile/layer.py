@@ -16,14 +16,15 @@ Per token (x the layer input, per head; G = num_heads / num_kv_heads query heads
     o = GSA(q, k, v, s, g=f, scale)                   (per kv head states, shared by the G query heads)
     y = o_proj(RMSNorm(silu(o)))                      (RMSNorm over all value_dim channels at once)
 
-phi is the feature map (swish | relu | t2r: relu(Linear)). With `fuse_mods=True` the
+phi is the feature map (swish | relu | t2r: relu(Linear)). With `fuse_mods=True` ("all") the
 element-wise parts (phi's activation, silu of v, logsigmoid(f) / normalizer and s = 1 - exp(f)) are
 not separate torch ops: they run inside the generated kernels as GSAMods (mods.py), on every load of
 q, k, v and f, forward, backward and decode; padded tokens get f = +inf there (gate 0, s 0).
-`fuse_mods=False` (the default) runs them in torch (same parameters, same results up to rounding):
-on the H200 the fused layer's forward measured 1.5-2.2x slower than the unfused one
-(bench/results/2026-11-29_h200_mods.json: every reload of s and g re-evaluates the maps, and the
-sequential state pass pays that latency), so fusion stays opt-in until that is fixed. fla keeps
+`fuse_mods="gate"` fuses only the gate and s (the maps run in torch). `fuse_mods=False` (the default)
+runs them all in torch (same parameters, same results up to rounding). H200, bf16, hidden 2048
+(bench/results/2026-11-29_h200_mods_s8_gate.json): "gate" makes the forward 1.7-3.7 % faster and
+forward + backward 3-8 % slower; "all" makes the forward up to 1.25x slower at K = 512 (the mapped
+q and k tiles double the output pass), so neither is the default. fla keeps
 `use_output_gate`/`use_norm` as attributes but its forward ignores them (always silu + norm); so does this layer. fla's forward
 calls `rms_norm_linear` without an eps, i.e. it always normalises with eps=1e-5; here g_norm uses
 `norm_eps` (the two agree for the default norm_eps=1e-5).
