@@ -114,12 +114,12 @@ def long_sequence(small=False):
     do = torch.randn(o.shape, device=o.device, generator=torch.Generator(o.device).manual_seed(2)).to(o.dtype)
     grads = torch.autograd.grad(o, x, do, retain_graph=True)
     result["backward_finite"] = _finite(*grads)
-    suffix = launch._suffix_sum  # the gate gradient's reverse cumsums: float32 here, float64 as a check
-    launch._suffix_sum = lambda d: suffix(d.double()).to(d.dtype)
+    suffix = launch._blocked_suffix_sum  # the gate gradient's reverse cumsums: float32 here, float64 as a check
+    launch._blocked_suffix_sum = lambda d: suffix(d.double()).to(d.dtype)
     try:
         dg64, = torch.autograd.grad(o, [x[4]], do, retain_graph=True)
     finally:
-        launch._suffix_sum = suffix
+        launch._blocked_suffix_sum = suffix
     result["dg_float32_suffix_vs_float64"] = rel(grads[4], dg64)
     del grads, dg64
     # the prefix: upstream gradient on the first P tokens only

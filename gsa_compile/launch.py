@@ -357,7 +357,8 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
 
     final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3)  # [N, H, M]
     # s as the kernels used it: where the mods map s, the gate pass's copy (mods.STORED_MAPS holds every mapped s)
-    dg = gate_gradient(x.view(B, T, H, HQ // H, M).sum(3) - s_read.to(ds.dtype) * ds, final_terms, cu_seqlens, layout)
+    d_cumulative = x if HQ == H else x.view(B, T, H, HQ // H, M).sum(3)  # x: this call's scratch
+    dg = gate_gradient(d_cumulative.addcmul_(s_read, ds, value=-1), final_terms, cu_seqlens, layout)
     grads = {"q": dq, "k": dk, "v": dv, "s": ds, "g": dg}
     dparams = torch.zeros(0, device=q.device, dtype=torch.float32)
     if call.mods is not None:
@@ -374,18 +375,40 @@ def _suffix_sum(x):
     return inner.flip(-1).cumsum(-1).flip(-1).permute(0, 3, 1, 2)
 
 
+SUFFIX_BLOCK = 64
+
+
+def _blocked_suffix_sum(d, block: int = SUFFIX_BLOCK):
+    """_suffix_sum(d) along dim 1 of d [B, T, ...], in blocks of `block` steps: prefix sums inside each block
+    (a scan of `block` steps per column, every block in parallel), suffix sums of the block totals (a tensor
+    `block` times smaller), then sum_{t' >= t} d_t' = (sum of the blocks from t's on) - prefix_t + d_t.
+    Four passes over d where _suffix_sum takes two flips, a scan and a strided copy back (the backward's
+    host kernels: ~0.6 ms at B8 T2048 H16 M64 on the H200, session 8). Rounding: eps * |suffix|, as a
+    sequential scan's. d itself is not modified; the result is a view of a new tensor."""
+    B, T = d.shape[:2]
+    n = cdiv(T, block)
+    if n * block != T:  # zeros after the end change no suffix
+        d = torch.nn.functional.pad(d, [0, 0] * (d.dim() - 2) + [0, n * block - T])
+    blocks = d.view(B, n, block, *d.shape[2:])
+    prefix = blocks.cumsum(2)
+    from_block = _suffix_sum(prefix[:, :, -1])  # [B, n, ...]: the totals of blocks c and later
+    result = torch.sub(blocks, prefix, out=prefix).add_(from_block.unsqueeze(2))
+    return result.view(B, n * block, *d.shape[2:])[:, :T]
+
+
 def gate_gradient(d_cumulative, final_terms, cu_seqlens, layout: GateLayout):
     """dg from the gradient w.r.t. the cumulative log gate Gamma_t = sum_{i<=t} g_i of each sequence.
 
     Each sequence's final states scale with exp(Gamma_last): their terms join at its last token.
     dg_t = sum_{t' >= t in the same sequence} dGamma_t' (a reverse cumsum, in float64 for varlen,
-    where it is a difference of suffix sums of the packed batch; otherwise in the accumulator type).
+    where it is a difference of suffix sums of the packed batch; otherwise in the accumulator type,
+    blocked: _blocked_suffix_sum). A float32/float64 d_cumulative may be overwritten.
     """
     B, T = d_cumulative.shape[:2]
     if cu_seqlens is None:
-        d = d_cumulative.to(torch.promote_types(d_cumulative.dtype, torch.float32), copy=True)
+        d = d_cumulative.to(torch.promote_types(d_cumulative.dtype, torch.float32))
         d[:, T - 1] += final_terms.to(d.dtype)
-        dg = _suffix_sum(d)
+        dg = _blocked_suffix_sum(d)
     else:
         d = d_cumulative.double()
         last = (cu_seqlens[1:] - 1).long()
