@@ -34,10 +34,10 @@ from gsa_compile.spec import GateLayout, TileConfig  # noqa: E402
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64",
          torch.int32: "*i32", torch.int64: "*i64"}
-TUNED = {  # autotune/NVIDIA_H200.json for the benchmark shapes: chunk, BK, BV, warps, stages
-    (4, 4096, 4, 512, 512, 64): (32, 128, 128, 4, 3),
-    (8, 2048, 16, 128, 128, 64): (32, 128, 128, 4, 3),
-    (1, 32768, 4, 512, 512, 64): (64, 64, 64, 4, 2),
+TUNED = {  # autotune/NVIDIA_H200.json (session 8) for the benchmark shapes' forward: chunk, BK, BV, warps, stages
+    (4, 4096, 4, 512, 512, 64): (32, 128, 128, 4, 3),  # the backward entries: the same for shapes 1 and 3,
+    (8, 2048, 16, 128, 128, 64): (32, 64, 64, 4, 3),  # 16/64/64 w4 s3 for shape 2 (--config to see those)
+    (1, 32768, 4, 512, 512, 64): (32, 128, 128, 4, 3),
 }
 
 

@@ -111,6 +111,26 @@ def _env_ints(name: str, fields: str):
     return numbers
 
 
+# GSA_MAXNREG="output_pass=168,slot_backward=128" caps the registers per thread of those programs (Triton's
+# maxnreg): more resident programs per SM at the price of spills (bench/NOTES.md, session 8: the output pass
+# compiles to 248 registers at B8 T2048 H16 K=V=128, 2 programs of 4 warps per SM; at 168, 3, spilling
+# ~260 bytes per thread). An experiment's knob for eager calls, like the two above.
+MAXNREG_ENV = "GSA_MAXNREG"
+PROGRAM_NAMES = tuple(b.__name__ for b in programs.FORWARD_PROGRAMS + programs_backward.BACKWARD_PROGRAMS)
+
+
+def maxnreg_override() -> dict:
+    """{program name: register cap} from GSA_MAXNREG."""
+    import os
+    value, caps = os.environ.get(MAXNREG_ENV, "").strip(), {}
+    for item in filter(None, (x.strip() for x in value.split(","))):
+        name, _, cap = item.partition("=")
+        if name not in PROGRAM_NAMES or not cap.isdigit():
+            raise ValueError(f"{MAXNREG_ENV}={value!r}: expected program=registers items, programs {PROGRAM_NAMES}")
+        caps[name] = int(cap)
+    return caps
+
+
 def forward_override():
     """(chunk_size, TileConfig) from GSA_FORWARD_CONFIG, or None."""
     value = _env_ints(FORWARD_CONFIG_ENV, "BT,BK,BV,warps,stages")
@@ -198,6 +218,8 @@ class Call:
         # the slot backward's warps: forced (GSA_BACKWARD_CONFIG), a tuned backward's, else at least 8 (its spills)
         slot_warps = slot_backward[0] or max(SLOT_BACKWARD_WARPS, config.num_warps)
         self.launch_of = {"slot_backward": dict(self.launch, num_warps=slot_warps)}
+        for name, cap in maxnreg_override().items():
+            self.launch_of[name] = dict(self.launch_of.get(name, self.launch), maxnreg=cap)
         self.wrap, self.device, self.cu_seqlens = wrap, q.device, cu_seqlens
         self.acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.n_chunk_rows, self.offsets, self.chunk_seq, self.chunk_idx = chunk_layout(cu_seqlens, self.B, self.T, chunk_size)

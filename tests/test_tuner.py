@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gsa_compile import tuner
-from gsa_compile.spec import GateLayout, Spec
+from gsa_compile.spec import GateLayout, Spec, TileConfig
 from gsa_compile.tuner import DEFAULT_CONFIG, Environment, LaunchConfig, TuningCache, TuningKey
 
 ENV = Environment(gpu="NVIDIA H200", capability="9.0", triton="3.7.1", torch="2.13.0", source_hash="abc123")
@@ -408,3 +408,19 @@ def test_tune_refuses_inside_real_compile():
     torch.compile(f, backend="eager")(torch.ones(2))
     assert seen == ["inside a torch.compile trace"]
     assert tuner.tuning_forbidden() is None
+
+
+def test_launch_overrides_parse_or_name_the_variable(monkeypatch):
+    """The experiment knobs (GSA_FORWARD_CONFIG, GSA_DECODE_CONFIG, GSA_MAXNREG) parse or raise naming themselves."""
+    from gsa_compile import launch
+    monkeypatch.setenv(launch.FORWARD_CONFIG_ENV, "32,128,64,8,3")
+    assert launch.forward_override() == (32, TileConfig(BK=128, BV=64, num_warps=8, num_stages=3))
+    monkeypatch.setenv(launch.MAXNREG_ENV, "output_pass=168, slot_backward=128")
+    assert launch.maxnreg_override() == {"output_pass": 168, "slot_backward": 128}
+    parsers = {launch.FORWARD_CONFIG_ENV: launch.forward_override, launch.MAXNREG_ENV: launch.maxnreg_override,
+               launch.DECODE_CONFIG_ENV: lambda: launch._env_ints(launch.DECODE_CONFIG_ENV, "BK,BV,warps")}
+    for name, value in ((launch.FORWARD_CONFIG_ENV, "32,128"), (launch.MAXNREG_ENV, "output=168"),
+                        (launch.MAXNREG_ENV, "output_pass=lots"), (launch.DECODE_CONFIG_ENV, "64,64")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=f"^{name}="):
+            parsers[name]()
