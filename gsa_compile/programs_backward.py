@@ -5,12 +5,14 @@ With dl = dL/dlogits (natural units), p the slot probabilities and dp = dL/dp:
 1. slot backward (per query head and chunk, parallel): recompute logits and p, compute
         dp = 2^b (do Hv_c^T) + sum_{j<=t} (do_t . v_j) s_j 2^(b_t - b_j)   (gated_scores again)
         dl = p (dp - <p, dp>),   dq = scale * [(dl 2^b) Hk_c^T + sum_{j<=t} att(dl, s)[t, j] k_j]
-   and store p, dl and x = logits * dl + p * dp (the gate-gradient terms of this head), and the
-   chunk's attention matrix att(scale dl, s) for the key backward.
+   and store x = logits * dl + p * dp (the gate-gradient terms of this head), the chunk's attention
+   matrix att(scale dl, s) for the key backward, and the state backward's weighted rows
+   pw = p 2^b and dlw = scale dl 2^b (in the p and dl buffers, which phases B and C used as scratch).
 2. state backward (per kv head and K or V tile, chunks in reverse): gradients of the states at each
    chunk's end, summed over the query heads of the group:
-        dHk_c = dHk_{c+1} 2^{b_last} + scale * q^T (dl 2^b),   dHv_c = 2^{b_last} dHv_{c+1} + (p 2^b)^T do
-   and the initial-state gradients.
+        dHk_c = dHk_{c+1} 2^{b_last} + q^T dlw,   dHv_c = 2^{b_last} dHv_{c+1} + pw^T do
+   and the initial-state gradients. Each step is loads, one rescale and the products: the weights
+   come ready from the parallel slot backward (as the forward's state pass gets w from its gate pass).
 3. key backward (per kv head and chunk, parallel), for key rows j, over query rows t >= j:
         dk_j = w_j dHk^T + sum_t att(scale dl, s)[t, j] q_t,  dv_j = w_j dHv + sum_t att(p, s)[t, j] do_t
         ds_j = 2^(B - b_j) (k_j dHk + v_j dHv^T) + sum_t 2^(b_t - b_j) (scale dl_t (q_t.k_j) + p_t (do_t.v_j))
@@ -90,6 +92,8 @@ def slot_backward(spec: Spec) -> Program:
     for view, tile in ((att_dl, mix_dl), (att_p, mix_p), (dsi, ds)):
         b.store(view, tile, "t0", "eos")
     weights = b.map("dlw_c", "{0} * tl.exp2({1})", dls, gates.gc)
+    b.store(dl_view, weights, "t0", "eos")  # the state backward's dlw and pw (phase C read dl and p above)
+    b.store(p_view, b.map("pw_c", "{0} * tl.exp2({1})", probs, gates.gc), "t0", "eos")
     with b.loop("k0", "0", "K", step="BK"):
         hk_t = b.load("hk_t", chunk_state("hk", transposed=True), "0", "M", ("BM", "BK"), col0="k0")
         out = b.dot("dq_c", weights, hk_t)
@@ -103,36 +107,33 @@ def state_backward(spec: Spec) -> Program:
     b = Builder()
     gc_view = seq_view("gc", "M")
 
-    def chunk_gates():
+    def chunk_decay():
+        """This step's chunk and its total log2 decay (the last row of gc)."""
         b.map("i_c", "n_chunks - 1 - i_r", dtype="i32", shape=())
         b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
-        gc = chunk_rows(b, "gc_c", gc_view)
-        last = b.load("gc_last", gc_view, last_row("t0 + BT"), "eos", ("BM",))
-        return gc, last
+        return b.load("gc_last", gc_view, last_row("t0 + BT"), "eos", ("BM",))
 
     with b.when("i_t < NK"):
         dhk = b.load("dhk", View("dhk_final_base", "M", "M"), "k0", "K", ("BK", "BM"))
         with b.loop("i_r", "0", "n_chunks"):
-            gc, last = chunk_gates()
+            last = chunk_decay()
             b.store(chunk_state("dhk"), dhk, "k0", "K")
             dhk = b.map("dhk", "{0} * tl.exp2({1})", dhk, b.expand("last_row", last, "None, :"))
             with b.loop("i_g", "0", "G"):
                 q = chunk_rows(b, "q_c", _group_view("q", "K"), "BK", "k0", "in")
-                dl = chunk_rows(b, "dl_c", _group_view("dl", "M", internal=True))
-                w = b.map("w", "{0} * tl.exp2({1}) * scale", dl, gc)
-                b.dot("dhk", q, w, trans_a=True, acc=dhk)
+                dlw = chunk_rows(b, "dlw_c", _group_view("dl", "M", internal=True))
+                b.dot("dhk", q, dlw, trans_a=True, acc=dhk)
         b.store(View("dhk_init_base", "M", "M"), dhk, "k0", "K")
     with b.when("i_t >= NK"):
         dhv = b.load("dhv", View("dhv_final_base", "V", "V"), "0", "M", ("BM", "BV"), col0="v0")
         with b.loop("i_r", "0", "n_chunks"):
-            gc, last = chunk_gates()
+            last = chunk_decay()
             b.store(chunk_state("dhv"), dhv, "0", "M", col0="v0")
             dhv = b.map("dhv", "{0} * tl.exp2({1})", dhv, b.expand("last_col", last, ":, None"))
             with b.loop("i_g", "0", "G"):
-                p = chunk_rows(b, "p_c", _group_view("p", "M", internal=True))
+                pw = chunk_rows(b, "pw_c", _group_view("p", "M", internal=True))
                 do = chunk_rows(b, "do_c", _group_view("do", "V"), "BV", "v0", "in")
-                w = b.map("w", "{0} * tl.exp2({1})", p, gc)
-                b.dot("dhv", w, do, trans_a=True, acc=dhv)
+                b.dot("dhv", pw, do, trans_a=True, acc=dhv)
         b.store(View("dhv_init_base", "V", "V"), dhv, "0", "M", col0="v0")
     return Program("gsa_state_backward", [gc_view], b.body).verify()
 
