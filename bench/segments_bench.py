@@ -56,8 +56,7 @@ def kernels(fn):
     return dict({f"{name[4:]}_kernel_ms": shares.get(name, 0.0) for name in KERNELS}, other_kernel_ms=round(other, 4))
 
 
-KERNELS = ("gsa_gate_pass", "gsa_state_pass", "gsa_output_pass", "gsa_slot_backward", "gsa_state_backward",
-           "gsa_key_backward")
+KERNELS = tuple(f"gsa_{name}" for name in launch.PROGRAM_NAMES)  # the generated kernels' names
 
 
 torch.manual_seed(0)
