@@ -8,7 +8,8 @@ one step with `triton.testing.do_bench` (host launch overhead included) and with
 --splits: one row per value of NS, the programs per (sequence, kv head) of the split decode
 (GSA_DECODE_SPLITS; "auto" = launch.decode_splits' choice, 1 = the one-launch kernel).
 --configs "64,64,4;128,128,8": one row per tile config BK,BV,warps of the decode kernels as well
-(GSA_DECODE_CONFIG; "default" = launch.decode_'s 32, 32, 4).
+(GSA_DECODE_CONFIG; "default" = launch.decode_tiles' choice: 128-wide tiles and 8 warps for NS = 1,
+32-wide and 4 warps for the split decode).
 State read+write floor: B*H*(K*M + M*V)*4 bytes * 2 / 4.2 TB/s; `copy_graph_ms` is what the GPU takes
 to read and write those bytes in practice (hk and hv copied into other buffers, in a CUDA graph).
 """

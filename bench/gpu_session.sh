@@ -106,8 +106,8 @@ for name in "$@"; do
                 --dtypes bfloat16 --packed no --settings default --out $W/check_shape2.json && \
                 python bench/gpu_long_check.py --T 4096 --dims 4,512,512,64 --layouts slot --dtypes bfloat16 \
                 --packed no --settings default,off --out $W/check_shape3.json" ;;
-        bench)
-            step bench 560 env PYTHONPATH="$(fla_path)" python -m gsa_compile bench --out "$W/bench.json" ;;
+        bench)  # BENCH_ARGS=--sweep adds T = 512 ... 65536 (plot it here from the JSON: benchmark.plot_sweep)
+            step bench 560 env PYTHONPATH="$(fla_path)" python -m gsa_compile bench --out "$W/bench.json" ${BENCH_ARGS:-} ;;
         first_call)
             rm -rf ~/.triton/cache ~/.cache/gsa_compile
             step first_call 120 python bench/first_call.py 4,4096,4,512,512,64 ;;

@@ -9,6 +9,9 @@ over one forward+backward (the state pass, the state backward, everything that i
 the segments' host-side torch ops land there), and the largest relative difference of o, the final
 states and the gradients from the first setting's (bf16 chunk states: ~1e-3 is rounding).
 --smoke: tiny shapes on the CPU interpreter with host timers (checks the script, times nothing).
+--variant NAME:VAR=VALUE[;VAR=VALUE]: also run every setting with those environment variables (launch
+overrides read per call: GSA_MAXNREG, GSA_BACKWARD_CONFIG, GSA_FORWARD_CONFIG; repeatable), e.g.
+    --variant base: --variant reg168:GSA_MAXNREG=output_pass=168 --variant slot8:GSA_BACKWARD_CONFIG=32,128,128,4,3,8,8
 """
 import argparse
 import json
@@ -29,6 +32,7 @@ parser.add_argument("--out")
 parser.add_argument("--shape", default="1,32768,4,512,64")
 parser.add_argument("--settings", default="off,auto,4,8,16")
 parser.add_argument("--smoke", action="store_true")
+parser.add_argument("--variant", action="append", default=[], help="NAME:VAR=VALUE[;VAR=VALUE...] (see the doc)")
 args = parser.parse_args()
 B, T, H, D, M = (int(x) for x in ("1,150,2,16,8" if args.smoke else args.shape).split(","))
 device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
@@ -49,8 +53,10 @@ def kernels(fn):
         return {}
     shares = bm.kernel_shares(fn)
     other = sum(t for name, t in shares.items() if not name.startswith("gsa_"))
-    return dict(state_pass_kernel_ms=shares.get("gsa_state_pass", 0.0),
-                state_backward_kernel_ms=shares.get("gsa_state_backward", 0.0), other_kernels_ms=round(other, 4))
+    return dict({f"{name[4:]}_kernel_ms": shares.get(name, 0.0) for name in KERNELS}, other_kernel_ms=round(other, 4))
+
+
+KERNELS = tuple(f"gsa_{name}" for name in launch.PROGRAM_NAMES)  # the generated kernels' names
 
 
 torch.manual_seed(0)
@@ -77,16 +83,30 @@ def state_pass_alone():
     return lambda: launch.state_pass(call, k.detach(), v.detach(), s.detach(), g.detach(), None, None), call
 
 
+def variants():
+    """[(name, {variable: value})] from --variant (default: one variant without overrides)."""
+    parsed = []
+    for text in args.variant or ["base:"]:
+        name, _, assignments = text.partition(":")
+        pairs = [a.partition("=") for a in assignments.split(";") if a]
+        if not name or any(not var or not eq for var, eq, _ in pairs):
+            parser.error(f"--variant {text!r}: expected NAME:VAR=VALUE[;VAR=VALUE...]")
+        parsed.append((name, {var: value for var, _, value in pairs}))
+    return parsed
+
+
 result = dict(environment=bm.environment(), shape=f"B{B} T{T} H{H} K=V={D} M{M}", dtype=str(dtype), rows=[])
 first = None
-for setting in args.settings.split(","):
+for (variant, env), setting in ((v, st) for v in variants() for st in args.settings.split(",")):
+    saved = {var: os.environ.get(var) for var in env}
+    os.environ.update(env)
     if setting == "off":
         os.environ.pop(segments.ENV, None)
     else:
         os.environ[segments.ENV] = setting
     started = time.time()
     run_state, call = state_pass_alone()
-    row = dict(setting=setting, S=segments.requested(call), chunk=call.spec.chunk_size,
+    row = dict(variant=variant, env=env, setting=setting, S=segments.requested(call), chunk=call.spec.chunk_size,
                state_pass_ms=timed(run_state), fwd_ms=timed(lambda: forward()), fwdbwd_ms=timed(fwd_bwd))
     row.update(kernels(fwd_bwd))
     outputs = list(fwd_bwd()) + [x.grad for x in leaves]
@@ -100,14 +120,20 @@ for setting in args.settings.split(","):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    for var, value in saved.items():  # the next variant starts from the environment this one found
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
 
 print(f"\n{result['shape']} {dtype} ({result['environment']['gpu']}, torch {result['environment']['torch']}, "
       f"triton {result['environment']['triton']})")
-print(f"{'setting':>8} {'S':>3} {'chunk':>5} | {'state pass':>10} {'fwd':>8} {'fwd+bwd':>8} | {'k:state':>8} "
-      f"{'k:st.bwd':>8} {'k:other':>8} | {'max diff':>8}")
+columns = [name[4:] for name in KERNELS] + ["other"]
+print(f"{'variant':>10} {'setting':>8} {'S':>3} {'chunk':>5} | {'state pass':>10} {'fwd':>8} {'fwd+bwd':>8} | "
+      + " ".join(f"{'k:' + c[:8]:>10}" for c in columns) + f" | {'max diff':>8}")
 for r in result["rows"]:
-    print(f"{r['setting']:>8} {r['S']:>3} {r['chunk']:>5} | {r['state_pass_ms']:>10.3f} {r['fwd_ms']:>8.3f} "
-          f"{r['fwdbwd_ms']:>8.3f} | {r.get('state_pass_kernel_ms', float('nan')):>8.3f} "
-          f"{r.get('state_backward_kernel_ms', float('nan')):>8.3f} {r.get('other_kernels_ms', float('nan')):>8.3f} "
-          f"| {r['max_rel_diff']:>8.1e}")
-print("(ms; k: kernel time summed over one forward+backward, by name; max diff vs the first setting)")
+    print(f"{r['variant']:>10} {r['setting']:>8} {r['S']:>3} {r['chunk']:>5} | {r['state_pass_ms']:>10.3f} "
+          f"{r['fwd_ms']:>8.3f} {r['fwdbwd_ms']:>8.3f} | "
+          + " ".join(f"{r.get(c + '_kernel_ms', float('nan')):>10.3f}" for c in columns)
+          + f" | {r['max_rel_diff']:>8.1e}")
+print("(ms; k: kernel time summed over one forward+backward, by name; max diff vs the first row)")

@@ -7,6 +7,7 @@ inside a triton_op, so Inductor sees the kernels).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Optional
 
 import torch
@@ -98,7 +99,6 @@ DECODE_CONFIG_ENV = "GSA_DECODE_CONFIG"
 
 def _env_ints(name: str, fields: str):
     """The comma-separated integers of environment variable `name` (one per field of `fields`), or None."""
-    import os
     value = os.environ.get(name, "").strip()
     if not value:
         return None
@@ -121,7 +121,6 @@ PROGRAM_NAMES = tuple(b.__name__ for b in programs.FORWARD_PROGRAMS + programs_b
 
 def maxnreg_override() -> dict:
     """{program name: register cap} from GSA_MAXNREG."""
-    import os
     value, caps = os.environ.get(MAXNREG_ENV, "").strip(), {}
     for item in filter(None, (x.strip() for x in value.split(","))):
         name, _, cap = item.partition("=")
@@ -467,7 +466,6 @@ def decode_splits(n_heads: int, K: int, V: int, device, splits: Optional[int] = 
     results/2026-11-29_h200_decode_s5_*.json); B=64 H=4 (256 heads, 132 SMs) NS = 1 with decode_tiles' 128-wide
     tiles and 8 warps: 0.0382 ms (NS 2: 0.0421 at its best tiles; results/2026-11-29_h200_decode_s8_configs.json).
     """
-    import os
     if splits is None and os.environ.get(DECODE_SPLITS_ENV):
         splits = int(os.environ[DECODE_SPLITS_ENV])
     if splits is not None:

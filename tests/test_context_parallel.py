@@ -5,7 +5,8 @@ reproduces single-process chunk_gsa on the whole sequence, outputs, final states
    gate layout, GQA, initial states, varlen with sequences crossing rank boundaries, a rank inside
    one sequence, a boundary exactly at a rank start, slices that are not multiples of the chunk)
    and return their slices' results; the parent compares them with chunk_gsa on the full sequence
-   (float32, 1e-5) and the outputs with the float64 reference. The children also check that a
+   (float32, 1e-5; dg against the summed magnitudes of its per-token terms, as test_fuzz: a decay
+   layout's dg is one sum over every token whose terms cancel) and the outputs with the float64 reference. The children also check that a
    mismatch between ranks, or a bad input on one rank, raises on every rank (no hang).
 2. `SimulatedGroup` (R ranks one after the other in one process) on one case.
 3. `plan_span` invariants (pure Python) and argument errors.
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from differential import _per_token_gate, suffix_magnitudes
 from gsa_compile import chunk_gsa, chunk_gsa_cp, recurrent_gsa
 from gsa_compile.context_parallel import SimulatedGroup, plan_span
 
@@ -161,7 +163,28 @@ def reference(case):
     o64, _ = recurrent_gsa(*(None if a is None else a.detach().double() for a in args),
                            initial_state=None if initial is None else tuple(h.detach().double() for h in initial),
                            cu_seqlens=cu)
-    return to_cpu({"o": o.detach(), "hk": hk.detach(), "hv": hv.detach(), "grads": grads, "o64": o64})
+    out = {"o": o.detach(), "hk": hk.detach(), "hv": hv.detach(), "grads": grads, "o64": o64}
+    if "g" in leaves:
+        out["dg_scale"] = gate_gradient_scale(case, cu)
+    return to_cpu(out)
+
+
+def gate_gradient_scale(case, cu):
+    """dg sums cancelling per-token terms (over the whole sequence for a decay layout): the summed
+    magnitudes of those terms, from a float64 run with the gate expanded to every token (as test_fuzz)."""
+    x, upstream = case["x"], case["upstream"]
+    f64 = {n: None if t is None else t.detach().double() for n, t in x.items()}
+    probe = f64["g"].clone().requires_grad_()
+    tokens = _per_token_gate(probe, f64["s"].shape)
+    gate, s = tokens.detach().clone().requires_grad_(), f64["s"].clone().requires_grad_()
+    initial = (f64["hk0"], f64["hv0"]) if "hk0" in f64 else None
+    o, (hk, hv) = recurrent_gsa(f64["q"], f64["k"], f64["v"], s, gate, initial_state=initial,
+                                output_final_state=True, cu_seqlens=cu)
+    loss = sum((a * upstream[n].double()).sum() for a, n in ((o, "do"), (hk, "dhk"), (hv, "dhv")))
+    dg_tokens, ds = torch.autograd.grad(loss, [gate, s])
+    terms = suffix_magnitudes(dg_tokens, s.detach() * ds, case["bounds"])
+    magnitude, = torch.autograd.grad((tokens * terms).sum(), probe)
+    return magnitude
 
 
 _REFERENCES = {}  # seed -> reference(case): computed once, while the first spawn's children run
@@ -173,8 +196,10 @@ def cached_reference(case):
     return _REFERENCES[case["seed"]]
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+def rel_err(a, b, scale=None):
+    """||a - b|| / ||scale||, scale = b by default."""
+    norm = (b if scale is None else scale).double().norm().clamp_min(1e-12)
+    return ((a.double() - b.double()).norm() / norm).item()
 
 
 def assemble(case, per_rank):
@@ -193,7 +218,8 @@ def compare(case, per_rank, ref, label):
     errors = {"o": rel_err(got["o"], ref["o"])}
     if got["hk"] is not None:
         errors.update(hk=rel_err(got["hk"], ref["hk"]), hv=rel_err(got["hv"], ref["hv"]))
-    errors.update({f"d{n}": rel_err(got["grads"][n], ref["grads"][n]) for n in case["names"]})
+    errors.update({f"d{n}": rel_err(got["grads"][n], ref["grads"][n], ref.get("dg_scale") if n == "g" else None)
+                   for n in case["names"]})
     bad = {k: v for k, v in errors.items() if not v <= TOL}
     assert not bad, f"{label} {case['name']} seed {case['seed']}: relative errors above {TOL}: {bad}"
     assert rel_err(got["o"], ref["o64"]) <= REF_TOL, f"{label} {case['name']}: o vs the float64 reference"
