@@ -262,9 +262,14 @@ def kernel(builder: Callable[[Spec], ir.Program], spec: Spec):
     key = (builder.__name__, spec)
     if key not in _MODULES:
         program = builder(spec)
-        _MODULES[key] = load_kernel(render(program, spec, f"{builder.__name__}.py.jinja"), program.name)
+        _MODULES[key] = load_kernel(render(program, spec, _template(builder)), program.name)
     return _MODULES[key]
 
 
+def _template(builder) -> str:
+    """The frame of a program: templates/<builder name>.py.jinja, or the builder's `template` attribute."""
+    return f"{getattr(builder, 'template', builder.__name__)}.py.jinja"
+
+
 def source(builder: Callable[[Spec], ir.Program], spec: Spec) -> str:
-    return render(builder(spec), spec, f"{builder.__name__}.py.jinja")
+    return render(builder(spec), spec, _template(builder))

@@ -293,7 +293,7 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0):
     plan = segments.plan(call, k, v)
     if plan is not None:  # GSA_STATE_SEGMENTS: segments of each sequence in parallel (segments.py)
         initial = (None, None) if hk0 is None else (hk0.to(call.acc_dtype), hv0.to(call.acc_dtype))
-        segments.state_pass(plan, call, k, v, w, gtot, gc, *initial, hk_chunks, hv_chunks, hk_final, hv_final)
+        segments.state_pass(plan, call, k, v, w, gtot, *initial, hk_chunks, hv_chunks, hk_final, hv_final)
         call.segments = plan
         return gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final
     hk0 = hk0.to(call.acc_dtype).contiguous() if hk0 is not None else hk_final  # unused when the Spec has none

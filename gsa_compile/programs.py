@@ -152,4 +152,54 @@ def output_pass(spec: Spec) -> Program:
     return Program("gsa_output_pass", [q, k, v, s_view, gc_view, o, aqk, loff, pd, attd], b.body).verify()
 
 
+def _segment_scan(spec: Spec, reverse: bool) -> Program:
+    """The segmented state pass's boundary states (segments.py): per (sequence, kv head, K or V tile),
+    state = edge (spec.initial_state: the initial states, reverse: the final states' gradients) or 0; then
+    for each segment j in order (reverse: last to first) store state as j's start state (reverse: the
+    gradient at j's end) and step: state = 2^(a_j) (.) state + local_j, where local_j is the segment's
+    own pass from zero and a_j its total log2 gate, the sum of its chunks' rows of gtot, read BR rows at a
+    time. a_j <= 0: no factor exceeds 1."""
+    b = Builder()
+
+    def state_view(tensor: str, cols: str, index: str) -> View:  # [K, M] or [M, V] of row `index`, head i_h
+        return View(f"({tensor} + ({index} * H + i_h) * {cols})", cols.split(" * ")[1], cols.split(" * ")[1])
+
+    def walk(kind: str, shape, cols: str, row0: str, row_end: str, col0: str, decay_axes: str):
+        if spec.initial_state:
+            state = b.load(kind, state_view(f"edge_{kind[1]}", cols, "i_n"), row0, row_end, shape, col0=col0)
+        else:
+            state = b.zeros(kind, shape)
+        with b.loop("i_j", "0", "S"):
+            b.map("j", "S - 1 - i_j" if reverse else "i_j", dtype="i64", shape=())
+            b.map("seg", "i_n * S + j", dtype="i64", shape=())
+            b.store(state_view(f"out_{kind[1]}", cols, "seg"), state, row0, row_end, col0=col0)
+            b.map("seg_end", "tl.load(cut_base + j + 1)", dtype="i64", shape=())
+            total = b.zeros("a_j", ("BM",))
+            with b.loop("r0", "tl.load(cut_base + j)", "seg_end", step="BR"):
+                rows = b.load("gtot_rows", View("gtot_base", "H * M", "M"), "r0", "seg_end", ("BR", "BM"))
+                b.map("a_j", "{0} + {1}", total, b.reduce("gtot_sum", rows, 0))
+            local = b.load(f"local_{kind}", state_view(f"local_{kind[1]}", cols, "seg"), row0, row_end, shape,
+                           col0=col0)
+            b.map(kind, "{0} * tl.exp2({1}) + {2}", state, b.expand("decay", total, decay_axes), local)
+
+    with b.when("i_t < NK"):
+        walk("hk", ("BK", "BM"), "K * M", "k0", "K", "0", "None, :")
+    with b.when("i_t >= NK"):
+        walk("hv", ("BM", "BV"), "M * V", "0", "M", "v0", ":, None")
+    return Program("gsa_segment_scan" + ("_reverse" if reverse else ""), [], b.body).verify()
+
+
+def segment_scan(spec: Spec) -> Program:
+    """Segment start states from the segments' local end states (the forward's scan)."""
+    return _segment_scan(spec, reverse=False)
+
+
+def segment_scan_reverse(spec: Spec) -> Program:
+    """Segment end gradients from the segments' local start gradients (the state backward's scan)."""
+    return _segment_scan(spec, reverse=True)
+
+
+segment_scan.template = segment_scan_reverse.template = "segment_scan"  # one frame (codegen.kernel)
+
+
 FORWARD_PROGRAMS = (gate_pass, state_pass, output_pass)

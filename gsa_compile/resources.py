@@ -33,9 +33,11 @@ def signature(arg_names, spec: Spec, constexprs):
             sig[name] = "*" + _TRITON_DTYPE[spec.dtype]
         elif name in _INT_POINTERS:
             sig[name] = "*i32"
+        elif name == "cut":  # the segment scan's chunk rows at segment bounds (segments.Plan.cut)
+            sig[name] = "*i64"
         elif name in ("scale", "scale_log2"):
             sig[name] = "fp32"
-        elif name.startswith("stride_") or name in ("T", "H", "HQ"):
+        elif name.startswith("stride_") or name in ("T", "H", "HQ", "S"):
             sig[name] = "i32"
         else:
             sig[name] = "*fp32"

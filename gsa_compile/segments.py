@@ -9,13 +9,14 @@ whose "sequences" are the segments:
   1. the state pass on the segments from a zero state: each segment's local end states F_j (the gate
      pass ran before, once for the whole call: gc, w and the chunk totals are chunk-local);
   2. an exclusive scan over the segments, start_0 = initial state (or 0), start_{j+1} = A_j (.) start_j + F_j,
-     with A_j = 2^(a_j) the segment's decay (a_j: the sum of its chunks' log2 gates, read from gc).
-     In closed form, with C_j = a_0 + ... + a_{j-1} (C_0 = 0, non-increasing),
-         start_j = sum_{i<j} 2^(C_j - C_{i+1}) F_i + 2^(C_j) start_0      (every exponent <= 0);
+     with A_j = 2^(a_j) the segment's decay (a_j <= 0: the sum of its chunks' log2 gates, the gate pass's
+     chunk totals gtot): one generated kernel (programs.segment_scan), S steps per (sequence, head, tile);
   3. the state pass again from start_j: every chunk state lands on the row the unsegmented pass
      writes (the segment table's chunk offsets), the last segment's final state is the final state.
 The state backward (programs_backward.state_backward) is the same in reverse: local gradients D_j from
-zero, then end_j = sum_{i>j} 2^(C_i - C_{j+1}) D_i + 2^(C_S - C_{j+1}) dH_final, then the pass again.
+zero, then end_{S-1} = dH_final, end_{j-1} = A_j (.) end_j + D_j (programs.segment_scan_reverse), then the
+pass again. (Until session 9 the scan was ~25 torch operations in float64, which cost ~1.3 ms of host
+time per forward on the H200 machine: bench/NOTES.md "Session 9".)
 
 Dense [B, T, H, D] inputs are read as one packed batch of B * T tokens, which needs k's and v's batch
 stride to be T times their time stride (else, or with S = 1, the unsegmented pass runs; the gate pass's
@@ -26,7 +27,6 @@ sequence's chunk count) pass their state through.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Optional
 
@@ -96,34 +96,21 @@ class Plan:
     cu: torch.Tensor  # [N * S + 1] token bounds of the segments in the packed batch
     boc: torch.Tensor  # [N * S] chunk row of each segment's first chunk
     cut: torch.Tensor  # [N, S + 1] chunk rows at the segment bounds (sequence start .. sequence end)
-    chunk_last: torch.Tensor  # [chunk rows] packed index of each chunk row's last token (0 past the last)
-    C: Optional[torch.Tensor] = None  # [N, S + 1, H, M] float64 log2 decay from the sequence start (from gc)
-
-    def log2_prefix(self, gc: torch.Tensor) -> torch.Tensor:
-        """C_j: the log2 gate summed over segments 0..j-1 of each sequence (a chunk's total is gc at its last row)."""
-        if self.C is None:
-            H, M = gc.shape[2], gc.shape[3]
-            # [H, M, chunk rows], chunks innermost (a scan over an outer dimension is slow on the GPU)
-            totals = gc.reshape(-1, H, M).permute(1, 2, 0).index_select(2, self.chunk_last).double()
-            prefix = torch.nn.functional.pad(totals.cumsum(-1), (1, 0))
-            at_cut = prefix[:, :, self.cut].permute(2, 3, 0, 1)  # [N, S + 1, H, M]
-            self.C = at_cut - at_cut[:, :1]
-        return self.C
+    gtot: Optional[torch.Tensor] = None  # the gate pass's chunk totals, kept for the state backward's scan
 
 
 _DENSE = {}  # (device, N, T, BT, S) -> tables of dense inputs: built once, then no launches
 
 
 def _dense_tables(N, T, BT, S, device):
-    """(cu, boc, cut, chunk_last) of N rows of T tokens, from a few aranges (sizes may be symbolic)."""
+    """(cu, boc, cut) of N rows of T tokens, from a few aranges (sizes may be symbolic)."""
     i64 = dict(device=device, dtype=torch.int64)
     NT = cdiv(T, BT)
     first = (torch.arange(S + 1, **i64) * cdiv(NT, S)).clamp_(max=NT)  # each segment's first chunk
     cut = torch.arange(0, N * NT, NT, **i64)[:, None] + first
     bos = torch.arange(0, N * T, T, **i64)[:, None]
     cu = torch.cat([(bos + (first[:S] * BT).clamp_(max=T)).reshape(-1), bos[-1] + T])
-    last = (torch.arange(1, NT + 1, **i64) * BT).clamp_(max=T) - 1
-    return cu, cut[:, :S].reshape(-1), cut, (bos + last).reshape(-1)
+    return cu, cut[:, :S].reshape(-1), cut
 
 
 def _varlen_tables(call, S):
@@ -133,12 +120,8 @@ def _varlen_tables(call, S):
     per = torch.div(n_chunks + S - 1, S, rounding_mode="floor")  # chunks per segment, per sequence
     first = torch.minimum(torch.arange(S + 1, device=cu.device)[None] * per[:, None], n_chunks[:, None])
     seg_bos = torch.minimum(bos[:, None] + first[:, :S] * BT, eos[:, None])
-    chunk_seq = call.chunk_seq.long()  # -1 past the last chunk (the chunk tables' upper bound)
-    n = chunk_seq.clamp(min=0)
-    last = torch.minimum(bos[n] + (call.chunk_idx.long() + 1) * BT, eos[n]) - 1
     cut = boc[:, None] + first
-    return (torch.cat([seg_bos.reshape(-1), eos[-1:]]), cut[:, :S].reshape(-1), cut,
-            torch.where(chunk_seq >= 0, last, torch.zeros_like(last)))
+    return torch.cat([seg_bos.reshape(-1), eos[-1:]]), cut[:, :S].reshape(-1), cut
 
 
 def plan(call, *strided) -> Optional[Plan]:
@@ -161,31 +144,23 @@ def plan(call, *strided) -> Optional[Plan]:
     return Plan(S, *tables)
 
 
-def scan(C: torch.Tensor, local, edge, reverse: bool):
-    """Segment-boundary states from the segments' local ones (see the module docstring).
+SCAN_ROWS = 64  # chunk rows of gtot the scan sums per load (BR)
 
-    C [N, S + 1, H, M]; local: (Hk-like [N * S, H, K, M], Hv-like [N * S, H, M, V]); edge: the
-    initial states (forward) or final-state gradients (reverse), [N, H, ...] or None. Returns states
-    [N * S, H, ...] in the local states' dtype: each segment's start (forward) or end (reverse)."""
-    from .context_parallel.passes import decay_states
 
-    N, S1, H, M = C.shape
-    S = S1 - 1
-    j = torch.arange(S, device=C.device)
-    if reverse:  # [N, j, i]: C_i - C_{j+1} for i > j;  edge: C_S - C_{j+1}
-        expo, mask, edge_expo = C[:, None, :S] - C[:, 1:, None], j[None, :] > j[:, None], C[:, S:] - C[:, 1:]
-    else:  # C_j - C_{i+1} for i < j;  edge: C_j
-        expo, mask, edge_expo = C[:, :S, None] - C[:, None, 1:], j[None, :] < j[:, None], C[:, :S]
-    weights = torch.where(mask[None, :, :, None, None], torch.exp2(expo.clamp(max=0)), 0.0)  # [N, j, i, H, M]
-    out = []
-    for x, eq in zip(local, ("njihm,nihkm->njhkm", "njihm,nihmv->njhmv")):
-        # float64 products: exact enough, and never TF32 whatever torch.backends allow
-        out.append(torch.einsum(eq, weights, x.view(N, S, *x.shape[1:]).double()).reshape(x.shape))
-    if edge is not None:
-        spread = tuple(e.double()[:, None].expand(N, S, *e.shape[1:]).reshape(N * S, *e.shape[1:]) for e in edge)
-        decayed = decay_states(spread, (edge_expo * math.log(2)).reshape(N * S, H, M))
-        out = [a + b for a, b in zip(out, decayed)]
-    return tuple(o.to(x.dtype).contiguous() for o, x in zip(out, local))
+def scan(call, p: Plan, local, edge, reverse: bool):
+    """Segment-boundary states from the segments' local ones (see the module docstring), one launch.
+
+    local: (Hk-like [N * S, H, K, M], Hv-like [N * S, H, M, V]) in the accumulator type; edge: the initial
+    states (forward) or the final states' gradients (reverse), [N, H, ...] or None. Returns each segment's
+    start state (forward) or end gradient (reverse), like `local`."""
+    out = tuple(torch.empty_like(x) for x in local)
+    spec = dataclasses.replace(call.spec, varlen=False, initial_state=edge is not None, mods="")
+    edge = local if edge is None else tuple(e.to(local[0].dtype).contiguous() for e in edge)  # (unused if None)
+    builder = programs.segment_scan_reverse if reverse else programs.segment_scan
+    consts = {n: call.consts["state_pass"][n] for n in ("K", "V", "M", "NK", "BK", "BV", "BM")}
+    call.wrap(codegen.kernel(builder, spec))[(call.tiles() * p.cut.shape[0] * call.H,)](
+        *local, *edge, *out, p.gtot, p.cut, call.H, p.S, **consts, BR=SCAN_ROWS, num_warps=4)
+    return out
 
 
 def _run(call, builder, spec, grid, *args, **extra):
@@ -193,8 +168,8 @@ def _run(call, builder, spec, grid, *args, **extra):
                                                    **call.launch)
 
 
-def state_pass(p: Plan, call, k, v, w, gtot, gc, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final):
-    """launch.state_pass's state pass in three phases, after the gate pass (w, gtot, gc): fills the chunk
+def state_pass(p: Plan, call, k, v, w, gtot, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final):
+    """launch.state_pass's state pass in three phases, after the gate pass (w, gtot): fills the chunk
     states and the final states in place."""
     from .launch import _strides
 
@@ -205,8 +180,8 @@ def state_pass(p: Plan, call, k, v, w, gtot, gc, hk0, hv0, hk_chunks, hv_chunks,
     local = dataclasses.replace(call.spec, varlen=True, initial_state=False)
     _run(call, programs.state_pass, local, grid, k, v, w, gtot, hk_chunks, hv_chunks, hk_seg, hv_seg,
          hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
-    initial = None if hk0 is None else (hk0, hv0)
-    hk_start, hv_start = scan(p.log2_prefix(gc), (hk_seg, hv_seg), initial, reverse=False)
+    p.gtot = gtot
+    hk_start, hv_start = scan(call, p, (hk_seg, hv_seg), None if hk0 is None else (hk0, hv0), reverse=False)
     _run(call, programs.state_pass, dataclasses.replace(local, initial_state=True), grid,
          k, v, w, gtot, hk_chunks, hv_chunks, hk_start, hv_start, hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
     hk_final.copy_(hk_seg.view(N, S, *hk_seg.shape[1:])[:, -1])
@@ -226,7 +201,7 @@ def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, d
     tail = (call.T, H, call.HQ, scale, *_strides(q), *_strides(do))
     _run(call, programs_backward.state_backward, spec, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks,
          *d_end, *d_seg, p.cu, p.boc, *tail)
-    d_end = scan(p.log2_prefix(gc), d_seg, (dhk_final, dhv_final), reverse=True)
+    d_end = scan(call, p, d_seg, (dhk_final, dhv_final), reverse=True)
     _run(call, programs_backward.state_backward, spec, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks,
          *d_end, *d_seg, p.cu, p.boc, *tail)
     dhk0.copy_(d_seg[0].view(N, S, *d_seg[0].shape[1:])[:, 0])

@@ -6,7 +6,7 @@
    multiple of the chunk size; some cases have more segments than chunks (empty segments).
    Gates are weakened (g / 16) so that states carry across segments: with logsigmoid(randn) gates a
    state is forgotten within a chunk or two and a wrong scan would go unnoticed.
-2. The scan's closed form against the step-by-step recurrence with context_parallel's combine.
+2. The scan kernel against the step-by-step recurrence with context_parallel's combine.
 3. The switch: parsing of the variable, 'auto' on CPU, the fallback for inputs that do not pack.
 """
 import math
@@ -110,31 +110,41 @@ def test_segmented_with_stored_mapped_s(rows, monkeypatch):
     assert all(e <= 1e-5 for e in differences.values()), differences
 
 
+@pytest.mark.parametrize("edge", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_scan_matches_step_by_step_combine(reverse):
+def test_scan_matches_step_by_step_combine(reverse, edge):
+    """The scan kernel (programs.segment_scan) against context_parallel's combine, one segment at a time:
+    segments of 0 to 150 chunks (its sum reads 64 chunk rows at a time), one that forgets everything
+    before it, K and V wider than one tile (BK = BV = 16 here), M not a power of two."""
     gen = torch.Generator().manual_seed(3)
-    N, S, H, K, M, V = 2, 5, 2, 3, 4, 6
-    a = -torch.rand(N, S, H, M, generator=gen, dtype=torch.float64)  # log2 decay of each segment
-    a[0, 2] = -200.0  # a segment that forgets everything before it
-    C = torch.cat([torch.zeros(N, 1, H, M, dtype=torch.float64), a.cumsum(1)], 1)
+    N, S, H, K, M, V = 2, 5, 2, 40, 6, 20
+    counts = torch.tensor([[3, 0, 150, 1, 70], [64, 65, 2, 0, 5]])  # chunks per segment
+    cut = torch.cat([torch.zeros(N, 1, dtype=torch.int64), counts.cumsum(1)], 1) + 1  # chunk row 0: another sequence's
+    chunk_totals = -0.05 * torch.rand(1 + int(counts.sum(1).max()) * N, H, M, generator=gen)
+    cut[1] += cut[0, -1]
+    rows = torch.zeros(int(cut[1, -1]) + 3, H, M)
+    rows[:len(chunk_totals)] = chunk_totals[:len(rows)]
+    rows[int(cut[0, 3]) - 1] = -500.0  # segment 2 of sequence 0: a chunk that forgets everything
+    a = torch.stack([torch.stack([rows[cut[n, j]:cut[n, j + 1]].sum(0) for j in range(S)]) for n in range(N)])
     local = (torch.randn(N * S, H, K, M, generator=gen), torch.randn(N * S, H, M, V, generator=gen))
-    edge = (torch.randn(N, H, K, M, generator=gen), torch.randn(N, H, M, V, generator=gen))
-    got = segments.scan(C, local, edge, reverse=reverse)
+    edges = (torch.randn(N, H, K, M, generator=gen), torch.randn(N, H, M, V, generator=gen)) if edge else None
+    call, _ = _call(H=H, K=K, V=V, M=M)
+    plan = segments.Plan(S, None, None, cut, gtot=rows)
+    got = segments.scan(call, plan, local, edges, reverse=reverse)
     per = lambda x: x.view(N, S, *x.shape[1:])  # noqa: E731
     want = [[None] * S for _ in range(2)]
-    state = edge
+    state = edges or tuple(torch.zeros(N, *x.shape[1:]) for x in local)
     for j in (reversed(range(S)) if reverse else range(S)):  # reverse: the gradient at segment j's end
         want[0][j], want[1][j] = state  # forward: the state at segment j's start
         state = combine(state, a[:, j] * math.log(2), (per(local[0])[:, j], per(local[1])[:, j]))
     for x, w in zip(got, want):
-        torch.testing.assert_close(per(x), torch.stack(w, 1).to(x.dtype), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(per(x), torch.stack(w, 1), rtol=1e-5, atol=1e-6)
 
 
-def _call(B=1, T=100, cu_seqlens=None, head_first=False):
-    shape = (B, T, 2, 8)
-    q, k, v, s = (torch.randn(*shape) for _ in range(4))
+def _call(B=1, T=100, cu_seqlens=None, head_first=False, H=2, K=8, V=8, M=8):
+    q, k, v, s = (torch.randn(B, T, H, D) for D in (K, K, V, M))
     if head_first:  # [B, H, T, D] storage seen as [B, T, H, D]: the batch stride is not T x the time stride
-        k = torch.randn(B, 2, T, 8).transpose(1, 2)
+        k = torch.randn(B, H, T, K).transpose(1, 2)
     return launch.Call(q, k, v, s, None, cu_seqlens, 16, GateLayout.SLOT, None, lambda kernel: kernel), (k, v, s)
 
 
@@ -182,7 +192,7 @@ def test_plan_tables_and_fallback(monkeypatch):
     p = segments.plan(call, *tensors)
     assert p.cu.tolist() == [0, 48, 96, 100, 148, 196, 200]
     assert p.boc.tolist() == [0, 3, 6, 7, 10, 13]
-    assert p.chunk_last.tolist() == [15, 31, 47, 63, 79, 95, 99, 115, 131, 147, 163, 179, 195, 199]
+    assert p.cut.tolist() == [[0, 3, 6, 7], [7, 10, 13, 14]]
     call, tensors = _call(B=1, T=75, cu_seqlens=torch.tensor(VARLEN, dtype=torch.int32))
     p = segments.plan(call, *tensors)
     assert p.cu.tolist() == [0, 16, 29, 29, 32, 32, 32, 48, 64, 75]  # empty segments where 3 > chunks
