@@ -7,9 +7,9 @@ Rows are grouped in sub-chunks of BC; sub-chunk J has chunk rows J*BC .. J*BC + 
 - Different sub-chunks (j in J, t after J): the factor splits at r_J = b at J's last row,
       2^(b_t - b_j) = after_J[t] * within_J[j],  after_J = 2^(b_t - r_J) <= 1,  within_J = 2^(r_J - b_j) <= 1,
   so these terms are chunk-level matrix products, one per J (`ChunkGates.off_diagonal`).
-- The same sub-chunk: computed pairwise as a [BC, BC, BM] tile (`SubChunk`), reading the rows of
-  chunk-level products that the program stored to its f32 scratch rows (Triton cannot slice a
-  register tile; a barrier makes the other threads' stores visible).
+- The same sub-chunk: exact pairwise factors, summed in a sweep over its rows j (`SubChunk`), reading
+  the columns of chunk-level products that the program stored to its f32 scratch rows (Triton cannot
+  slice a register tile; a barrier makes the other threads' stores visible).
 No exponent is ever positive.
 """
 from __future__ import annotations
@@ -147,21 +147,43 @@ def intra_decay(b: Builder, gc_i, p: str = ""):
     return b.map(p + "decay", "tl.where({0}, tl.exp2(tl.minimum({1} - {2}, 0.0)), 0.0)", causal, rows, cols)
 
 
+@dataclasses.dataclass
+class Column:
+    """Row j of a sub-chunk in a sweep (`SubChunk.columns`): s_j [1, BM] and decay [BC, BM], 2^(b_t - b_j)
+    for the sub-chunk's rows t >= j, 0 for t < j."""
+    s: Tile
+    decay: Tile
+
+
 class SubChunk:
-    """Rows ts:ts+BC of sub-chunk J (a static loop over J opened by `loop`): the pairwise terms."""
+    """Rows ts:ts+BC of sub-chunk J (a static loop over J opened by `loop`): the pairwise terms, in one of
+    two forms with the same terms:
+    - pairwise (`pairwise`, then scores / attention / key_scores): [BC, BC, BM] tiles, one product each;
+    - a sweep over the sub-chunk's rows j (`columns`, then column_score / column_attention): BC steps of
+      [BC, BM] terms in the registers' own layout.
+    On the H200 (session 9, bench/NOTES.md) the pairwise tiles' broadcasts and reductions go through shared
+    memory (the output pass at B8 T2048 H16 K=V=128: shared-memory wavefronts 79 % of peak); the sweep
+    took that output pass from 0.964 to 0.671 ms but the slot backward (six products per sub-chunk) from
+    1.45 to 1.75 ms, so the output pass sweeps and the slot backward stays pairwise. In the Triton
+    interpreter the sweep costs ~2-3x the pairwise form (many small operations)."""
 
     def __init__(self, b: Builder, s: View, gc: View):
         self.b, self.s, self.gc = b, s, gc
 
     @contextlib.contextmanager
     def loop(self):
+        """The static loop over the sub-chunks J; yields b of J's rows, gc_i [BC, BM]."""
         with self.b.loop("J", "0", "BT // BC", static=True):
             self.b.map("ts", "t0 + J * BC", dtype="i64", shape=())
-            gc_i = self.rows(self.gc, "gc_i", "ts")
-            yield gc_i, self.b.expand("s3", self.rows(self.s, "s_i", "ts"), "None, :, :"), intra_decay(self.b, gc_i)
+            yield self.rows(self.gc, "gc_i", "ts")
 
     def rows(self, view, name, t="ts", cols="BM", col0="0", dtype="f32"):
         return self.b.load(name, view, t, "eos", ("BC", cols), col0=col0, dtype=dtype)
+
+    # the pairwise form
+    def pairwise(self, gc_i):
+        """(s3 [1, BC, BM], decay [BC, BC, BM]) of the sub-chunk for scores / attention / key_scores."""
+        return self.b.expand("s3", self.rows(self.s, "s_i", "ts"), "None, :, :"), intra_decay(self.b, gc_i)
 
     def block(self, name, view):
         """The [BC, BC] diagonal block of a [BT, BT] scratch matrix."""
@@ -185,6 +207,41 @@ class SubChunk:
         terms = b.map(p + "terms", "{0} * {1} * {2}", b.expand(p + "a3", pairs_ii, ":, :, None"),
                       b.expand(p + "w3", weights, ":, None, :"), decay)
         return b.reduce(p + "diag", terms, 0)
+
+    # the sweep form
+    @contextlib.contextmanager
+    def columns(self, gc_i):
+        """A static loop over the sub-chunk's rows j = ts + jj; yields j's `Column` (its s and gate rows are
+        loaded again per j: L1 hits, where a row of a register tile could only be taken through shared memory)."""
+        b = self.b
+        with b.loop("jj", "0", "BC", static=True):
+            s_j = b.expand("s_j", b.load("s_j_row", self.s, "ts + jj", "eos", ("BM",)), "None, :")
+            gc_j = b.expand("gc_j", b.load("gc_j_row", self.gc, "ts + jj", "eos", ("BM",)), "None, :")
+            decay = b.map("decay_j", "tl.where(tl.arange(0, BC)[:, None] >= jj, tl.exp2(tl.minimum({0} - {1}, 0.0)), 0.0)",
+                          gc_i, gc_j)
+            yield Column(s_j, decay)
+
+    @staticmethod
+    def _column_view(view: View) -> View:
+        """Column J * BC + jj of a [BT, BT] scratch view, read or written along the sub-chunk's rows."""
+        return View(view.name, "1", "eos", col_stride=view.row_stride)
+
+    def column(self, name, view):
+        """pairs[t, j] of a [BT, BT] scratch view for the sub-chunk's rows t: [BC, 1]."""
+        column = self.b.load(name + "_col", self._column_view(view), "J * BC + jj", "BT", ("BC",), col0="ts")
+        return self.b.expand(name, column, ":, None")
+
+    def store_column(self, view, x):
+        """x [BC] as column j of a [BT, BT] scratch view (rows ts:ts+BC)."""
+        self.b.store(self._column_view(view), x, "J * BC + jj", "BT", col0="ts")
+
+    def column_score(self, name, acc, pairs_j, col: Column):
+        """acc [BC, BM] += pairs[t, j] s_j 2^(b_t - b_j) (rows t >= j): `scores`, one j at a time."""
+        return self.b.map(name, "{0} + {1} * {2} * {3}", acc, pairs_j, col.s, col.decay)
+
+    def column_attention(self, name, weights, col: Column):
+        """[BC]: sum_m weights_t[m] s_j[m] 2^(b_t - b_j)[m] for rows t >= j (0 above): column j of `attention`."""
+        return self.b.reduce(name, self.b.map(name + "_terms", "{0} * {1} * {2}", weights, col.s, col.decay), 1)
 
 
 CHUNK_ROWS = SlotIndex(b="i_n", h="i_hq", t="(ts - bos + tl.arange(0, BC))[:, None]")  # slot_mod's b, h, t

@@ -119,7 +119,8 @@ def state_pass(spec: Spec) -> Program:
 def output_pass(spec: Spec) -> Program:
     """Per (chunk, query head), in three phases joined by barriers through f32 scratch rows:
     A. x = q Hk_c, a = q k^T (one loop over K); the logits' state and off-diagonal-block terms;
-    B. per sub-chunk: the diagonal-block terms, p = softmax, the attention's diagonal blocks;
+    B. per sub-chunk: the diagonal-block terms, p = softmax, the attention's diagonal blocks (sweeps over
+       the sub-chunk's rows, blocks.SubChunk);
     C. att = those blocks + the off-diagonal blocks of sum_m p_t s_j 2^(b_t - b_j);
        o = (p 2^b) Hv_c + att v per V tile."""
     b = Builder()
@@ -135,11 +136,14 @@ def output_pass(spec: Spec) -> Program:
     b.store(loff, logits, "t0", "eos")
     b.barrier()
     sub = SubChunk(b, s_view, gc_view)
-    with sub.loop() as (gc_i, s3, decay):
-        diag = sub.scores("l_", sub.block("a_ii", aqk), s3, decay)
+    with sub.loop() as gc_i:
+        diag = b.zeros("l_diag", ("BC", "BM"))
+        with sub.columns(gc_i) as col:
+            diag = sub.column_score("l_diag", diag, sub.column("a_j", aqk), col)
         probs = softmax_slots(b, b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), diag))
         b.store(pd, probs, "ts", "eos")
-        b.store(attd, sub.attention("o_", probs, s3, decay), "ts", "eos", col0="J * BC")
+        with sub.columns(gc_i) as col:
+            sub.store_column(attd, sub.column_attention("o_att_j", probs, col))
     b.barrier()
     probs, att = chunk_rows(b, "p_c", pd), diagonal_blocks(b, "att_c", attd)
     with gates.off_diagonal() as blk:

@@ -62,7 +62,8 @@ def slot_backward(spec: Spec) -> Program:
         b.store(view, tile, "t0", "eos")
     b.barrier()
     sub = SubChunk(b, s_view, gc_view)
-    with sub.loop() as (gc_i, s3, decay):
+    with sub.loop() as gc_i:
+        s3, decay = sub.pairwise(gc_i)
         qk_ii, dov_ii = sub.block("qk_ii", aqk), sub.block("dov_ii", adov)
         acc = b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), sub.scores("l_", qk_ii, s3, decay))
         probs = softmax_slots(b, acc)
