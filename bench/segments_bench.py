@@ -1,6 +1,6 @@
 """Issue 6: the segmented state pass (GSA_STATE_SEGMENTS, gsa_compile/segments.py) timed per setting.
 
-    python bench/segments_bench.py [--out FILE.json] [--shape B,T,H,D,M] [--settings off,auto,4,8,16] [--smoke]
+    python bench/segments_bench.py [--out FILE.json] [--shape B,T,H,D,M] [--settings default,off,auto,4,8,16] [--smoke]
 
 Default shape B1 T32768 H4 K=V=512 M64, bf16, slot gates, the tuned launch config. The variable is read
 per call, so one process runs every setting, in order. Per setting: the state pass alone
@@ -30,7 +30,7 @@ from gsa_compile.spec import GateLayout  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("--out")
 parser.add_argument("--shape", default="1,32768,4,512,64")
-parser.add_argument("--settings", default="off,auto,4,8,16")
+parser.add_argument("--settings", default="default,off,auto,4,8,16")
 parser.add_argument("--smoke", action="store_true")
 parser.add_argument("--variant", action="append", default=[], help="NAME:VAR=VALUE[;VAR=VALUE...] (see the doc)")
 args = parser.parse_args()
@@ -100,7 +100,7 @@ first = None
 for (variant, env), setting in ((v, st) for v in variants() for st in args.settings.split(",")):
     saved = {var: os.environ.get(var) for var in env}
     os.environ.update(env)
-    if setting == "off":
+    if setting == "default":  # the variable unset: segments.requested's default (on a GPU: S >= 4 or none)
         os.environ.pop(segments.ENV, None)
     else:
         os.environ[segments.ENV] = setting

@@ -37,6 +37,10 @@ from .spec import cdiv
 
 ENV = "GSA_STATE_SEGMENTS"
 DEFAULT_MIN_SEGMENTS = 4  # unset variable: segment only where it at least quadruples the programs
+# ... and only sequences of at least this many chunks (mean if varlen): below, the two extra launches and the
+# host work cost more than the shorter chain saves (H200, B1 H4 K=V=512, chunk 32, session 9: segmented
+# slower at T = 2048 and 8192, even at 16384, faster at 32768; bench/NOTES.md "Session 9")
+DEFAULT_MIN_CHUNKS = 512
 
 
 def _eager_gpu(call) -> bool:
@@ -49,8 +53,9 @@ def _eager_gpu(call) -> bool:
 def requested(call) -> int:
     """Segments per sequence from GSA_STATE_SEGMENTS: 0/1/off = off, an integer S, or `auto`: S with
     tiles * N * H * S about twice the SM count and at least 4 chunks per segment (CPU: at most 4).
-    Unset: on a GPU, eagerly, `auto` rounded down to a power of two where that is >= 4 (H200, B1 T32768
-    H4 K=V=512: 32 programs, S = 8, state pass 2.55 -> 1.08 ms), else off."""
+    Unset: on a GPU, eagerly, for sequences of at least DEFAULT_MIN_CHUNKS chunks, `auto` rounded down to
+    a power of two where that is >= 4 (H200, B1 T32768 H4 K=V=512: 32 programs, S = 8, state pass 2.55 ->
+    1.08 ms), else off."""
     from .launch import _hint, _sm_count
 
     value = os.environ.get(ENV, "").strip().lower()
@@ -71,7 +76,7 @@ def requested(call) -> int:
             S = 4
         S = min(S, chunks // 4)
         if default:
-            S = 1 << (S.bit_length() - 1) if S >= DEFAULT_MIN_SEGMENTS else 1
+            S = 1 << (S.bit_length() - 1) if S >= DEFAULT_MIN_SEGMENTS and chunks >= DEFAULT_MIN_CHUNKS else 1
     else:
         try:
             S = int(value)

@@ -168,18 +168,21 @@ def test_auto_on_cpu(monkeypatch):
         segments.requested(_call()[0])
 
 
-@pytest.mark.parametrize("tiles, heads, plain, expected", [
-    (8, 4, True, 8),  # B1 H4 K=V=512 at BK=BV=128: 32 programs -> 2 * 132 // 32 = 8
-    (2, 4, True, 32),  # K=V=128: 8 programs -> 33, rounded down to a power of two
-    (8, 16, True, 1),  # 128 programs: S = 2 < 4, not worth a second pass
-    (8, 4, False, 1),  # traced (fake or functional tensors): compiled graphs keep the unsegmented pass
+@pytest.mark.parametrize("tiles, heads, plain, T, expected", [
+    (8, 4, True, 32768, 8),  # B1 H4 K=V=512 at BK=BV=128: 32 programs -> 2 * 132 // 32 = 8
+    (2, 4, True, 32768, 32),  # K=V=128: 8 programs -> 33, rounded down to a power of two
+    (8, 16, True, 32768, 1),  # 128 programs: S = 2 < 4, not worth a second pass
+    (8, 4, False, 32768, 1),  # traced (fake or functional tensors): compiled graphs keep the unsegmented pass
+    (8, 4, True, 16384, 8),  # 512 chunks: DEFAULT_MIN_CHUNKS
+    (8, 4, True, 16352, 1),  # 511 chunks: the extra launches cost more than they save
 ])
-def test_default_on_a_gpu(tiles, heads, plain, expected, monkeypatch):
-    """Unset variable: segments only eagerly on a GPU, and only where they at least quadruple the programs."""
+def test_default_on_a_gpu(tiles, heads, plain, T, expected, monkeypatch):
+    """Unset variable: segments only eagerly on a GPU, only where they at least quadruple the programs,
+    and only for sequences of at least DEFAULT_MIN_CHUNKS chunks."""
     import types
     monkeypatch.delenv(segments.ENV, raising=False)
     monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
-    call = types.SimpleNamespace(device=torch.device("cuda"), plain_tensors=plain, N=1, B=1, T=32768, H=heads,
+    call = types.SimpleNamespace(device=torch.device("cuda"), plain_tensors=plain, N=1, B=1, T=T, H=heads,
                                  spec=types.SimpleNamespace(chunk_size=32), tiles=lambda: tiles)
     assert segments.requested(call) == expected
     call.device = torch.device("cpu")
