@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # real @triton.jit functions (gsa_compile would set 1 without a GPU): compiled, never launched
+os.environ.setdefault("GSA_SUBCHUNK", "sweep")  # the output pass a GPU runs (CPU tensors default to the pairwise form)
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -116,6 +116,23 @@ def _env_ints(name: str, fields: str):
 # compiles to 248 registers at B8 T2048 H16 K=V=128, 2 programs of 4 warps per SM; at 168, 3, spilling
 # ~260 bytes per thread). An experiment's knob for eager calls, like the two above.
 MAXNREG_ENV = "GSA_MAXNREG"
+# GSA_SUBCHUNK=sweep|pairwise forces the output pass's form of the sub-chunk terms (spec.Spec.subchunk).
+SUBCHUNK_ENV = "GSA_SUBCHUNK"
+
+
+def subchunk_form(device) -> str:
+    """The output pass's sub-chunk terms: GSA_SUBCHUNK, else "sweep" on a GPU (blocks.SubChunk: shared
+    memory bound the pairwise form there) and "pairwise" on CPU tensors, i.e. in the Triton interpreter,
+    where the sweep's many small operations make a call 1.5-2x as slow (tests/test_subchunk.py runs the
+    sweep on CPU)."""
+    value = os.environ.get(SUBCHUNK_ENV, "").strip().lower()
+    if value in ("sweep", "pairwise"):
+        return value
+    if value:
+        raise ValueError(f"{SUBCHUNK_ENV}={value!r}: expected 'sweep' or 'pairwise'")
+    return "sweep" if device.type == "cuda" else "pairwise"
+
+
 PROGRAM_NAMES = tuple(b.__name__ for b in programs.FORWARD_PROGRAMS + programs_backward.BACKWARD_PROGRAMS)
 
 
@@ -208,7 +225,8 @@ class Call:
                 slot_backward = (config.num_warps, slot_backward[1])
         self.spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[q.dtype], K=self.K, V=self.V,
                          M=self.M, group=self.HQ // self.H, varlen=cu_seqlens is not None,
-                         initial_state=hk0 is not None, final_state=True, mods=mods_key)
+                         initial_state=hk0 is not None, final_state=True, mods=mods_key,
+                         subchunk=subchunk_form(q.device))
         self.mods, self.mod_params = mods.lookup(mods_key), mod_params
         self.mod_args = {"mod_params": mod_params} if self.mods is not None and self.mods.n_params else {}
         config = config or TileConfig()

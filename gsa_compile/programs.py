@@ -119,8 +119,8 @@ def state_pass(spec: Spec) -> Program:
 def output_pass(spec: Spec) -> Program:
     """Per (chunk, query head), in three phases joined by barriers through f32 scratch rows:
     A. x = q Hk_c, a = q k^T (one loop over K); the logits' state and off-diagonal-block terms;
-    B. per sub-chunk: the diagonal-block terms, p = softmax, the attention's diagonal blocks (sweeps over
-       the sub-chunk's rows, blocks.SubChunk);
+    B. per sub-chunk: the diagonal-block terms, p = softmax, the attention's diagonal blocks (as sweeps
+       over the sub-chunk's rows, or pairwise: spec.subchunk, blocks.SubChunk);
     C. att = those blocks + the off-diagonal blocks of sum_m p_t s_j 2^(b_t - b_j);
        o = (p 2^b) Hv_c + att v per V tile."""
     b = Builder()
@@ -137,13 +137,20 @@ def output_pass(spec: Spec) -> Program:
     b.barrier()
     sub = SubChunk(b, s_view, gc_view)
     with sub.loop() as gc_i:
-        diag = b.zeros("l_diag", ("BC", "BM"))
-        with sub.columns(gc_i) as col:
-            diag = sub.column_score("l_diag", diag, sub.column("a_j", aqk), col)
+        if spec.subchunk == "sweep":
+            diag = b.zeros("l_diag", ("BC", "BM"))
+            with sub.columns(gc_i) as col:
+                diag = sub.column_score("l_diag", diag, sub.column("a_j", aqk), col)
+        else:
+            s3, decay = sub.pairwise(gc_i)
+            diag = sub.scores("l_", sub.block("a_ii", aqk), s3, decay)
         probs = softmax_slots(b, b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), diag))
         b.store(pd, probs, "ts", "eos")
-        with sub.columns(gc_i) as col:
-            sub.store_column(attd, sub.column_attention("o_att_j", probs, col))
+        if spec.subchunk == "sweep":
+            with sub.columns(gc_i) as col:
+                sub.store_column(attd, sub.column_attention("o_att_j", probs, col))
+        else:
+            b.store(attd, sub.attention("o_", probs, s3, decay), "ts", "eos", col0="J * BC")
     b.barrier()
     probs, att = chunk_rows(b, "p_c", pd), diagonal_blocks(b, "att_c", attd)
     with gates.off_diagonal() as blk:
