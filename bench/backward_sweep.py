@@ -16,7 +16,7 @@ import time
 import torch
 
 from gsa_compile import benchmark as bm
-from gsa_compile import chunk_gsa, launch
+from gsa_compile import chunk_gsa, overrides
 
 CONFIGS = ("16,64,64,4,2,4,8;16,64,64,4,2,8,8;16,128,128,4,2,8,16;32,64,64,4,2,8,8;32,128,128,8,2,8,8;"
            "32,128,128,4,3,4,8;64,64,64,4,2,8,8")
@@ -44,9 +44,9 @@ for shape in args.shapes:
     for config in ["default"] + args.configs.split(";"):
         started = time.time()
         if config == "default":
-            os.environ.pop(launch.BACKWARD_CONFIG_ENV, None)
+            os.environ.pop(overrides.BACKWARD_CONFIG_ENV, None)
         else:
-            os.environ[launch.BACKWARD_CONFIG_ENV] = config
+            os.environ[overrides.BACKWARD_CONFIG_ENV] = config
         row = dict(shape=shape, config=config)
         try:
             step()
@@ -65,7 +65,7 @@ for shape in args.shapes:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(environment=environment, rows=rows), f, indent=1)
-    os.environ.pop(launch.BACKWARD_CONFIG_ENV, None)
+    os.environ.pop(overrides.BACKWARD_CONFIG_ENV, None)
 
 print(f"\n{'shape':<20} {'config':<22} | {'fwd+bwd':>8} | {'slot bwd':>8} {'state x2':>8} {'st.bwd':>8} "
       f"{'key bwd':>8} | grad diff")

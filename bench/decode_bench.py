@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton.testing
 
 from gsa_compile import benchmark as bm
-from gsa_compile import launch, recurrent_gsa, recurrent_step
+from gsa_compile import launch, overrides, recurrent_gsa, recurrent_step
 
 
 def inputs(B, H, K, V, M, dtype=torch.bfloat16):
@@ -95,7 +95,7 @@ def main():
         runs = [(c, n) for c in args.configs.split(";") for n in args.splits.split(",")]
         for n, (config, splits) in enumerate(runs):
             set_env(launch.DECODE_SPLITS_ENV, splits)
-            set_env(launch.DECODE_CONFIG_ENV, config)
+            set_env(overrides.DECODE_CONFIG_ENV, config)
             row = measure(shape, splits, fused_recurrent_gsa if n == 0 else None)
             row["config"] = config
             result["rows"].append(row)
@@ -103,7 +103,7 @@ def main():
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=1)
     set_env(launch.DECODE_SPLITS_ENV, "auto")
-    set_env(launch.DECODE_CONFIG_ENV, "default")
+    set_env(overrides.DECODE_CONFIG_ENV, "default")
     print(f"{'shape':<26} {'NS':>4} {'BK,BV,warps':>11} {'ours':>8} {'op':>8} {'graph':>8} {'fla':>8} {'fla gr':>8} "
           f"{'floor':>8} {'copy':>8}")
     for r in result["rows"]:

@@ -22,7 +22,7 @@ VARIANTS = {"default": {}, "fresh_cache": {"fresh": "1"}, "slot_tile16": {"fresh
             "kv_tile16": {"fresh": "1", "GSA_MIN_KV_TILE": "16"},
             "plain_tiles": {"fresh": "1", "GSA_MIN_SLOT_TILE": "16", "GSA_MIN_KV_TILE": "16"},
             "blocking": {"fresh": "1", "CUDA_LAUNCH_BLOCKING": "1"},
-            # the backward at chunk 64 with one pipeline stage, or with 8 warps (launch.backward_override)
+            # the backward at chunk 64 with one pipeline stage, or with 8 warps (overrides.backward_override)
             "bwd_stages1": {"fresh": "1", "GSA_BACKWARD_CONFIG": "64,64,64,4,1,8,8"},
             "bwd_warps8": {"fresh": "1", "GSA_BACKWARD_CONFIG": "64,64,64,8,2,8,8"}}
 

@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from gsa_compile import benchmark as bm  # noqa: E402
-from gsa_compile import chunk_gsa, launch, segments  # noqa: E402
+from gsa_compile import chunk_gsa, launch, overrides, segments  # noqa: E402
 from gsa_compile.spec import GateLayout  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -56,7 +56,7 @@ def kernels(fn):
     return dict({f"{name[4:]}_kernel_ms": shares.get(name, 0.0) for name in KERNELS}, other_kernel_ms=round(other, 4))
 
 
-KERNELS = tuple(f"gsa_{name}" for name in launch.PROGRAM_NAMES)  # the generated kernels' names
+KERNELS = tuple(f"gsa_{name}" for name in overrides.PROGRAM_NAMES)  # the generated kernels' names
 
 
 torch.manual_seed(0)

@@ -344,7 +344,7 @@ class Spec:
     initial_state: bool = False
     final_state: bool = False
     mods: str = dataclasses.field(default="", repr=False)  # key of the user mods fused in (mods.py); "" = none
-    # the output pass's sub-chunk terms: "sweep" (GPU) or "pairwise" (blocks.SubChunk; launch.subchunk_form)
+    # the output pass's sub-chunk terms: "sweep" (GPU) or "pairwise" (blocks.SubChunk; overrides.subchunk_form)
     subchunk: str = dataclasses.field(default="sweep", repr=False)
 
     @property

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import gsa_compile.ops
-from gsa_compile import GateLayout, chunk_gsa, codegen, launch, programs, recurrent_gsa
+from gsa_compile import GateLayout, chunk_gsa, codegen, overrides, programs, recurrent_gsa
 from gsa_compile.spec import SUPPORTED_CHUNK_SIZES, Spec
 
 INTERPRETER = gsa_compile.ops.INTERPRETER
@@ -370,7 +370,7 @@ def test_kernel_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("GSA_STATE_SEGMENTS", raising=False)  # segments would add varlen state-pass Specs
     K, V, M = 45, 3, 21
     spec = Spec(layout=GateLayout.DECAY_SLOT, chunk_size=16, dtype="float32", K=K, V=V, M=M, group=1,
-                final_state=True, subchunk=launch.subchunk_form(torch.device("cpu")))  # what CPU tensors run
+                final_state=True, subchunk=overrides.subchunk_form(torch.device("cpu")))  # what CPU tensors run
     builders = programs.FORWARD_PROGRAMS
     keys = {(b.__name__, spec) for b in builders}
     assert not keys & set(codegen._MODULES), "this Spec was generated earlier in the process"

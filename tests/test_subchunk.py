@@ -1,4 +1,4 @@
-"""The output pass's two forms of the sub-chunk terms (blocks.SubChunk, launch.subchunk_form): GPUs run
+"""The output pass's two forms of the sub-chunk terms (blocks.SubChunk, overrides.subchunk_form): GPUs run
 the sweep over the sub-chunk's rows, the Triton interpreter (the rest of this CPU suite) runs the pairwise
 [BC, BC, BM] form by default, which costs it a half to a third of the time. Here the sweep runs on CPU:
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from differential import compare, failures, make_leaves, rel_err
-from gsa_compile import chunk_gsa, launch
+from gsa_compile import chunk_gsa, overrides
 
 VARLEN = [0, 5, 40, 61]
 
@@ -42,7 +42,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['layout']}-c{c['chunk_size']}-{c['mods']}-{c['dtype']}")
 def test_sweep_matches_reference_and_pairwise(case, monkeypatch):
     leaves, views = make_leaves(case, "cpu")
-    monkeypatch.setenv(launch.SUBCHUNK_ENV, "sweep")
+    monkeypatch.setenv(overrides.SUBCHUNK_ENV, "sweep")
     errors = compare(case, leaves, views)
     assert not failures(case, errors), errors
     if case["dtype"] != "float32" or case["mods"] != "none" or case["memory"] != "contiguous":
@@ -52,7 +52,7 @@ def test_sweep_matches_reference_and_pairwise(case, monkeypatch):
     cu = None if case["cu_seqlens"] is None else torch.tensor(case["cu_seqlens"], dtype=torch.int32)
     outputs = {}
     for form in ("sweep", "pairwise"):
-        monkeypatch.setenv(launch.SUBCHUNK_ENV, form)
+        monkeypatch.setenv(overrides.SUBCHUNK_ENV, form)
         o, (hk, hv) = chunk_gsa(*args, initial_state=initial, output_final_state=True, cu_seqlens=cu,
                                 chunk_size=case["chunk_size"])
         outputs[form] = (o, hk, hv)
@@ -61,13 +61,13 @@ def test_sweep_matches_reference_and_pairwise(case, monkeypatch):
 
 
 def test_subchunk_form_choice(monkeypatch):
-    monkeypatch.delenv(launch.SUBCHUNK_ENV, raising=False)
-    assert launch.subchunk_form(torch.device("cuda")) == "sweep"
-    assert launch.subchunk_form(torch.device("cpu")) == "pairwise"
-    monkeypatch.setenv(launch.SUBCHUNK_ENV, "Sweep")
-    assert launch.subchunk_form(torch.device("cpu")) == "sweep"
-    monkeypatch.setenv(launch.SUBCHUNK_ENV, "pairwise")
-    assert launch.subchunk_form(torch.device("cuda")) == "pairwise"
-    monkeypatch.setenv(launch.SUBCHUNK_ENV, "both")
-    with pytest.raises(ValueError, match=launch.SUBCHUNK_ENV):
-        launch.subchunk_form(torch.device("cpu"))
+    monkeypatch.delenv(overrides.SUBCHUNK_ENV, raising=False)
+    assert overrides.subchunk_form(torch.device("cuda")) == "sweep"
+    assert overrides.subchunk_form(torch.device("cpu")) == "pairwise"
+    monkeypatch.setenv(overrides.SUBCHUNK_ENV, "Sweep")
+    assert overrides.subchunk_form(torch.device("cpu")) == "sweep"
+    monkeypatch.setenv(overrides.SUBCHUNK_ENV, "pairwise")
+    assert overrides.subchunk_form(torch.device("cuda")) == "pairwise"
+    monkeypatch.setenv(overrides.SUBCHUNK_ENV, "both")
+    with pytest.raises(ValueError, match=overrides.SUBCHUNK_ENV):
+        overrides.subchunk_form(torch.device("cpu"))

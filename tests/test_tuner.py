@@ -412,15 +412,16 @@ def test_tune_refuses_inside_real_compile():
 
 def test_launch_overrides_parse_or_name_the_variable(monkeypatch):
     """The experiment knobs (GSA_FORWARD_CONFIG, GSA_DECODE_CONFIG, GSA_MAXNREG) parse or raise naming themselves."""
-    from gsa_compile import launch
-    monkeypatch.setenv(launch.FORWARD_CONFIG_ENV, "32,128,64,8,3")
-    assert launch.forward_override() == (32, TileConfig(BK=128, BV=64, num_warps=8, num_stages=3))
-    monkeypatch.setenv(launch.MAXNREG_ENV, "output_pass=168, slot_backward=128")
-    assert launch.maxnreg_override() == {"output_pass": 168, "slot_backward": 128}
-    parsers = {launch.FORWARD_CONFIG_ENV: launch.forward_override, launch.MAXNREG_ENV: launch.maxnreg_override,
-               launch.DECODE_CONFIG_ENV: lambda: launch._env_ints(launch.DECODE_CONFIG_ENV, "BK,BV,warps")}
-    for name, value in ((launch.FORWARD_CONFIG_ENV, "32,128"), (launch.MAXNREG_ENV, "output=168"),
-                        (launch.MAXNREG_ENV, "output_pass=lots"), (launch.DECODE_CONFIG_ENV, "64,64")):
+    from gsa_compile import overrides
+    monkeypatch.setenv(overrides.FORWARD_CONFIG_ENV, "32,128,64,8,3")
+    assert overrides.forward_override() == (32, TileConfig(BK=128, BV=64, num_warps=8, num_stages=3))
+    monkeypatch.setenv(overrides.MAXNREG_ENV, "output_pass=168, slot_backward=128")
+    assert overrides.maxnreg_override() == {"output_pass": 168, "slot_backward": 128}
+    parsers = {overrides.FORWARD_CONFIG_ENV: overrides.forward_override,
+               overrides.MAXNREG_ENV: overrides.maxnreg_override,
+               overrides.DECODE_CONFIG_ENV: lambda: overrides._env_ints(overrides.DECODE_CONFIG_ENV, "BK,BV,warps")}
+    for name, value in ((overrides.FORWARD_CONFIG_ENV, "32,128"), (overrides.MAXNREG_ENV, "output=168"),
+                        (overrides.MAXNREG_ENV, "output_pass=lots"), (overrides.DECODE_CONFIG_ENV, "64,64")):
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=f"^{name}="):
             parsers[name]()
