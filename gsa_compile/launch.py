@@ -13,8 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from . import codegen, mods, programs, programs_backward, programs_decode, segments
-from .overrides import (DECODE_CONFIG_ENV, _env_ints, backward_override, forward_override, maxnreg_override,
-                        subchunk_form)
+from .overrides import backward_override, decode_override, forward_override, maxnreg_override, subchunk_form
 from .spec import GateLayout, Spec, TileConfig, block, cdiv, next_power_of_2
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -453,7 +452,7 @@ def decode_(q, k, v, s, g, scale: float, hk, hv, layout: GateLayout, wrap: Calla
     args = (T, H, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s), *_gate_strides(g, layout),
             *_strides(o))
     BG = next_power_of_2(spec.group)
-    BK, BV, warps = _env_ints(DECODE_CONFIG_ENV, "BK,BV,warps") or decode_tiles(NS, BG, spec.BM)
+    BK, BV, warps = decode_override() or decode_tiles(NS, BG, spec.BM)
     consts = dict(K=K, V=V, M=M, G=spec.group, BG=BG, BK=block(cdiv(K, NS), BK), BV=block(cdiv(V, NS), BV),
                   BM=spec.BM, num_warps=warps)
     if NS == 1:

@@ -63,6 +63,11 @@ def forward_override():
     return BT, TileConfig(BK=BK, BV=BV, num_warps=warps, num_stages=stages)
 
 
+def decode_override():
+    """(BK, BV, warps) of the decode kernels from GSA_DECODE_CONFIG, or None."""
+    return _env_ints(DECODE_CONFIG_ENV, "BK,BV,warps")
+
+
 def backward_override():
     """(chunk_size, TileConfig, (slot warps, slot BC)) from GSA_BACKWARD_CONFIG, or None."""
     value = _env_ints(BACKWARD_CONFIG_ENV, "BT,BK,BV,warps,stages,slot_warps,slot_BC")

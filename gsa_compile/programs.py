@@ -172,31 +172,30 @@ def _segment_scan(spec: Spec, reverse: bool) -> Program:
     time. a_j <= 0: no factor exceeds 1."""
     b = Builder()
 
-    def state_view(tensor: str, cols: str, index: str) -> View:  # [K, M] or [M, V] of row `index`, head i_h
-        return View(f"({tensor} + ({index} * H + i_h) * {cols})", cols.split(" * ")[1], cols.split(" * ")[1])
+    def walk(kind: str, shape, size: str, width: str, row0: str, row_end: str, col0: str, decay_axes: str):
+        def state_view(tensor: str, index: str) -> View:  # the [K, M] or [M, V] state `index`, head i_h
+            return View(f"({tensor} + ({index} * H + i_h) * {size})", width, width)
 
-    def walk(kind: str, shape, cols: str, row0: str, row_end: str, col0: str, decay_axes: str):
         if spec.initial_state:
-            state = b.load(kind, state_view(f"edge_{kind[1]}", cols, "i_n"), row0, row_end, shape, col0=col0)
+            state = b.load(kind, state_view(f"edge_{kind[1]}", "i_n"), row0, row_end, shape, col0=col0)
         else:
             state = b.zeros(kind, shape)
         with b.loop("i_j", "0", "S"):
             b.map("j", "S - 1 - i_j" if reverse else "i_j", dtype="i64", shape=())
             b.map("seg", "i_n * S + j", dtype="i64", shape=())
-            b.store(state_view(f"out_{kind[1]}", cols, "seg"), state, row0, row_end, col0=col0)
+            b.store(state_view(f"out_{kind[1]}", "seg"), state, row0, row_end, col0=col0)
             b.map("seg_end", "tl.load(cut_base + j + 1)", dtype="i64", shape=())
             total = b.zeros("a_j", ("BM",))
             with b.loop("r0", "tl.load(cut_base + j)", "seg_end", step="BR"):
                 rows = b.load("gtot_rows", View("gtot_base", "H * M", "M"), "r0", "seg_end", ("BR", "BM"))
                 b.map("a_j", "{0} + {1}", total, b.reduce("gtot_sum", rows, 0))
-            local = b.load(f"local_{kind}", state_view(f"local_{kind[1]}", cols, "seg"), row0, row_end, shape,
-                           col0=col0)
+            local = b.load(f"local_{kind}", state_view(f"local_{kind[1]}", "seg"), row0, row_end, shape, col0=col0)
             b.map(kind, "{0} * tl.exp2({1}) + {2}", state, b.expand("decay", total, decay_axes), local)
 
     with b.when("i_t < NK"):
-        walk("hk", ("BK", "BM"), "K * M", "k0", "K", "0", "None, :")
+        walk("hk", ("BK", "BM"), "K * M", "M", "k0", "K", "0", "None, :")
     with b.when("i_t >= NK"):
-        walk("hv", ("BM", "BV"), "M * V", "0", "M", "v0", ":, None")
+        walk("hv", ("BM", "BV"), "M * V", "V", "0", "M", "v0", ":, None")
     return Program("gsa_segment_scan" + ("_reverse" if reverse else ""), [], b.body).verify()
 
 

@@ -163,7 +163,7 @@ def scan(call, p: Plan, local, edge, reverse: bool):
     edge = local if edge is None else tuple(e.to(local[0].dtype).contiguous() for e in edge)  # (unused if None)
     builder = programs.segment_scan_reverse if reverse else programs.segment_scan
     consts = {n: call.consts["state_pass"][n] for n in ("K", "V", "M", "NK", "BK", "BV", "BM")}
-    call.wrap(codegen.kernel(builder, spec))[(call.tiles() * p.cut.shape[0] * call.H,)](
+    call.wrap(codegen.kernel(builder, spec))[(call.tiles() * call.N * call.H,)](
         *local, *edge, *out, p.gtot, p.cut, call.H, p.S, **consts, BR=SCAN_ROWS, num_warps=4)
     return out
 

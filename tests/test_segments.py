@@ -120,15 +120,13 @@ def test_scan_matches_step_by_step_combine(reverse, edge):
     N, S, H, K, M, V = 2, 5, 2, 40, 6, 20
     counts = torch.tensor([[3, 0, 150, 1, 70], [64, 65, 2, 0, 5]])  # chunks per segment
     cut = torch.cat([torch.zeros(N, 1, dtype=torch.int64), counts.cumsum(1)], 1) + 1  # chunk row 0: another sequence's
-    chunk_totals = -0.05 * torch.rand(1 + int(counts.sum(1).max()) * N, H, M, generator=gen)
-    cut[1] += cut[0, -1]
-    rows = torch.zeros(int(cut[1, -1]) + 3, H, M)
-    rows[:len(chunk_totals)] = chunk_totals[:len(rows)]
+    cut[1] += cut[0, -1]  # and one more row between the two sequences; 3 rows after the last
+    rows = -0.05 * torch.rand(int(cut[1, -1]) + 3, H, M, generator=gen)
     rows[int(cut[0, 3]) - 1] = -500.0  # segment 2 of sequence 0: a chunk that forgets everything
     a = torch.stack([torch.stack([rows[cut[n, j]:cut[n, j + 1]].sum(0) for j in range(S)]) for n in range(N)])
     local = (torch.randn(N * S, H, K, M, generator=gen), torch.randn(N * S, H, M, V, generator=gen))
     edges = (torch.randn(N, H, K, M, generator=gen), torch.randn(N, H, M, V, generator=gen)) if edge else None
-    call, _ = _call(H=H, K=K, V=V, M=M)
+    call, _ = _call(B=N, H=H, K=K, V=V, M=M)
     plan = segments.Plan(S, None, None, cut, gtot=rows)
     got = segments.scan(call, plan, local, edges, reverse=reverse)
     per = lambda x: x.view(N, S, *x.shape[1:])  # noqa: E731

@@ -419,7 +419,7 @@ def test_launch_overrides_parse_or_name_the_variable(monkeypatch):
     assert overrides.maxnreg_override() == {"output_pass": 168, "slot_backward": 128}
     parsers = {overrides.FORWARD_CONFIG_ENV: overrides.forward_override,
                overrides.MAXNREG_ENV: overrides.maxnreg_override,
-               overrides.DECODE_CONFIG_ENV: lambda: overrides._env_ints(overrides.DECODE_CONFIG_ENV, "BK,BV,warps")}
+               overrides.DECODE_CONFIG_ENV: overrides.decode_override}
     for name, value in ((overrides.FORWARD_CONFIG_ENV, "32,128"), (overrides.MAXNREG_ENV, "output=168"),
                         (overrides.MAXNREG_ENV, "output_pass=lots"), (overrides.DECODE_CONFIG_ENV, "64,64")):
         monkeypatch.setenv(name, value)
