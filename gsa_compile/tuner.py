@@ -202,10 +202,10 @@ def backward_source_hash() -> str:
 
 def kernel_text_hash(key: "TuningKey", chunk_size: int) -> str:
     """sha256 (16 hex digits) of the generated Triton source of the kernels an entry of `key` runs at
-    `chunk_size`: the forward's gate, state and output passes, and for a backward key the backward programs
-    too, each with and without initial states and also as the packed (varlen) variant that the
-    segmented state pass runs. An entry is valid while this text is unchanged, whatever else changed
-    (an fp16-only codegen change keeps the bf16 entries)."""
+    `chunk_size`: the forward's gate, state and output passes, or for a backward key the programs a backward
+    call runs (not the output pass), each with and without initial states and also as the packed (varlen)
+    variant that the segmented state pass runs. An entry is valid while this text is unchanged, whatever
+    else changed (an fp16-only codegen change keeps the bf16 entries)."""
     return _kernel_text_hash(key.layout, key.dtype, key.K, key.V, key.M, key.group, key.varlen, key.direction,
                              chunk_size)
 
@@ -215,8 +215,8 @@ def _kernel_text_hash(layout, dtype, K, V, M, group, varlen, direction, chunk_si
     from . import codegen, programs, programs_backward
     from .spec import Spec
     builders = programs.FORWARD_PROGRAMS
-    if direction == "backward":
-        builders += programs_backward.BACKWARD_PROGRAMS
+    if direction == "backward":  # the states it recomputes (the gate and state passes), its own programs
+        builders = (programs.gate_pass, programs.state_pass) + programs_backward.BACKWARD_PROGRAMS
     h = hashlib.sha256()
     for packed in sorted({bool(varlen), True}):
         for initial_state in (False, True):

@@ -183,6 +183,25 @@ def test_entries_follow_the_generated_kernel_text(dirs, monkeypatch):
         tuner._kernel_text_hash.cache_clear()
 
 
+def test_backward_entries_hash_only_the_kernels_a_backward_runs(monkeypatch):
+    """A backward entry's kernel_text_hash covers the gate and state passes it recomputes and the backward
+    programs, not the output pass (which a backward call never launches): a change to the output pass's
+    text makes the forward entries stale and keeps the backward ones."""
+    from gsa_compile import codegen, programs, programs_backward
+    back = key(direction="backward")
+    before = {k: tuner.kernel_text_hash(k, 32) for k in (key(), back)}
+    real = codegen.source
+    for changed, stale in ((programs.output_pass, {key()}), (programs.state_pass, {key(), back}),
+                           (programs_backward.key_backward, {back})):
+        monkeypatch.setattr(codegen, "source", lambda builder, spec, changed=changed: real(builder, spec) + (
+            "# changed\n" if builder is changed else ""))
+        tuner._kernel_text_hash.cache_clear()
+        try:
+            assert {k for k in before if tuner.kernel_text_hash(k, 32) != before[k]} == stale, changed.__name__
+        finally:
+            tuner._kernel_text_hash.cache_clear()
+
+
 def test_backward_launch_takes_its_entry(dirs):
     """launch.Call for a backward with chunk_size AUTO: the backward entry (its warps for the slot backward
     too), else the forward's config with the slot backward at >= 8 warps."""
