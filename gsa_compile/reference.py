@@ -132,3 +132,47 @@ def parallel_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_fina
     o = torch.stack(outputs, 0) if cu_seqlens is None else torch.cat(outputs, 0)[None]
     final = (torch.stack(final_hk), torch.stack(final_hv)) if output_final_state else None
     return o, final
+
+
+# ------------------------------------------------------------------ the scale of the gate gradient's error
+
+def per_token_gate(g, shape):
+    """A log gate of any layout ([B, T, H, M], [B, T, H], [H] or [H, M]) as the [B, T, H, M] gate it means."""
+    B, T, H, M = shape
+    view = {4: g, 3: g[..., None], 1: g[None, None, :, None], 2: g[None, None]}[g.dim()]
+    return view.expand(B, T, H, M)
+
+
+def suffix_magnitudes(dg_tokens, s_ds, cu_seqlens=None):
+    """The size of what dg_t sums, per token: dg_t = sum_{t' >= t in t's sequence} dGamma_t', where
+    dGamma_t' = x_t' - s_t' ds_t' (+ the final states' term at the last token) and |x| <= |dGamma| + |s ds|;
+    so sum_{t' >= t} |dGamma_t'| + 2 |s_t' ds_t'|. (One token's |dg_t| + |s_t ds_t| misses the cancellation
+    between the final states' term and the whole suffix: bf16 found it at M = 1 with only final states
+    upstream.) `cu_seqlens`: None, a list or a tensor of sequence bounds."""
+    T = dg_tokens.shape[1]
+    bounds = [0, T] if cu_seqlens is None else [int(b) for b in cu_seqlens]
+    out = torch.zeros_like(dg_tokens)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        dg = dg_tokens[:, a:b]
+        d_gamma = dg - torch.cat([dg[:, 1:], torch.zeros_like(dg[:, :1])], dim=1)
+        out[:, a:b] = (d_gamma.abs() + 2 * s_ds[:, a:b].abs()).flip(1).cumsum(1).flip(1)
+    return out
+
+
+def gate_gradient_scale(q, k, v, s, g, upstream, scale=None, initial_state=None, cu_seqlens=None):
+    """What an error of dg (the gradient of a layout's gate g) is measured against: the summed magnitudes
+    of the per-token terms it sums (a decay's dg sums over every token of every sequence, and those terms
+    largely cancel), from a float64 run with g expanded to every token. `upstream`: the gradients (do,
+    dhk, dhv) reaching o and the final states (None for one that gets none). Shaped as g."""
+    f64 = lambda x: x.detach().double()  # noqa: E731
+    probe = f64(g).requires_grad_()
+    tokens = per_token_gate(probe, s.shape)
+    gate, s64 = tokens.detach().clone().requires_grad_(), f64(s).requires_grad_()
+    initial = None if initial_state is None else tuple(f64(x) for x in initial_state)
+    o, final = recurrent_gsa(f64(q), f64(k), f64(v), s64, gate, scale, initial_state=initial,
+                             output_final_state=True, cu_seqlens=cu_seqlens)
+    loss = sum((a * w.double()).sum() for a, w in zip((o, *final), upstream) if w is not None)
+    dg_tokens, ds = torch.autograd.grad(loss, [gate, s64])
+    terms = suffix_magnitudes(dg_tokens, s64.detach() * ds, cu_seqlens)
+    magnitude, = torch.autograd.grad((tokens * terms).sum(), probe)
+    return magnitude

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gsa_compile import GSAMods, chunk_gsa, recurrent_gsa
+from gsa_compile.reference import per_token_gate, suffix_magnitudes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LAYOUTS = ("slot", "head", "decay_head", "decay_slot", "abc")
@@ -66,13 +67,6 @@ def rel_err(a, b, floor=1e-2, scale=None):
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     norm = b.norm().item() if scale is None else scale.detach().double().cpu().norm().item()
     return (a - b).norm().item() / max(norm, floor * max(b.numel(), 1) ** 0.5)
-
-
-def _per_token_gate(g, shape):
-    """A log gate of any layout ([B, T, H, M], [B, T, H], [H] or [H, M]) as the [B, T, H, M] gate it means."""
-    B, T, H, M = shape
-    view = {4: g, 3: g[..., None], 1: g[None, None, :, None], 2: g[None, None]}[g.dim()]
-    return view.expand(B, T, H, M)
 
 
 def draw_case(pick, cost_cap=None, max_t=150, dims=SMALL_DIMS, dtypes=tuple(DTYPES), chunk_sizes=CHUNK_SIZES,
@@ -219,7 +213,7 @@ def compare(case, leaves, views):
     shape = views["s"](leaves["s"]).shape if "s" in leaves else views["g"](leaves["g"]).shape
 
     def mapped_gate(g):  # the log gate the recurrence sees, per token
-        return _per_token_gate(g if fns.get("gate_mod") is None else fns["gate_mod"](g), shape)
+        return per_token_gate(g if fns.get("gate_mod") is None else fns["gate_mod"](g), shape)
 
     def call(fn, tensors, as_kernel):
         args = {n: tensors[n] if as_kernel and head_first else views[n](tensors[n]) for n in tensors}
@@ -275,21 +269,6 @@ def compare(case, leaves, views):
         errors["dg"] = rel_err(grads[names.index("g")], grads_ref[names.index("g")], scale=magnitude)
     errors["finite"] = bool(torch.isfinite(o).all()) and all(errors.pop(f"d{n}_finite") for n in names)
     return errors
-
-
-def suffix_magnitudes(dg_tokens, s_ds, cu_seqlens):
-    """The size of what dg_t sums, per token: dg_t = sum_{t' >= t in t's sequence} dGamma_t', where
-    dGamma_t' = x_t' - s_t' ds_t' (+ the final states' term at the last token) and |x| <= |dGamma| + |s ds|;
-    so sum_{t' >= t} |dGamma_t'| + 2 |s_t' ds_t'|. (One token's |dg_t| + |s_t ds_t| misses the cancellation
-    between the final states' term and the whole suffix: bf16 found it at M = 1 with only final states upstream.)"""
-    T = dg_tokens.shape[1]
-    bounds = [0, T] if cu_seqlens is None else list(cu_seqlens)
-    out = torch.zeros_like(dg_tokens)
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        dg = dg_tokens[:, a:b]
-        d_gamma = dg - torch.cat([dg[:, 1:], torch.zeros_like(dg[:, :1])], dim=1)
-        out[:, a:b] = (d_gamma.abs() + 2 * s_ds[:, a:b].abs()).flip(1).cumsum(1).flip(1)
-    return out
 
 
 def tolerance(dtype, name):

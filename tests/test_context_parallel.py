@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from differential import _per_token_gate, suffix_magnitudes
 from gsa_compile import chunk_gsa, chunk_gsa_cp, recurrent_gsa
 from gsa_compile.context_parallel import SimulatedGroup, plan_span
+from gsa_compile.reference import gate_gradient_scale
 
 D, T_TOTAL, CHUNK, TOL, REF_TOL = 16, 64, 16, 1e-5, 1e-4
 # The gloo children run the kernels in the Triton interpreter on CPU tensors; this process (the
@@ -165,26 +165,13 @@ def reference(case):
                            cu_seqlens=cu)
     out = {"o": o.detach(), "hk": hk.detach(), "hv": hv.detach(), "grads": grads, "o64": o64}
     if "g" in leaves:
-        out["dg_scale"] = gate_gradient_scale(case, cu)
+        # dg sums cancelling per-token terms (over the whole sequence for a decay layout): their magnitudes
+        initial64 = None if initial is None else (x["hk0"], x["hv0"])
+        out["dg_scale"] = gate_gradient_scale(x["q"], x["k"], x["v"], x["s"], x["g"],
+                                              (upstream["do"], upstream["dhk"], upstream["dhv"]),
+                                              initial_state=initial64, cu_seqlens=cu)
     return to_cpu(out)
 
-
-def gate_gradient_scale(case, cu):
-    """dg sums cancelling per-token terms (over the whole sequence for a decay layout): the summed
-    magnitudes of those terms, from a float64 run with the gate expanded to every token (as test_fuzz)."""
-    x, upstream = case["x"], case["upstream"]
-    f64 = {n: None if t is None else t.detach().double() for n, t in x.items()}
-    probe = f64["g"].clone().requires_grad_()
-    tokens = _per_token_gate(probe, f64["s"].shape)
-    gate, s = tokens.detach().clone().requires_grad_(), f64["s"].clone().requires_grad_()
-    initial = (f64["hk0"], f64["hv0"]) if "hk0" in f64 else None
-    o, (hk, hv) = recurrent_gsa(f64["q"], f64["k"], f64["v"], s, gate, initial_state=initial,
-                                output_final_state=True, cu_seqlens=cu)
-    loss = sum((a * upstream[n].double()).sum() for a, n in ((o, "do"), (hk, "dhk"), (hv, "dhv")))
-    dg_tokens, ds = torch.autograd.grad(loss, [gate, s])
-    terms = suffix_magnitudes(dg_tokens, s.detach() * ds, case["bounds"])
-    magnitude, = torch.autograd.grad((tokens * terms).sum(), probe)
-    return magnitude
 
 
 _REFERENCES = {}  # seed -> reference(case): computed once, while the first spawn's children run

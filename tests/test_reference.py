@@ -165,3 +165,38 @@ def test_recurrent_is_differentiable(layout):
         return o, hk, hv
 
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("layout", [lay for lay in LAYOUTS if lay is not GateLayout.ABC])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gate_gradient_scale_bounds_the_gate_gradient(layout, varlen):
+    """gate_gradient_scale (what dg's error is measured against) is >= |dg| for every gate element (it
+    sums the magnitudes of the terms dg sums) and, for a decay, far above it when they cancel."""
+    from gsa_compile.reference import gate_gradient_scale
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    B, T, H, K, V, M = (1, 24, 2, 4, 3, 5) if varlen else (2, 13, 2, 4, 3, 5)
+    cu = torch.tensor([0, 7, 16, 24]) if varlen else None
+    x = [torch.randn(B, T, 2 * H, K, generator=gen, dtype=F64)] + [
+        torch.randn(B, T, H, D, generator=gen, dtype=F64) for D in (K, V)]
+    s = torch.rand(B, T, H, M, generator=gen, dtype=F64)
+    g = make_gate(layout, B, T, H, M, gen).requires_grad_()
+    N = B if cu is None else len(cu) - 1
+    h0 = (torch.randn(N, H, K, M, generator=gen, dtype=F64), torch.randn(N, H, M, V, generator=gen, dtype=F64))
+    o, final = recurrent_gsa(*x, s, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    upstream = [torch.randn(t.shape, generator=gen, dtype=F64) for t in (o, *final)]
+    dg, = torch.autograd.grad(sum((a * w).sum() for a, w in zip((o, *final), upstream)), g)
+    scale = gate_gradient_scale(*x, s, g, upstream, initial_state=h0, cu_seqlens=cu)
+    assert scale.shape == g.shape and (scale >= dg.abs() * (1 - 1e-12)).all()
+    if layout in (GateLayout.DECAY_HEAD, GateLayout.DECAY_SLOT):
+        assert scale.norm() > 3 * dg.norm()
+
+
+def test_bench_correctness_check_runs_the_kernels(monkeypatch):
+    """`python -m gsa_compile bench`'s correctness check (GPU only there) on CPU, small: float32 rows
+    pass, dg of a constant decay measured against its terms' magnitudes."""
+    import conftest  # noqa: F401  (the interpreter's settings)
+    from gsa_compile import benchmark
+    monkeypatch.setitem(benchmark.CORRECTNESS, "quick", (1, 40, 1, 16, 16, 8))
+    rows = benchmark.check_correctness("cpu", True, [("float32", "decay_head", 16), ("float32", "slot", 16)])
+    assert [r["ok"] for r in rows] == [True, True], rows
+    assert all(0 < r["gate_grad_err"] < 1e-4 for r in rows), rows
