@@ -148,6 +148,15 @@ def kernel_shares(fn):
     return {e.key[:60]: round(e.device_time_total / 1e3, 4) for e in prof.key_averages() if e.device_time_total > 0}
 
 
+def kernel_totals(name, forward, forward_backward):
+    """The GPU time of one call's kernels, host excluded ({name}_kernels_{fwd,fwdbwd}_total_ms): where a
+    call is bound by its host time (a slow host, few or small kernels) its wall time says little about the
+    kernels, and the host's speed varies between machines and runs (fla's shape-1 forward: 0.68-1.43 ms
+    across sessions 8-10 at the same kernels)."""
+    return {f"{name}_kernels_{kind}_total_ms": round(sum(kernel_shares(fn).values()), 4)
+            for kind, fn in (("fwd", forward), ("fwdbwd", forward_backward))}
+
+
 def fla_chunk_gsa():
     """fla's chunk_gsa, or None (with the reason on stderr) where fla-core does not import."""
     try:
@@ -178,12 +187,14 @@ def time_shapes(device, shapes):
         row["ours_fwdbwd_ms"] = bench(_fwd_bwd(ours, inputs, do))
         row["ours_fwdbwd_peak_mib"] = peak_memory(_fwd_bwd(ours, inputs, do))
         row["ours_kernels_fwdbwd_ms"] = kernel_shares(_fwd_bwd(ours, inputs, do))
+        row.update(kernel_totals("ours", ours, _fwd_bwd(ours, inputs, do)))
         if fla_gsa is not None:
             fla = lambda: fla_gsa(*inputs)[0]
             row["fla_vs_ours_rel"] = rel(ours(), fla())
             row["fla_fwd_ms"] = bench(fla)
             row["fla_fwdbwd_ms"] = bench(_fwd_bwd(fla, inputs, do))
             row["fla_fwdbwd_peak_mib"] = peak_memory(_fwd_bwd(fla, inputs, do))
+            row.update(kernel_totals("fla", fla, _fwd_bwd(fla, inputs, do)))
         sdpa, sdpa_args, sdpa_do = sdpa_inputs(B, T, H, D, device)
         row["sdpa_fwd_ms"] = bench(sdpa)
         row["sdpa_fwdbwd_ms"] = bench(_fwd_bwd(sdpa, sdpa_args, sdpa_do))
@@ -298,6 +309,15 @@ def print_table(result):
               f"{fla_f / r['ours_fwd_ms']:5.2f} | {r['ours_fwdbwd_ms']:9.3f} {fla_fb:9.3f} {fla_fb / r['ours_fwdbwd_ms']:5.2f} | "
               f"{r['sdpa_fwd_ms']:9.3f} {r['sdpa_fwdbwd_ms']:9.3f} | {r['ours_fwdbwd_peak_mib']:9.0f} "
               f"{r.get('fla_fwdbwd_peak_mib', float('nan')):9.0f} | {r['hbm_floor_fwd_ms']:.3f}")
+    if any("ours_kernels_fwd_total_ms" in r for r in result.get("timing", [])):
+        print(f"{'GPU kernel time (host excluded)':<28} | {'ours fwd':>9} {'fla fwd':>9} {'x':>5} | {'ours f+b':>9} "
+              f"{'fla f+b':>9} {'x':>5}")
+        for r in result["timing"]:
+            cells = []
+            for kind in ("fwd", "fwdbwd"):
+                mine, theirs = (r.get(f"{n}_kernels_{kind}_total_ms", float("nan")) for n in ("ours", "fla"))
+                cells.append(f"{mine:9.3f} {theirs:9.3f} {theirs / mine:5.2f}")
+            print(f"B{r['B']} T{r['T']} H{r['H']} K=V={r['K']} M{r['M']:<4} | " + " | ".join(cells))
     if result.get("sweep"):
         print(f"{'T':>6} | " + " ".join(f"{n + ' ' + k:>12}" for n in ("ours", "fla", "sdpa") for k in ("fwd", "f+b")))
         for r in result["sweep"]:
