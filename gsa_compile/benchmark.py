@@ -152,7 +152,7 @@ def kernel_totals(name, forward, forward_backward):
     """The GPU time of one call's kernels, host excluded ({name}_kernels_{fwd,fwdbwd}_total_ms): where a
     call is bound by its host time (a slow host, few or small kernels) its wall time says little about the
     kernels, and the host's speed varies between machines and runs (fla's shape-1 forward: 0.68-1.43 ms
-    across sessions 8-10 at the same kernels)."""
+    across sessions 8-10 with the same wheel and autotuning pack)."""
     return {f"{name}_kernels_{kind}_total_ms": round(sum(kernel_shares(fn).values()), 4)
             for kind, fn in (("fwd", forward), ("fwdbwd", forward_backward))}
 
