@@ -254,10 +254,12 @@ def compare(case, leaves, views):
     wrt = list(ref_leaves.values()) + list(gate_terms.values())
     grads_ref = torch.autograd.grad(loss_ref, wrt, allow_unused=True)
     grads_ref = [torch.zeros_like(x) if b is None else b for x, b in zip(wrt, grads_ref)]
-    for name, a, b in zip(names, grads, grads_ref):
+    grads = list(grads)
+    for i, (name, a, b) in enumerate(zip(names, grads, grads_ref)):
         assert a.shape == leaves[name].shape and a.dtype == leaves[name].dtype, name
-        errors[f"d{name}"] = rel_err(a, b)
-        errors[f"d{name}_finite"] = bool(torch.isfinite(a).all())
+        grads[i], grads_ref[i], overflow_ok = without_true_overflow(a, b)
+        errors[f"d{name}"] = rel_err(grads[i], grads_ref[i])
+        errors[f"d{name}_finite"] = bool(torch.isfinite(grads[i]).all()) and overflow_ok
     if "g" in leaves:  # dg is a suffix sum of cancelling terms: weigh its error by their magnitudes
         dg_tokens, ds_tokens = grads_ref[-2:]
         terms = suffix_magnitudes(dg_tokens, gate_terms["s"] * ds_tokens, case["cu_seqlens"])
@@ -269,6 +271,19 @@ def compare(case, leaves, views):
         errors["dg"] = rel_err(grads[names.index("g")], grads_ref[names.index("g")], scale=magnitude)
     errors["finite"] = bool(torch.isfinite(o).all()) and all(errors.pop(f"d{n}_finite") for n in names)
     return errors
+
+
+def without_true_overflow(a, b):
+    """(a, b, ok) with the elements where the float64 reference b itself is past a's dtype (b rounded to
+    it is +-inf: an fp16 decay's gradient, a sum over every token, can exceed 65504) set to 0 in both, and
+    ok = a holds exactly that infinity there (the correctly rounded result). Elsewhere nothing changes, so
+    an infinity where the reference is finite is still a failure."""
+    rounded = b.detach().to(device=a.device, dtype=a.dtype)
+    beyond = torch.isinf(rounded)
+    if not beyond.any():
+        return a, b, True
+    ok = bool((a.detach()[beyond] == rounded[beyond]).all())
+    return a.detach().masked_fill(beyond, 0), b.detach().masked_fill(beyond.to(b.device), 0), ok
 
 
 def tolerance(dtype, name):

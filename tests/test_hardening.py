@@ -5,6 +5,7 @@ copies, determinism (CPU, Triton interpreter), and CUDA graphs (GPU only).
     test_large_logits         slot logits far past a naive softmax's range; ABC logits of +-1e4
     test_zero_slot_weights    s = 0 rows, and a whole sequence with s = 0
     test_fp16_large_values    fp16 inputs whose products pass 65504 (tf32 products for fp32 intermediates)
+    test_fp16_decay_gradient_past_range_is_inf  a decay's fp16 gradient past 65504: the rounded infinity
     test_decode_edge_gates    recurrent_step with -inf gates equals the chunked forward
     test_many_short_sequences 40 packed sequences of 1-17 tokens against the reference
     test_packed_batch_stays_in_bounds  every load/store of a packed batch's kernels inside its tensors
@@ -142,6 +143,28 @@ def test_fp16_moderate_values():
     case, errors = compare_inputs(*(x.half() for x in (q, k, v * 10, s, g)), dtype="float16", chunk_size=32,
                                   scale=0.01)
     assert_within_tolerance(case, errors, "fp16, |q|, |k| ~ 10")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_fp16_decay_gradient_past_range_is_inf():
+    """An fp16 decay's gradient sums over every token: where its float64 value passes 65504 the kernels
+    return the correctly rounded -+inf (the fuzz found one at |q|, |k| ~ 300), finite values elsewhere;
+    the harness accepts exactly that infinity and nothing else."""
+    q, k, v, s, _, _, _ = inputs("decay_slot", 1, 32, 1, 1, 8, 8, 4, 1, False, seed=12)
+    g = torch.tensor([[-3.0, -1e-3, -0.5, -1e-3]])  # slots 1 and 3 keep almost everything: large sums
+    case, errors = compare_inputs(*(x.half() for x in (q, k, v * 1000, s, g)), dtype="float16", chunk_size=16,
+                                  layout="decay_slot")
+    assert errors["finite"] and not differential.failures(case, errors), errors
+    leaf = g.half().requires_grad_()
+    o, _ = chunk_gsa(q.half(), k.half(), (v * 1000).half(), s.half(), leaf, chunk_size=16)
+    (o.float() * torch.randn(o.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+    assert torch.isinf(leaf.grad).any() and torch.isfinite(leaf.grad).any(), leaf.grad  # both kinds here
+    reference = torch.tensor([[1.0, -float("inf"), 70000.0]])
+    assert differential.without_true_overflow(torch.tensor([[1.0, -float("inf"), float("inf")]]).half(), reference)[2]
+    assert not differential.without_true_overflow(torch.tensor([[1.0, float("inf"), float("inf")]]).half(),
+                                                  reference)[2]  # the wrong sign
+    a, _, _ = differential.without_true_overflow(torch.tensor([[float("inf"), 1.0]]).half(), torch.ones(1, 2))
+    assert not torch.isfinite(a).all()  # a finite reference masks nothing: compare's isfinite check fails it
 
 
 def test_decode_edge_gates():
