@@ -269,7 +269,8 @@ def compare(case, leaves, views):
         tokens = mapped_gate(views["g"](probe))  # through gate_mod: its derivative scales the terms
         magnitude, = torch.autograd.grad((tokens * terms.detach()).sum(), probe)
         errors["dg"] = rel_err(grads[names.index("g")], grads_ref[names.index("g")], scale=magnitude)
-    errors["finite"] = bool(torch.isfinite(o).all()) and all(errors.pop(f"d{n}_finite") for n in names)
+    finite_grads = [errors.pop(f"d{n}_finite") for n in names]  # every flag popped (all() would stop early)
+    errors["finite"] = bool(torch.isfinite(o).all()) and all(finite_grads)
     return errors
 
 
