@@ -26,14 +26,8 @@ from .spec import GateLayout, validate_inputs
 def expand_gate(g, s, layout: GateLayout, cu_seqlens=None):
     """Return (log gate [B,T,H,M], slot weights [B,T,H,M]) in s's dtype for any gate layout."""
     B, T, H, M = s.shape
-    if layout is GateLayout.SLOT:
-        return g.to(s.dtype), s
-    if layout is GateLayout.HEAD:
-        return g.to(s.dtype)[..., None].expand(B, T, H, M), s
-    if layout is GateLayout.DECAY_HEAD:
-        return g.to(s.dtype)[None, None, :, None].expand(B, T, H, M), s
-    if layout is GateLayout.DECAY_SLOT:
-        return g.to(s.dtype)[None, None].expand(B, T, H, M), s
+    if layout is not GateLayout.ABC:  # each layout's gate has its own number of dimensions
+        return per_token_gate(g.to(s.dtype), s.shape), s
     # ABC: log-normaliser per sequence
     gates, weights = [], []
     for seq in _sequence_slices(B, T, cu_seqlens):
