@@ -77,9 +77,6 @@ def backward_override():
     return BT, TileConfig(BK=BK, BV=BV, num_warps=warps, num_stages=stages), (slot_warps, slot_bc)
 
 
-
-
-
 # GSA_SUBCHUNK=sweep|pairwise forces the output pass's form of the sub-chunk terms (spec.Spec.subchunk).
 SUBCHUNK_ENV = "GSA_SUBCHUNK"
 
