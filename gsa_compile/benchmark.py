@@ -148,13 +148,12 @@ def kernel_shares(fn):
     return {e.key[:60]: round(e.device_time_total / 1e3, 4) for e in prof.key_averages() if e.device_time_total > 0}
 
 
-def kernel_totals(name, forward, forward_backward):
-    """The GPU time of one call's kernels, host excluded ({name}_kernels_{fwd,fwdbwd}_total_ms): where a
-    call is bound by its host time (a slow host, few or small kernels) its wall time says little about the
-    kernels, and the host's speed varies between machines and runs (fla's shape-1 forward: 0.68-1.43 ms
-    across sessions 8-10 with the same wheel and autotuning pack)."""
-    return {f"{name}_kernels_{kind}_total_ms": round(sum(kernel_shares(fn).values()), 4)
-            for kind, fn in (("fwd", forward), ("fwdbwd", forward_backward))}
+def kernel_total(shares: dict) -> float:
+    """The GPU time of one call's kernels (a kernel_shares dict summed), host excluded: where a call is bound
+    by its host time (a slow host, few or small kernels) its wall time says little about the kernels, and
+    the host's speed varies between machines and runs (fla's shape-1 forward: 0.68-1.43 ms across sessions
+    8-10 with the same wheel and autotuning pack)."""
+    return round(sum(shares.values()), 4)
 
 
 def fla_chunk_gsa():
@@ -187,14 +186,16 @@ def time_shapes(device, shapes):
         row["ours_fwdbwd_ms"] = bench(_fwd_bwd(ours, inputs, do))
         row["ours_fwdbwd_peak_mib"] = peak_memory(_fwd_bwd(ours, inputs, do))
         row["ours_kernels_fwdbwd_ms"] = kernel_shares(_fwd_bwd(ours, inputs, do))
-        row.update(kernel_totals("ours", ours, _fwd_bwd(ours, inputs, do)))
+        row["ours_kernels_fwd_total_ms"] = kernel_total(kernel_shares(ours))
+        row["ours_kernels_fwdbwd_total_ms"] = kernel_total(row["ours_kernels_fwdbwd_ms"])
         if fla_gsa is not None:
             fla = lambda: fla_gsa(*inputs)[0]
             row["fla_vs_ours_rel"] = rel(ours(), fla())
             row["fla_fwd_ms"] = bench(fla)
             row["fla_fwdbwd_ms"] = bench(_fwd_bwd(fla, inputs, do))
             row["fla_fwdbwd_peak_mib"] = peak_memory(_fwd_bwd(fla, inputs, do))
-            row.update(kernel_totals("fla", fla, _fwd_bwd(fla, inputs, do)))
+            row["fla_kernels_fwd_total_ms"] = kernel_total(kernel_shares(fla))
+            row["fla_kernels_fwdbwd_total_ms"] = kernel_total(kernel_shares(_fwd_bwd(fla, inputs, do)))
         sdpa, sdpa_args, sdpa_do = sdpa_inputs(B, T, H, D, device)
         row["sdpa_fwd_ms"] = bench(sdpa)
         row["sdpa_fwdbwd_ms"] = bench(_fwd_bwd(sdpa, sdpa_args, sdpa_do))
