@@ -211,10 +211,12 @@ class SubChunk:
     # the sweep form
     @contextlib.contextmanager
     def columns(self, gc_i):
-        """A static loop over the sub-chunk's rows j = ts + jj; yields j's `Column` (its s and gate rows are
-        loaded again per j: L1 hits, where a row of a register tile could only be taken through shared memory)."""
+        """A loop over the sub-chunk's rows j = ts + jj; yields j's `Column` (its s and gate rows are loaded
+        again per j: L1 hits, where a row of a register tile could only be taken through shared memory). Not
+        unrolled: BT / BC x BC unrolled steps made the output pass compile ~3x slower than the pairwise form
+        (bench/NOTES.md, session 10)."""
         b = self.b
-        with b.loop("jj", "0", "BC", static=True):
+        with b.loop("jj", "0", "BC"):
             s_j = b.expand("s_j", b.load("s_j_row", self.s, "ts + jj", "eos", ("BM",)), "None, :")
             gc_j = b.expand("gc_j", b.load("gc_j_row", self.gc, "ts + jj", "eos", ("BM",)), "None, :")
             decay = b.map("decay_j", "tl.where(tl.arange(0, BC)[:, None] >= jj, tl.exp2(tl.minimum({0} - {1}, 0.0)), 0.0)",
@@ -242,6 +244,15 @@ class SubChunk:
     def column_attention(self, name, weights, col: Column):
         """[BC]: sum_m weights_t[m] s_j[m] 2^(b_t - b_j)[m] for rows t >= j (0 above): column j of `attention`."""
         return self.b.reduce(name, self.b.map(name + "_terms", "{0} * {1} * {2}", weights, col.s, col.decay), 1)
+
+    def column_key_score(self, name, terms, col: Column):
+        """[BM]: sum_{t >= j} terms_t 2^(b_t - b_j) for key row j, terms [BC, BM] the sum of pairs[t, j]
+        weights_t over the products (row j of `key_scores`)."""
+        return self.b.reduce(name, self.b.map(name + "_terms", "{0} * {1}", terms, col.decay), 0)
+
+    def store_row(self, view, x):
+        """x [BM] as row j = ts + jj of a [BT, BM] scratch view."""
+        self.b.store(view, x, "ts + jj", "eos")
 
 
 CHUNK_ROWS = SlotIndex(b="i_n", h="i_hq", t="(ts - bos + tl.arange(0, BC))[:, None]")  # slot_mod's b, h, t

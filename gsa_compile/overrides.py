@@ -77,7 +77,8 @@ def backward_override():
     return BT, TileConfig(BK=BK, BV=BV, num_warps=warps, num_stages=stages), (slot_warps, slot_bc)
 
 
-# GSA_SUBCHUNK=sweep|pairwise forces the output pass's form of the sub-chunk terms (spec.Spec.subchunk).
+# GSA_SUBCHUNK=sweep|sweep-all|pairwise forces the form of the sub-chunk terms (spec.Spec.subchunk).
+SUBCHUNK_FORMS = ("sweep", "sweep-all", "pairwise")
 SUBCHUNK_ENV = "GSA_SUBCHUNK"
 
 
@@ -87,8 +88,8 @@ def subchunk_form(device) -> str:
     where the sweep's many small operations make a call 1.5-2x as slow (tests/test_subchunk.py runs the
     sweep on CPU)."""
     value = os.environ.get(SUBCHUNK_ENV, "").strip().lower()
-    if value in ("sweep", "pairwise"):
+    if value in SUBCHUNK_FORMS:
         return value
     if value:
-        raise ValueError(f"{SUBCHUNK_ENV}={value!r}: expected 'sweep' or 'pairwise'")
+        raise ValueError(f"{SUBCHUNK_ENV}={value!r}: expected one of {SUBCHUNK_FORMS}")
     return "sweep" if device.type == "cuda" else "pairwise"

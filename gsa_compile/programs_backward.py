@@ -62,12 +62,21 @@ def slot_backward(spec: Spec) -> Program:
         b.store(view, tile, "t0", "eos")
     b.barrier()
     sub = SubChunk(b, s_view, gc_view)
+    sweep = spec.subchunk == "sweep-all"
     with sub.loop() as gc_i:
-        s3, decay = sub.pairwise(gc_i)
-        qk_ii, dov_ii = sub.block("qk_ii", aqk), sub.block("dov_ii", adov)
-        acc = b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), sub.scores("l_", qk_ii, s3, decay))
+        if sweep:
+            l_diag, dp_diag = b.zeros("l_diag", ("BC", "BM")), b.zeros("dp_diag", ("BC", "BM"))
+            with sub.columns(gc_i) as col:
+                l_diag = sub.column_score("l_diag", l_diag, sub.column("qk_j", aqk), col)
+                dp_diag = sub.column_score("dp_diag", dp_diag, sub.column("dov_j", adov), col)
+            diagonal = {"l_": l_diag, "dp_": dp_diag}.get
+        else:
+            s3, decay = sub.pairwise(gc_i)
+            qk_ii, dov_ii = sub.block("qk_ii", aqk), sub.block("dov_ii", adov)
+            diagonal = lambda p: sub.scores(p, {"l_": qk_ii, "dp_": dov_ii}[p], s3, decay)  # noqa: E731
+        acc = b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), diagonal("l_"))
         probs = softmax_slots(b, acc)
-        dp = b.map("dp_i", "{0} + {1}", sub.rows(dpoff, "dp_off_i"), sub.scores("dp_", dov_ii, s3, decay))
+        dp = b.map("dp_i", "{0} + {1}", sub.rows(dpoff, "dp_off_i"), diagonal("dp_"))
         mean = b.expand("p_dp", b.reduce("p_dp_sum", b.map("p_times_dp", "{0} * {1}", probs, dp), 1), ":, None")
         dl = b.map("dl_i", "{0} * ({1} - {2})", probs, dp, mean)
         dl = slot_mod_backward(b, spec, acc, dl)
@@ -75,11 +84,19 @@ def slot_backward(spec: Spec) -> Program:
         b.store(dl_view, dl, "ts", "eos")
         b.store(x_view, b.map("x_i", "{0} * scale * {1} + {2} * {3}", acc, dl, probs, dp), "ts", "eos")
         dls = b.map("dls_i", "{0} * scale", dl)
-        b.store(attd, sub.attention("q_", dls, s3, decay), "ts", "eos", col0="J * BC")
-        b.store(attd_p, sub.attention("v_", probs, s3, decay), "ts", "eos", col0="J * BC")
-        ds = b.map("ds_i", "{0} + {1}", sub.key_scores("dsq_", qk_ii, dls, decay),
-                   sub.key_scores("dsv_", dov_ii, probs, decay))
-        b.store(dsd, ds, "ts", "eos")
+        if sweep:
+            with sub.columns(gc_i) as col:
+                sub.store_column(attd, sub.column_attention("q_att_j", dls, col))
+                sub.store_column(attd_p, sub.column_attention("v_att_j", probs, col))
+                terms = b.map("ds_w", "{0} * {1} + {2} * {3}", sub.column("qk_j", aqk), dls,
+                              sub.column("dov_j", adov), probs)
+                sub.store_row(dsd, sub.column_key_score("ds_j", terms, col))
+        else:
+            b.store(attd, sub.attention("q_", dls, s3, decay), "ts", "eos", col0="J * BC")
+            b.store(attd_p, sub.attention("v_", probs, s3, decay), "ts", "eos", col0="J * BC")
+            ds = b.map("ds_i", "{0} + {1}", sub.key_scores("dsq_", qk_ii, dls, decay),
+                       sub.key_scores("dsv_", dov_ii, probs, decay))
+            b.store(dsd, ds, "ts", "eos")
     b.barrier()
     probs = chunk_rows(b, "p_c", p_view)
     dls = b.map("dls_c", "{0} * scale", chunk_rows(b, "dl_c", dl_view))

@@ -344,7 +344,8 @@ class Spec:
     initial_state: bool = False
     final_state: bool = False
     mods: str = dataclasses.field(default="", repr=False)  # key of the user mods fused in (mods.py); "" = none
-    # the output pass's sub-chunk terms: "sweep" (GPU) or "pairwise" (blocks.SubChunk; overrides.subchunk_form)
+    # the sub-chunk terms (blocks.SubChunk; overrides.subchunk_form): "sweep" (the output pass sweeps, the slot
+    # backward is pairwise: GPU), "sweep-all" (both sweep) or "pairwise" (neither: the interpreter)
     subchunk: str = dataclasses.field(default="sweep", repr=False)
 
     @property
