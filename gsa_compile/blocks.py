@@ -159,13 +159,12 @@ class SubChunk:
     """Rows ts:ts+BC of sub-chunk J (a static loop over J opened by `loop`): the pairwise terms, in one of
     two forms with the same terms:
     - pairwise (`pairwise`, then scores / attention / key_scores): [BC, BC, BM] tiles, one product each;
-    - a sweep over the sub-chunk's rows j (`columns`, then column_score / column_attention): BC steps of
-      [BC, BM] terms in the registers' own layout.
-    On the H200 (session 9, bench/NOTES.md) the pairwise tiles' broadcasts and reductions go through shared
-    memory (the output pass at B8 T2048 H16 K=V=128: shared-memory wavefronts 79 % of peak); the sweep
-    took that output pass from 0.964 to 0.671 ms but the slot backward (six products per sub-chunk) from
-    1.45 to 1.75 ms, so the output pass sweeps and the slot backward stays pairwise. In the Triton
-    interpreter the sweep costs ~2-3x the pairwise form (many small operations)."""
+    - a sweep over the sub-chunk's rows j (`columns`, then column_score / column_attention /
+      column_key_score): BC steps of [BC, BM] terms in the registers' own layout.
+    On the H200 (sessions 9 and 11, bench/NOTES.md) the pairwise tiles' broadcasts and reductions go through
+    shared memory (the output pass at B8 T2048 H16 K=V=128: shared-memory wavefronts 79 % of peak); the
+    sweep took that output pass from 0.964 to 0.671 ms and the slot backward from 1.47 to 1.30 ms. In the
+    Triton interpreter the sweep costs ~2-3x the pairwise form (many small operations)."""
 
     def __init__(self, b: Builder, s: View, gc: View):
         self.b, self.s, self.gc = b, s, gc
@@ -210,13 +209,13 @@ class SubChunk:
 
     # the sweep form
     @contextlib.contextmanager
-    def columns(self, gc_i):
+    def columns(self, gc_i, unrolled: bool):
         """A loop over the sub-chunk's rows j = ts + jj; yields j's `Column` (its s and gate rows are loaded
-        again per j: L1 hits, where a row of a register tile could only be taken through shared memory). Not
-        unrolled: BT / BC x BC unrolled steps made the output pass compile ~3x slower than the pairwise form
-        (bench/NOTES.md, session 10)."""
+        again per j: L1 hits, where a row of a register tile could only be taken through shared memory).
+        On the H200 (bench/NOTES.md, session 11) the output pass is faster unrolled (0.667 against 0.852 ms
+        at B8 T2048 H16 K=V=128) and the slot backward, with six products per row, as a loop."""
         b = self.b
-        with b.loop("jj", "0", "BC"):
+        with b.loop("jj", "0", "BC", static=unrolled):
             s_j = b.expand("s_j", b.load("s_j_row", self.s, "ts + jj", "eos", ("BM",)), "None, :")
             gc_j = b.expand("gc_j", b.load("gc_j_row", self.gc, "ts + jj", "eos", ("BM",)), "None, :")
             decay = b.map("decay_j", "tl.where(tl.arange(0, BC)[:, None] >= jj, tl.exp2(tl.minimum({0} - {1}, 0.0)), 0.0)",

@@ -77,13 +77,13 @@ def backward_override():
     return BT, TileConfig(BK=BK, BV=BV, num_warps=warps, num_stages=stages), (slot_warps, slot_bc)
 
 
-# GSA_SUBCHUNK=sweep|sweep-all|pairwise forces the form of the sub-chunk terms (spec.Spec.subchunk).
-SUBCHUNK_FORMS = ("sweep", "sweep-all", "pairwise")
+# GSA_SUBCHUNK=sweep|pairwise forces the form of the sub-chunk terms (spec.Spec.subchunk).
+SUBCHUNK_FORMS = ("sweep", "pairwise")
 SUBCHUNK_ENV = "GSA_SUBCHUNK"
 
 
 def subchunk_form(device) -> str:
-    """The output pass's sub-chunk terms: GSA_SUBCHUNK, else "sweep" on a GPU (blocks.SubChunk: shared
+    """The output pass's and slot backward's sub-chunk terms: GSA_SUBCHUNK, else "sweep" on a GPU (blocks.SubChunk: shared
     memory bound the pairwise form there) and "pairwise" on CPU tensors, i.e. in the Triton interpreter,
     where the sweep's many small operations make a call 1.5-2x as slow (tests/test_subchunk.py runs the
     sweep on CPU)."""

@@ -137,17 +137,17 @@ def output_pass(spec: Spec) -> Program:
     b.barrier()
     sub = SubChunk(b, s_view, gc_view)
     with sub.loop() as gc_i:
-        if spec.subchunk != "pairwise":
+        if spec.subchunk == "sweep":
             diag = b.zeros("l_diag", ("BC", "BM"))
-            with sub.columns(gc_i) as col:
+            with sub.columns(gc_i, unrolled=True) as col:
                 diag = sub.column_score("l_diag", diag, sub.column("a_j", aqk), col)
         else:
             s3, decay = sub.pairwise(gc_i)
             diag = sub.scores("l_", sub.block("a_ii", aqk), s3, decay)
         probs = softmax_slots(b, b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), diag))
         b.store(pd, probs, "ts", "eos")
-        if spec.subchunk != "pairwise":
-            with sub.columns(gc_i) as col:
+        if spec.subchunk == "sweep":
+            with sub.columns(gc_i, unrolled=True) as col:
                 sub.store_column(attd, sub.column_attention("o_att_j", probs, col))
         else:
             b.store(attd, sub.attention("o_", probs, s3, decay), "ts", "eos", col0="J * BC")

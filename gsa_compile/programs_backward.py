@@ -62,11 +62,11 @@ def slot_backward(spec: Spec) -> Program:
         b.store(view, tile, "t0", "eos")
     b.barrier()
     sub = SubChunk(b, s_view, gc_view)
-    sweep = spec.subchunk == "sweep-all"
+    sweep = spec.subchunk == "sweep"
     with sub.loop() as gc_i:
         if sweep:
             l_diag, dp_diag = b.zeros("l_diag", ("BC", "BM")), b.zeros("dp_diag", ("BC", "BM"))
-            with sub.columns(gc_i) as col:
+            with sub.columns(gc_i, unrolled=False) as col:
                 l_diag = sub.column_score("l_diag", l_diag, sub.column("qk_j", aqk), col)
                 dp_diag = sub.column_score("dp_diag", dp_diag, sub.column("dov_j", adov), col)
             diagonal = {"l_": l_diag, "dp_": dp_diag}.get
@@ -85,7 +85,7 @@ def slot_backward(spec: Spec) -> Program:
         b.store(x_view, b.map("x_i", "{0} * scale * {1} + {2} * {3}", acc, dl, probs, dp), "ts", "eos")
         dls = b.map("dls_i", "{0} * scale", dl)
         if sweep:
-            with sub.columns(gc_i) as col:
+            with sub.columns(gc_i, unrolled=False) as col:
                 sub.store_column(attd, sub.column_attention("q_att_j", dls, col))
                 sub.store_column(attd_p, sub.column_attention("v_att_j", probs, col))
                 terms = b.map("ds_w", "{0} * {1} + {2} * {3}", sub.column("qk_j", aqk), dls,

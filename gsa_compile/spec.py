@@ -344,8 +344,8 @@ class Spec:
     initial_state: bool = False
     final_state: bool = False
     mods: str = dataclasses.field(default="", repr=False)  # key of the user mods fused in (mods.py); "" = none
-    # the sub-chunk terms (blocks.SubChunk; overrides.subchunk_form): "sweep" (the output pass sweeps, the slot
-    # backward is pairwise: GPU), "sweep-all" (both sweep) or "pairwise" (neither: the interpreter)
+    # the output pass's and slot backward's sub-chunk terms: "sweep" (GPU) or "pairwise" (the interpreter)
+    # (blocks.SubChunk; overrides.subchunk_form)
     subchunk: str = dataclasses.field(default="sweep", repr=False)
 
     @property

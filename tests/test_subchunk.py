@@ -1,11 +1,11 @@
 """The two forms of the sub-chunk terms (blocks.SubChunk, overrides.subchunk_form): GPUs run the output
 pass's sweep over the sub-chunk's rows, the Triton interpreter (the rest of this CPU suite) runs the pairwise
 [BC, BC, BM] form by default, which costs it a half to a third of the time. Here the sweep runs on CPU, in
-the output pass and the slot backward (GSA_SUBCHUNK=sweep-all; "sweep"'s slot backward is the pairwise one):
+the output pass and the slot backward:
 
 1. Per case (every gate layout, varlen, GQA, chunks 16/32/64, T below/above/at the chunk, M not a power
    of two, each mod kind, initial states, head-first memory, fp16 and bf16): chunk_gsa with
-   GSA_SUBCHUNK=sweep-all against recurrent_gsa (float64), outputs and gradients, within the project
+   GSA_SUBCHUNK=sweep against recurrent_gsa (float64), outputs and gradients, within the project
    tolerances, and its o and final states against the pairwise form's (float32 1e-5; the same terms summed
    in another order).
 2. The choice: the default per device and the variable's values.
@@ -44,7 +44,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['layout']}-c{c['chunk_size']}-{c['mods']}-{c['dtype']}")
 def test_sweep_matches_reference_and_pairwise(case, monkeypatch):
     leaves, views = make_leaves(case, "cpu")
-    monkeypatch.setenv(overrides.SUBCHUNK_ENV, "sweep-all")
+    monkeypatch.setenv(overrides.SUBCHUNK_ENV, "sweep")
     errors = compare(case, leaves, views)
     assert not failures(case, errors), errors
     if case["dtype"] != "float32" or case["mods"] != "none" or case["memory"] != "contiguous":
@@ -53,12 +53,12 @@ def test_sweep_matches_reference_and_pairwise(case, monkeypatch):
     initial = (leaves["hk0"].detach(), leaves["hv0"].detach()) if "hk0" in leaves else None
     cu = None if case["cu_seqlens"] is None else torch.tensor(case["cu_seqlens"], dtype=torch.int32)
     outputs = {}
-    for form in ("sweep-all", "pairwise"):
+    for form in ("sweep", "pairwise"):
         monkeypatch.setenv(overrides.SUBCHUNK_ENV, form)
         o, (hk, hv) = chunk_gsa(*args, initial_state=initial, output_final_state=True, cu_seqlens=cu,
                                 chunk_size=case["chunk_size"])
         outputs[form] = (o, hk, hv)
-    for a, b in zip(outputs["sweep-all"], outputs["pairwise"]):
+    for a, b in zip(outputs["sweep"], outputs["pairwise"]):
         assert rel_err(a, b) <= 1e-5
 
 
@@ -70,8 +70,6 @@ def test_subchunk_form_choice(monkeypatch):
     assert overrides.subchunk_form(torch.device("cpu")) == "sweep"
     monkeypatch.setenv(overrides.SUBCHUNK_ENV, "pairwise")
     assert overrides.subchunk_form(torch.device("cuda")) == "pairwise"
-    monkeypatch.setenv(overrides.SUBCHUNK_ENV, "sweep-all")
-    assert overrides.subchunk_form(torch.device("cuda")) == "sweep-all"
     monkeypatch.setenv(overrides.SUBCHUNK_ENV, "both")
     with pytest.raises(ValueError, match=overrides.SUBCHUNK_ENV):
         overrides.subchunk_form(torch.device("cpu"))
