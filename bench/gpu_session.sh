@@ -34,7 +34,10 @@
 #   model          bench/model_bench.py (ours vs fla layer); MODEL_ARGS="--hidden 2048" gives heads of
 #                  K = V = 512, whose fla autotuning the pack already holds (the default's 256 it does not)
 #   fuzz           bench/gpu_hardening.py --only fuzz, 240 s, 8 processes
-#   hardening      bench/gpu_hardening.py (all GPU-only cases, then a 120 s fuzz)
+#   hardening      bench/gpu_hardening.py (all GPU-only cases, then a 120 s fuzz): no longer fits one call cold
+#   hardening_1    regressions long_sequence                        (session 11, cold: 218 + 80 s)
+#   hardening_2    big_offsets big_offsets_backward                 (one call each: past 150 s each cold)
+#   hardening_3    many_sequences graph_* determinism, a 90 s fuzz
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 OUT=${OUT:-/tmp/gsa_out}
@@ -119,7 +122,14 @@ for name in "$@"; do
         fuzz) step fuzz 330 python bench/gpu_hardening.py --only fuzz --fuzz-seconds 240 --fuzz-jobs 8 \
                   --out "$W/fuzz.json" ;;
         hardening) step hardening 540 python bench/gpu_hardening.py --budget 500 --fuzz-seconds 120 --fuzz-jobs 8 \
-                       --out "$W/hardening.json" ;;  # every case (limits sum to ~740 s; s3-s6 took 60-80 s each)
+                       --out "$W/hardening.json" ;;  # every case (limits sum to ~1800 s; s3-s6 took 60-80 s each)
+        hardening_1) step hardening_1 540 python bench/gpu_hardening.py --budget 520 --only regressions long_sequence \
+                         --out "$W/hardening_1.json" ;;
+        hardening_2) step hardening_2 560 python bench/gpu_hardening.py --budget 550 --only big_offsets \
+                         big_offsets_backward --out "$W/hardening_2.json" ;;
+        hardening_3) step hardening_3 560 python bench/gpu_hardening.py --budget 550 --fuzz-seconds 90 --fuzz-jobs 8 \
+                         --only many_sequences graph_backward graph_forward graph_decode determinism fuzz \
+                         --out "$W/hardening_3.json" ;;
         *) echo "unknown step $name (see the header of bench/gpu_session.sh)"; exit 2 ;;
     esac
 done

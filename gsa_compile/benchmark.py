@@ -25,9 +25,9 @@ COMPILE_LENGTHS = (200, 333)
 SDPA_HEAD_DIM = 128
 
 
-def rel(a, b, scale=None):
-    """||a - b|| / ||scale||, scale = b by default."""
-    norm = (b if scale is None else scale).double().norm().clamp_min(1e-30)
+def rel(a, b, scale=None, floor=1e-30):
+    """||a - b|| / max(||scale||, floor), in float64, scale = b by default."""
+    norm = (b if scale is None else scale).double().norm().clamp_min(floor)
     return ((a.double() - b.double()).norm() / norm).item()
 
 
