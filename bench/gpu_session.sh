@@ -38,6 +38,7 @@
 #   hardening_1    regressions long_sequence                        (session 11, cold: 218 + 80 s)
 #   hardening_2    big_offsets big_offsets_backward                 (one call each: past 150 s each cold)
 #   hardening_3    many_sequences graph_* determinism, a 90 s fuzz
+#   hardening_all  hardening_1, _2 and _3 side by side (three processes, one call: none of them times)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 OUT=${OUT:-/tmp/gsa_out}
@@ -130,6 +131,11 @@ for name in "$@"; do
         hardening_3) step hardening_3 560 python bench/gpu_hardening.py --budget 550 --fuzz-seconds 90 --fuzz-jobs 8 \
                          --only many_sequences graph_backward graph_forward graph_decode determinism fuzz \
                          --out "$W/hardening_3.json" ;;
+        hardening_all)
+            echo "[$(( $(date +%s) - start )) s] hardening_all: hardening_1/2/3 side by side (limit 560 s)"
+            for i in 1 2 3; do bash "$0" "hardening_$i" > "$W/hardening_all_$i.out" 2>&1 & done
+            wait
+            cat "$W"/hardening_all_*.out | grep -v '^packed' ;;
         *) echo "unknown step $name (see the header of bench/gpu_session.sh)"; exit 2 ;;
     esac
 done

@@ -155,38 +155,92 @@ class Column:
     decay: Tile
 
 
+# the output pass's sweep is unrolled up to this chunk size: faster at 32 on the H200 (0.667 against 0.852 ms
+# as a loop, bench/NOTES.md session 11); at chunk 64 ptxas (bench/ptxas_report.py, B8 T2048 H16 K=V=128)
+# gives the unrolled form 132 B of spills against 44 and 136 s of compile against 22, at 128 567 s against 90
+UNROLLED_SWEEP_MAX_CHUNK = 32
+
+
 class SubChunk:
-    """Rows ts:ts+BC of sub-chunk J (a static loop over J opened by `loop`): the pairwise terms, in one of
-    two forms with the same terms:
-    - pairwise (`pairwise`, then scores / attention / key_scores): [BC, BC, BM] tiles, one product each;
-    - a sweep over the sub-chunk's rows j (`columns`, then column_score / column_attention /
-      column_key_score): BC steps of [BC, BM] terms in the registers' own layout.
+    """Rows ts:ts+BC of sub-chunk J (a static loop over J opened by `loop`) and their pairwise terms, in
+    one of two forms (`form`, Spec.subchunk) with the same terms:
+    - "pairwise": [BC, BC, BM] tiles, one product each (`scores`, `attention`, `key_scores`);
+    - "sweep": BC steps over the sub-chunk's rows j (`columns`), each of [BC, BM] terms in the registers'
+      own layout, unrolled (`unrolled`) or as a loop.
     On the H200 (sessions 9 and 11, bench/NOTES.md) the pairwise tiles' broadcasts and reductions go through
     shared memory (the output pass at B8 T2048 H16 K=V=128: shared-memory wavefronts 79 % of peak); the
-    sweep took that output pass from 0.964 to 0.671 ms and the slot backward from 1.47 to 1.30 ms. In the
-    Triton interpreter the sweep costs ~2-3x the pairwise form (many small operations)."""
+    sweep took that output pass from 0.964 to 0.671 ms (unrolled) and the slot backward from 1.47 to 1.30
+    ms (a loop: unrolled, 1.75). In the Triton interpreter the sweep costs ~2-3x the pairwise form (many
+    small operations)."""
 
-    def __init__(self, b: Builder, s: View, gc: View):
+    def __init__(self, b: Builder, s: View, gc: View, form: str, unrolled: bool = False):
         self.b, self.s, self.gc = b, s, gc
+        self.sweep, self.unrolled = form == "sweep", unrolled
 
     @contextlib.contextmanager
     def loop(self):
-        """The static loop over the sub-chunks J; yields b of J's rows, gc_i [BC, BM]."""
+        """The static loop over the sub-chunks J (J's rows' gates: gc_i [BC, BM])."""
         with self.b.loop("J", "0", "BT // BC", static=True):
             self.b.map("ts", "t0 + J * BC", dtype="i64", shape=())
-            yield self.rows(self.gc, "gc_i", "ts")
+            self.gc_i = self.rows(self.gc, "gc_i", "ts")
+            self._pairwise, self._blocks = None, {}
+            yield
 
     def rows(self, view, name, t="ts", cols="BM", col0="0", dtype="f32"):
         return self.b.load(name, view, t, "eos", ("BC", cols), col0=col0, dtype=dtype)
 
+    def diagonal_scores(self, products):
+        """products [(prefix, name, view)], view a [BT, BT] scratch matrix of pairs: per product, [BC, BM]:
+        sum_{j <= t in the sub-chunk} pairs[t, j] s_j 2^(b_t - b_j)."""
+        b = self.b
+        if self.sweep:
+            accs = [b.zeros(p + "diag", ("BC", "BM")) for p, _, _ in products]
+            with self.columns() as col:
+                accs = [self.column_score(p + "diag", acc, self.column(name + "_j", view), col)
+                        for acc, (p, name, view) in zip(accs, products)]
+            return accs
+        s3, decay = self.pairwise()
+        return [self.scores(p, self.block(name, view), s3, decay) for p, name, view in products]
+
+    def store_mixes(self, attention, key_scores=None):
+        """attention [(prefix, weights [BC, BM], view)]: per item, the [BC, BC] diagonal block of
+        sum_m weights_t[m] s_j[m] 2^(b_t - b_j)[m] (j <= t) into columns J * BC.. of the [BT, BT] view;
+        key_scores (name, view, [(pairs name, pairs view, weights)]): for key rows j, [BM]:
+        sum_{t >= j} sum over the items of pairs[t, j] weights_t 2^(b_t - b_j), into rows of the [BT, BM] view."""
+        b = self.b
+        if self.sweep:
+            with self.columns() as col:
+                for p, weights, view in attention:
+                    self.store_column(view, self.column_attention(p + "att_j", weights, col))
+                if key_scores:
+                    name, view, items = key_scores
+                    args = [x for pairs, pairs_view, weights in items
+                            for x in (self.column(pairs + "_j", pairs_view), weights)]
+                    expr = " + ".join(f"{{{2 * i}}} * {{{2 * i + 1}}}" for i in range(len(items)))
+                    self.store_row(view, self.column_key_score(name + "_j", b.map(name + "_w", expr, *args), col))
+            return
+        s3, decay = self.pairwise()
+        for p, weights, view in attention:
+            b.store(view, self.attention(p, weights, s3, decay), "ts", "eos", col0="J * BC")
+        if key_scores:
+            name, view, items = key_scores
+            terms = [self.key_scores(f"{name}{i}_", self.block(pairs, pairs_view), weights, decay)
+                     for i, (pairs, pairs_view, weights) in enumerate(items)]
+            b.store(view, b.map(name + "_i", " + ".join(f"{{{i}}}" for i in range(len(terms))), *terms), "ts", "eos")
+
     # the pairwise form
-    def pairwise(self, gc_i):
-        """(s3 [1, BC, BM], decay [BC, BC, BM]) of the sub-chunk for scores / attention / key_scores."""
-        return self.b.expand("s3", self.rows(self.s, "s_i", "ts"), "None, :, :"), intra_decay(self.b, gc_i)
+    def pairwise(self):
+        """(s3 [1, BC, BM], decay [BC, BC, BM]) of the sub-chunk, made once per J."""
+        if self._pairwise is None:
+            self._pairwise = (self.b.expand("s3", self.rows(self.s, "s_i", "ts"), "None, :, :"),
+                              intra_decay(self.b, self.gc_i))
+        return self._pairwise
 
     def block(self, name, view):
-        """The [BC, BC] diagonal block of a [BT, BT] scratch matrix."""
-        return self.b.load(name, view, "ts", "eos", ("BC", "BC"), col0="J * BC")
+        """The [BC, BC] diagonal block of a [BT, BT] scratch matrix (name_ii), loaded once per J."""
+        if name not in self._blocks:
+            self._blocks[name] = self.b.load(name + "_ii", view, "ts", "eos", ("BC", "BC"), col0="J * BC")
+        return self._blocks[name]
 
     def scores(self, p, pairs_ii, s3, decay):
         """[BC, BM]: sum_{j <= t in the sub-chunk} pairs[t, j] s_j 2^(b_t - b_j)."""
@@ -209,17 +263,16 @@ class SubChunk:
 
     # the sweep form
     @contextlib.contextmanager
-    def columns(self, gc_i, unrolled: bool):
-        """A loop over the sub-chunk's rows j = ts + jj; yields j's `Column` (its s and gate rows are loaded
-        again per j: L1 hits, where a row of a register tile could only be taken through shared memory).
-        On the H200 (bench/NOTES.md, session 11) the output pass is faster unrolled (0.667 against 0.852 ms
-        at B8 T2048 H16 K=V=128) and the slot backward, with six products per row, as a loop."""
+    def columns(self):
+        """A loop over the sub-chunk's rows j = ts + jj (static if `unrolled`); yields j's `Column` (its s
+        and gate rows are loaded again per j: L1 hits, where a row of a register tile could only be taken
+        through shared memory)."""
         b = self.b
-        with b.loop("jj", "0", "BC", static=unrolled):
+        with b.loop("jj", "0", "BC", static=self.unrolled):
             s_j = b.expand("s_j", b.load("s_j_row", self.s, "ts + jj", "eos", ("BM",)), "None, :")
             gc_j = b.expand("gc_j", b.load("gc_j_row", self.gc, "ts + jj", "eos", ("BM",)), "None, :")
             decay = b.map("decay_j", "tl.where(tl.arange(0, BC)[:, None] >= jj, tl.exp2(tl.minimum({0} - {1}, 0.0)), 0.0)",
-                          gc_i, gc_j)
+                          self.gc_i, gc_j)
             yield Column(s_j, decay)
 
     @staticmethod

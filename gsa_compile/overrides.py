@@ -83,10 +83,10 @@ SUBCHUNK_ENV = "GSA_SUBCHUNK"
 
 
 def subchunk_form(device) -> str:
-    """The output pass's and slot backward's sub-chunk terms: GSA_SUBCHUNK, else "sweep" on a GPU (blocks.SubChunk: shared
-    memory bound the pairwise form there) and "pairwise" on CPU tensors, i.e. in the Triton interpreter,
-    where the sweep's many small operations make a call 1.5-2x as slow (tests/test_subchunk.py runs the
-    sweep on CPU)."""
+    """The output pass's and slot backward's sub-chunk terms: GSA_SUBCHUNK, else "sweep" on a GPU
+    (blocks.SubChunk: shared memory bound the pairwise form there) and "pairwise" on CPU tensors, i.e. in
+    the Triton interpreter, where the sweep's many small operations make a call 1.5-2x as slow
+    (tests/test_subchunk.py runs the sweep on CPU)."""
     value = os.environ.get(SUBCHUNK_ENV, "").strip().lower()
     if value in SUBCHUNK_FORMS:
         return value

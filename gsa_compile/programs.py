@@ -27,8 +27,8 @@ The gate layout is a lowering rule: how a [BT, BM] tile of g is read (`gate_view
 from __future__ import annotations
 
 from . import mods
-from .blocks import (LOG2E, ChunkGates, SubChunk, chunk_products, chunk_rows, chunk_state, diagonal_blocks,
-                     input_view, mapped_copy, scratch_view, seq_view, softmax_slots)
+from .blocks import (LOG2E, UNROLLED_SWEEP_MAX_CHUNK, ChunkGates, SubChunk, chunk_products, chunk_rows,
+                     chunk_state, diagonal_blocks, input_view, mapped_copy, scratch_view, seq_view, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import GATE_FLOOR, GateLayout, Spec
 
@@ -135,22 +135,12 @@ def output_pass(spec: Spec) -> Program:
     b.store(aqk, a, "t0", "eos")
     b.store(loff, logits, "t0", "eos")
     b.barrier()
-    sub = SubChunk(b, s_view, gc_view)
-    with sub.loop() as gc_i:
-        if spec.subchunk == "sweep":
-            diag = b.zeros("l_diag", ("BC", "BM"))
-            with sub.columns(gc_i, unrolled=True) as col:
-                diag = sub.column_score("l_diag", diag, sub.column("a_j", aqk), col)
-        else:
-            s3, decay = sub.pairwise(gc_i)
-            diag = sub.scores("l_", sub.block("a_ii", aqk), s3, decay)
+    sub = SubChunk(b, s_view, gc_view, spec.subchunk, unrolled=spec.chunk_size <= UNROLLED_SWEEP_MAX_CHUNK)
+    with sub.loop():
+        diag, = sub.diagonal_scores([("l_", "a", aqk)])
         probs = softmax_slots(b, b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), diag))
         b.store(pd, probs, "ts", "eos")
-        if spec.subchunk == "sweep":
-            with sub.columns(gc_i, unrolled=True) as col:
-                sub.store_column(attd, sub.column_attention("o_att_j", probs, col))
-        else:
-            b.store(attd, sub.attention("o_", probs, s3, decay), "ts", "eos", col0="J * BC")
+        sub.store_mixes(attention=[("o_", probs, attd)])
     b.barrier()
     probs, att = chunk_rows(b, "p_c", pd), diagonal_blocks(b, "att_c", attd)
     with gates.off_diagonal() as blk:

@@ -61,22 +61,12 @@ def slot_backward(spec: Spec) -> Program:
     for view, tile in ((aqk, qk), (adov, dov), (loff, logits), (dpoff, dp)):
         b.store(view, tile, "t0", "eos")
     b.barrier()
-    sub = SubChunk(b, s_view, gc_view)
-    sweep = spec.subchunk == "sweep"
-    with sub.loop() as gc_i:
-        if sweep:
-            l_diag, dp_diag = b.zeros("l_diag", ("BC", "BM")), b.zeros("dp_diag", ("BC", "BM"))
-            with sub.columns(gc_i, unrolled=False) as col:
-                l_diag = sub.column_score("l_diag", l_diag, sub.column("qk_j", aqk), col)
-                dp_diag = sub.column_score("dp_diag", dp_diag, sub.column("dov_j", adov), col)
-            diagonal = {"l_": l_diag, "dp_": dp_diag}.get
-        else:
-            s3, decay = sub.pairwise(gc_i)
-            qk_ii, dov_ii = sub.block("qk_ii", aqk), sub.block("dov_ii", adov)
-            diagonal = lambda p: sub.scores(p, {"l_": qk_ii, "dp_": dov_ii}[p], s3, decay)  # noqa: E731
-        acc = b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), diagonal("l_"))
+    sub = SubChunk(b, s_view, gc_view, spec.subchunk)  # a loop: unrolled, the slot backward was slower
+    with sub.loop():
+        l_diag, dp_diag = sub.diagonal_scores([("l_", "qk", aqk), ("dp_", "dov", adov)])
+        acc = b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), l_diag)
         probs = softmax_slots(b, acc)
-        dp = b.map("dp_i", "{0} + {1}", sub.rows(dpoff, "dp_off_i"), diagonal("dp_"))
+        dp = b.map("dp_i", "{0} + {1}", sub.rows(dpoff, "dp_off_i"), dp_diag)
         mean = b.expand("p_dp", b.reduce("p_dp_sum", b.map("p_times_dp", "{0} * {1}", probs, dp), 1), ":, None")
         dl = b.map("dl_i", "{0} * ({1} - {2})", probs, dp, mean)
         dl = slot_mod_backward(b, spec, acc, dl)
@@ -84,19 +74,8 @@ def slot_backward(spec: Spec) -> Program:
         b.store(dl_view, dl, "ts", "eos")
         b.store(x_view, b.map("x_i", "{0} * scale * {1} + {2} * {3}", acc, dl, probs, dp), "ts", "eos")
         dls = b.map("dls_i", "{0} * scale", dl)
-        if sweep:
-            with sub.columns(gc_i, unrolled=False) as col:
-                sub.store_column(attd, sub.column_attention("q_att_j", dls, col))
-                sub.store_column(attd_p, sub.column_attention("v_att_j", probs, col))
-                terms = b.map("ds_w", "{0} * {1} + {2} * {3}", sub.column("qk_j", aqk), dls,
-                              sub.column("dov_j", adov), probs)
-                sub.store_row(dsd, sub.column_key_score("ds_j", terms, col))
-        else:
-            b.store(attd, sub.attention("q_", dls, s3, decay), "ts", "eos", col0="J * BC")
-            b.store(attd_p, sub.attention("v_", probs, s3, decay), "ts", "eos", col0="J * BC")
-            ds = b.map("ds_i", "{0} + {1}", sub.key_scores("dsq_", qk_ii, dls, decay),
-                       sub.key_scores("dsv_", dov_ii, probs, decay))
-            b.store(dsd, ds, "ts", "eos")
+        sub.store_mixes(attention=[("q_", dls, attd), ("v_", probs, attd_p)],
+                        key_scores=("ds", dsd, [("qk", aqk, dls), ("dov", adov, probs)]))
     b.barrier()
     probs = chunk_rows(b, "p_c", p_view)
     dls = b.map("dls_c", "{0} * scale", chunk_rows(b, "dl_c", dl_view))
