@@ -36,7 +36,7 @@
 #   fuzz           bench/gpu_hardening.py --only fuzz, 240 s, 8 processes
 #   hardening      bench/gpu_hardening.py (all GPU-only cases, then a 120 s fuzz): no longer fits one call cold
 #   hardening_1    regressions long_sequence                        (session 11, cold: 218 + 80 s)
-#   hardening_2    big_offsets big_offsets_backward                 (one call each: past 150 s each cold)
+#   hardening_2    big_offsets big_offsets_backward                 (big_offsets ran past 150 s cold)
 #   hardening_3    many_sequences graph_* determinism, a 90 s fuzz
 #   hardening_all  hardening_1, _2 and _3 side by side (three processes, one call: none of them times)
 set -u
