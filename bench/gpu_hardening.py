@@ -12,8 +12,7 @@ Cases (bf16, slot gates, chunk 64, K = V = 128, M = 64 unless said; most share o
     long_sequence   B=1, T=2^20, H=4: forward and backward finite; outputs and (upstream gradient on the
                     prefix only) every gradient on the first P tokens against the float64 reference, the
                     gradients past P exactly 0; the last L outputs and the final states against the
-                    reference continued from the kernels' own state at T - L; the gate gradient's float32
-                    suffix sums against float64 ones.
+                    reference continued from the kernels' own state at T - L.
     big_offsets     head_first [1, 8, T, 128] with 7 * T * 128 > 2^31 (the last head's offset needs int64;
                     2.46e9 elements per input), forward only (~60 GiB): per-head runs against the big run
                     (0.0 = bit for bit), the far end of the last head against the reference, and the
@@ -55,7 +54,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package and tests/differential.py (also in spawned workers)
 import differential  # noqa: E402
 
-from gsa_compile import chunk_gsa, launch, recurrent_gsa, recurrent_step, segments  # noqa: E402
+from gsa_compile import chunk_gsa, recurrent_gsa, recurrent_step, segments  # noqa: E402
 
 CHUNK = 64
 DIMS = dict(K=128, V=128, M=64)
@@ -114,14 +113,7 @@ def long_sequence(small=False):
     do = torch.randn(o.shape, device=o.device, generator=torch.Generator(o.device).manual_seed(2)).to(o.dtype)
     grads = torch.autograd.grad(o, x, do, retain_graph=True)
     result["backward_finite"] = _finite(*grads)
-    suffix = launch._blocked_suffix_sum  # the gate gradient's reverse cumsums: float32 here, float64 as a check
-    launch._blocked_suffix_sum = lambda d: suffix(d.double()).to(d.dtype)
-    try:
-        dg64, = torch.autograd.grad(o, [x[4]], do, retain_graph=True)
-    finally:
-        launch._blocked_suffix_sum = suffix
-    result["dg_float32_suffix_vs_float64"] = rel(grads[4], dg64)
-    del grads, dg64
+    del grads  # (dg's sums over chunks are float64: launch.later_totals)
     # the prefix: upstream gradient on the first P tokens only
     do_prefix = torch.zeros_like(do)
     do_prefix[:, :P] = do[:, :P]
@@ -143,8 +135,7 @@ def long_sequence(small=False):
     errors = [result["prefix_o"], result["end_o"], result["final_hk"], result["final_hv"]]
     grads_ok = all(e <= _tolerance("d" + n) for n, e in result["prefix_grads"].items())
     result["ok"] = (result["forward_finite"] and result["backward_finite"] and result["grads_past_prefix_zero"]
-                    and all(e <= _tolerance("o") for e in errors) and grads_ok
-                    and result["dg_float32_suffix_vs_float64"] <= 1e-3)
+                    and all(e <= _tolerance("o") for e in errors) and grads_ok)
     return result
 
 

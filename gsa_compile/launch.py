@@ -98,6 +98,8 @@ def kernel_constants(spec: Spec, config: TileConfig, slot_bc: int = SLOT_BACKWAR
         "slot_backward": dict(per_chunk, BC=min(slot_bc, spec.chunk_size)),
         "state_backward": dict(G=spec.group, NK=cdiv(spec.K, BK), **common),
         "key_backward": per_chunk,
+        "gate_backward_totals": dict(M=spec.M, G=spec.group, BT=spec.chunk_size, BM=spec.BM),
+        "gate_backward": dict(M=spec.M, G=spec.group, BT=spec.chunk_size, BM=spec.BM),
     }
 
 
@@ -317,8 +319,7 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
 
     final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3)  # [N, H, M]
     # s as the kernels used it: where the mods map s, the gate pass's copy (mods.STORED_MAPS holds every mapped s)
-    d_cumulative = x if HQ == H else x.view(B, T, H, HQ // H, M).sum(3)  # x: this call's scratch
-    dg = gate_gradient(d_cumulative.addcmul_(s_read, ds, value=-1), final_terms, cu_seqlens, layout)
+    ds, dg = gate_backward(call, x, s_read, ds, final_terms, s.dtype, g.dtype, layout)
     grads = {"q": dq, "k": dk, "v": dv, "s": ds, "g": dg}
     dparams = torch.zeros(0, device=q.device, dtype=torch.float32)
     if call.mods is not None:
@@ -328,62 +329,49 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype).contiguous(), dhk0, dhv0, dparams
 
 
-def _suffix_sum(x):
-    """sum over t' >= t along dim 1, scanned with time innermost (a scan over an outer dim runs one
-    thread per column: 11 ms for [1, 32768, 4, 64] on the H200)."""
-    inner = x.permute(0, 2, 3, 1)
-    return inner.flip(-1).cumsum(-1).flip(-1).permute(0, 3, 1, 2)
-
-
-SUFFIX_BLOCK = 64
-
-
-def _blocked_suffix_sum(d, block: int = SUFFIX_BLOCK):
-    """_suffix_sum(d) along dim 1 of d [B, T, ...], in blocks of `block` steps: prefix sums inside each block
-    (a scan of `block` steps per column, every block in parallel), suffix sums of the block totals (a tensor
-    `block` times smaller), then sum_{t' >= t} d_t' = (sum of the blocks from t's on) - prefix_t + d_t.
-    Four passes over d where _suffix_sum takes two flips, a scan and a strided copy back (the backward's
-    host kernels: ~0.6 ms at B8 T2048 H16 M64 on the H200, session 8). Rounding: eps * |suffix|, as a
-    sequential scan's. d itself is not modified; the result is a view of a new tensor."""
-    B, T = d.shape[:2]
-    n = cdiv(T, block)
-    if n * block != T:  # zeros after the end change no suffix
-        d = torch.nn.functional.pad(d, [0, 0] * (d.dim() - 2) + [0, n * block - T])
-    blocks = d.view(B, n, block, *d.shape[2:])
-    prefix = blocks.cumsum(2)
-    from_block = _suffix_sum(prefix[:, :, -1])  # [B, n, ...]: the totals of blocks c and later
-    result = torch.sub(blocks, prefix, out=prefix).add_(from_block.unsqueeze(2))
-    return result.view(B, n * block, *d.shape[2:])[:, :T]
-
-
-def gate_gradient(d_cumulative, final_terms, cu_seqlens, layout: GateLayout):
-    """dg from the gradient w.r.t. the cumulative log gate Gamma_t = sum_{i<=t} g_i of each sequence.
-
-    Each sequence's final states scale with exp(Gamma_last): their terms join at its last token.
-    dg_t = sum_{t' >= t in the same sequence} dGamma_t' (a reverse cumsum, in float64 for varlen,
-    where it is a difference of suffix sums of the packed batch; otherwise in the accumulator type,
-    blocked: _blocked_suffix_sum). A float32/float64 d_cumulative may be overwritten.
-    """
-    B, T = d_cumulative.shape[:2]
-    if cu_seqlens is None:
-        d = d_cumulative.to(torch.promote_types(d_cumulative.dtype, torch.float32))
-        d[:, T - 1] += final_terms.to(d.dtype)
-        dg = _blocked_suffix_sum(d)
-    else:
-        d = d_cumulative.double()
-        last = (cu_seqlens[1:] - 1).long()
-        d[0].index_add_(0, last, final_terms.double())
-        suffix = torch.cat([_suffix_sum(d), torch.zeros_like(d[:, :1])], dim=1)
-        positions = torch.arange(T, device=d.device)
-        seq_end = cu_seqlens[1:][torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)].long()
-        dg = suffix[:, :T] - suffix[:, seq_end]
-    if layout is GateLayout.SLOT:
-        return dg
+def gate_backward(call: Call, x, s_read, ds, final_terms, s_dtype, g_dtype, layout: GateLayout):
+    """(ds, dg) from the slot backward's x and the key backward's ds (f32): the gate backward's two launches
+    (programs_backward.gate_backward_totals, gate_backward) around `later_totals`. Where no mods follow, ds
+    and (slot gates) dg are written in the inputs' dtypes; the other layouts sum the slot-wise dg here."""
+    B, T, H, M = ds.shape
+    grid, chunk_seq, chunk_idx = call.chunk_grid(H, ds)
+    cu, offsets = call.tables(ds)
+    totals = torch.zeros(call.n_chunk_rows, H, M, device=ds.device, dtype=call.acc_dtype)  # varlen: spare rows 0
+    exact = call.mods is None  # else the mods' chain rule (mods.raw_gradients) takes them in f32
+    ds_out = torch.empty_like(ds, dtype=s_dtype) if exact else ds
+    dg = torch.empty_like(ds, dtype=g_dtype if exact and layout is GateLayout.SLOT else call.acc_dtype)
+    args = (x, s_read, ds, totals)
+    call.run(programs_backward.gate_backward_totals, grid, *args, totals, dg, ds_out, cu, offsets, chunk_seq,
+             chunk_idx, T, H, call.HQ, *_strides(s_read))
+    call.run(programs_backward.gate_backward, grid, *args, later_totals(call, totals, final_terms), dg, ds_out, cu,
+             offsets, chunk_seq, chunk_idx, T, H, call.HQ, *_strides(s_read))
     if layout is GateLayout.HEAD:
-        return dg.sum(3)
-    if layout is GateLayout.DECAY_HEAD:
-        return dg.sum((0, 1, 3))
-    return dg.sum((0, 1))  # DECAY_SLOT
+        dg = dg.sum(3)
+    elif layout is GateLayout.DECAY_HEAD:
+        dg = dg.sum((0, 1, 3))
+    elif layout is GateLayout.DECAY_SLOT:
+        dg = dg.sum((0, 1))
+    return ds_out, dg
+
+
+def later_totals(call: Call, totals, final_terms):
+    """[chunk rows, H, M]: for chunk row r of sequence n, the sum of `totals` over n's chunks after r, plus n's
+    final-state terms (final_terms [N, H, M]), which join at its last token. Differences of float64 prefix
+    sums over the chunk rows (a tensor BT times smaller than dg); rows past the last chunk of a packed batch
+    hold values no program reads."""
+    rows = torch.arange(totals.shape[0], device=totals.device)
+    if call.offsets is None:
+        per_sequence = cdiv(call.T, call.spec.chunk_size)
+        seq = torch.div(rows, per_sequence, rounding_mode="floor")
+        last = (seq + 1) * per_sequence - 1
+    else:
+        ends = call.offsets[1:].long()
+        seq = torch.searchsorted(ends, rows, right=True).clamp(max=call.N - 1)
+        last = (ends[seq] - 1).clamp(min=0)
+    # rows innermost: a scan over an outer dim runs one thread per column (0.2 ms at 512 chunk rows, H200)
+    prefix = totals.double().permute(1, 2, 0).contiguous().cumsum(-1)  # [H, M, rows]
+    later = prefix[..., last] - prefix + final_terms.double().permute(1, 2, 0)[..., seq]
+    return later.permute(2, 0, 1).to(call.acc_dtype).contiguous()
 
 
 MAX_DECODE_SPLITS = 8

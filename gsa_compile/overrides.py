@@ -40,7 +40,8 @@ def _env_ints(name: str, fields: str):
 # compiles to 248 registers at B8 T2048 H16 K=V=128, 2 programs of 4 warps per SM; at 168, 3, spilling
 # ~260 bytes per thread). An experiment's knob for eager calls, like the two above.
 MAXNREG_ENV = "GSA_MAXNREG"
-PROGRAM_NAMES = tuple(b.__name__ for b in programs.FORWARD_PROGRAMS + programs_backward.BACKWARD_PROGRAMS)
+PROGRAM_NAMES = tuple(b.__name__ for b in programs.FORWARD_PROGRAMS + programs_backward.BACKWARD_PROGRAMS
+                      + programs_backward.GATE_BACKWARD_PROGRAMS)
 
 
 def maxnreg_override() -> dict:

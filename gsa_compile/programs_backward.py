@@ -18,8 +18,13 @@ With dl = dL/dlogits (natural units), p the slot probabilities and dp = dL/dp:
         ds_j = 2^(B - b_j) (k_j dHk + v_j dHv^T) + sum_t 2^(b_t - b_j) (scale dl_t (q_t.k_j) + p_t (do_t.v_j))
    with w_j = s_j 2^(B - b_j), B = b at the chunk's last row. The slot backward leaves it the two
    attention matrices and the last sum (per query head), so this pass is chunk-level products only.
-The gate gradient follows on the host: dGamma = sum_heads x - s ds (+ final-state terms at each
-sequence's last token), dg = reverse cumsum of dGamma over each sequence.
+4. gate backward (per kv head and chunk, parallel; two launches): dGamma = sum_heads x - s ds, the
+   gradient w.r.t. the cumulative log gate, and dg_t = sum_{t' >= t in the sequence} dGamma_t' (+ the
+   final-state terms, which join at the sequence's last token). The first launch stores each chunk's sum
+   of dGamma; the host turns those (a tensor BT times smaller) into `later`, each chunk's sum over the
+   later chunks of its sequence plus the final-state terms; the second adds its suffix sums inside the
+   chunk and writes dg and ds in their output dtypes. (On the host this took ~8 passes over [B, T, H, M]
+   f32 tensors: 0.38-0.48 ms of each forward+backward at the bench shapes, bench/NOTES.md session 12.)
 """
 from __future__ import annotations
 
@@ -183,4 +188,43 @@ def key_backward(spec: Spec) -> Program:
     return Program("gsa_key_backward", [k, v, dk, dv, ds_view, q, do, att_dl, att_p, dsi], b.body).verify()
 
 
+def _gate_gradient_rows(b: Builder, spec: Spec):
+    """dGamma [BT, BM] of the chunk: the group's x rows summed, minus s ds (rows past eos load 0)."""
+    d = b.zeros("d_c", ("BT", "BM"))
+    with b.loop("i_g", "0", "G"):
+        b.map("d_c", "{0} + {1}", d, chunk_rows(b, "x_g", _group_view("x", "M", internal=True)))
+    s, ds = chunk_rows(b, "s_c", input_view(spec, "s", "M")), chunk_rows(b, "ds_c", seq_view("ds", "M"))
+    return b.map("d_c", "{0} - {1} * {2}", d, s, ds), ds
+
+
+def _chunk_row(tensor: str) -> View:
+    """Chunk i_c's row [BM] of a [chunk rows, H, M] buffer (indexed like the chunk states)."""
+    return View(f"({tensor} + ((boc + i_c) * H + i_h) * M)", "0", "M")
+
+
+def gate_backward_totals(spec: Spec) -> Program:
+    """Each chunk's sum of dGamma, to `totals` (the host sums them over the later chunks: `later`)."""
+    b = Builder()
+    d, _ = _gate_gradient_rows(b, spec)
+    b.store(_chunk_row("totals"), b.reduce("d_total", d, 0), "t0", "eos")
+    return Program("gsa_gate_backward_totals", [], b.body).verify()
+
+
+def gate_backward(spec: Spec) -> Program:
+    """dg = dGamma's suffix sums inside the chunk + later (the sequence's later chunks, final-state terms),
+    and ds, each stored in its output's dtype."""
+    b = Builder()
+    d, ds = _gate_gradient_rows(b, spec)
+    total = b.expand("d_total", b.reduce("d_sum", d, 0), "None, :")
+    later = b.expand("later_c", b.load("later_row", _chunk_row("later"), "t0", "eos", ("BM",)), "None, :")
+    dg = b.map("dg_c", "{0} - {1} + {2} + {3}", total, b.reduce("d_prefix", d, 0, "cumsum"), d, later)
+    b.store(seq_view("dg", "M", row_stride="stride_dst"), dg, "t0", "eos")
+    b.store(seq_view("ds_out", "M", row_stride="stride_dst"), ds, "t0", "eos")
+    return Program("gsa_gate_backward", [], b.body).verify()
+
+
+gate_backward_totals.template = "gate_backward"  # one frame (codegen.kernel)
 BACKWARD_PROGRAMS = (slot_backward, state_backward, key_backward)
+# Not in BACKWARD_PROGRAMS (whose text a tuned backward entry's hash covers, tuner.kernel_text_hash): these
+# two read and write [BT, BM] rows only, whatever the tuned tiles.
+GATE_BACKWARD_PROGRAMS = (gate_backward_totals, gate_backward)

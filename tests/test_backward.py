@@ -262,16 +262,6 @@ def _gradcheck(layout, T, cu_seqlens=None, fast_mode=True, seed=0):
     assert torch.autograd.gradcheck(fn, tuple(present), eps=1e-6, atol=1e-6, fast_mode=fast_mode)
 
 
-@pytest.mark.parametrize("T", [1, 63, 64, 65, 300])
-def test_blocked_suffix_sum_matches_the_sequential_one(T):
-    """The gate gradient's reverse cumsum, computed in blocks (launch._blocked_suffix_sum), on fresh inputs."""
-    from gsa_compile import launch
-    d = torch.randn(2, T, 3, 5, dtype=torch.float64)
-    blocked = launch._blocked_suffix_sum(d, block=16)
-    assert blocked.shape == d.shape
-    torch.testing.assert_close(blocked, d.flip(1).cumsum(1).flip(1), rtol=1e-12, atol=1e-12)
-
-
 @needs_interpreter
 @pytest.mark.parametrize("layout", GRADCHECK_LAYOUTS)
 def test_gradcheck_float64(layout):
