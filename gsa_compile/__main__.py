@@ -142,7 +142,8 @@ def _check_args(parser: argparse.ArgumentParser) -> None:
 
 # -- show ------------------------------------------------------------------------------------
 
-SHOWN_PROGRAMS = {f.__name__: f for f in programs.FORWARD_PROGRAMS + programs_backward.BACKWARD_PROGRAMS}
+SHOWN_PROGRAMS = {f.__name__: f for f in programs.FORWARD_PROGRAMS + programs_backward.BACKWARD_PROGRAMS
+                  + programs_backward.GATE_BACKWARD_PROGRAMS}
 
 
 def cmd_show(args) -> int:

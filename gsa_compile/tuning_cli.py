@@ -79,7 +79,7 @@ def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None
     """Tune one shape's forward, or its backward (a TuningKey with direction "backward": it recomputes the
     forward's states, so any chunk size and tiles will do; every backward kernel, the slot backward
     included, runs with the config's warps, and the gradients of q, k, v, s must match the default
-    config's: dg is derived from them on the host). Returns (TuneResult, the job that checks the winner's
+    config's: dg follows from them in the gate backward). Returns (TuneResult, the job that checks the winner's
     backward: a forward's config also runs the backward when no backward entry exists)."""
     backward = direction == "backward"
     spec_like = Spec(GateLayout(layout), 64, launch.DTYPE_NAMES[dtype], K, V, M, group=1)
