@@ -92,6 +92,8 @@ def compile_report(fn, args, kwargs):
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     options = dict(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 2))
+    if kwargs.get("maxnreg"):  # GSA_MAXNREG's cap, as the launch passes it
+        options["maxnreg"] = kwargs["maxnreg"]
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                               options=options)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
