@@ -48,6 +48,11 @@ def last_row(end: str) -> str:
     return f"tl.maximum(tl.minimum({end}, eos) - 1, t0)"
 
 
+def chunk_row(tensor: str, i_c: str = "i_c") -> View:
+    """Chunk i_c's row [BM] of a [chunk rows, H, M] buffer (indexed like the chunk states)."""
+    return View(f"({tensor} + ((boc + {i_c}) * H + i_h) * M)", "0", "M")
+
+
 def scratch_view(name: str, cols: str) -> View:
     """Rows of a contiguous f32 buffer [B, T, heads, cols] (cols M or BT) for this program's head."""
     return View(f"{name}_base", "stride_pt" if cols == "M" else "stride_at", cols)
@@ -208,25 +213,24 @@ class SubChunk:
         key_scores (name, view, [(pairs name, pairs view, weights)]): for key rows j, [BM]:
         sum_{t >= j} sum over the items of pairs[t, j] weights_t 2^(b_t - b_j), into rows of the [BT, BM] view."""
         b = self.b
+        name, key_view, items = key_scores or (None, None, ())
         if self.sweep:
             with self.columns() as col:
                 for p, weights, view in attention:
                     self.store_column(view, self.column_attention(p + "att_j", weights, col))
-                if key_scores:
-                    name, view, items = key_scores
+                if items:
                     args = [x for pairs, pairs_view, weights in items
                             for x in (self.column(pairs + "_j", pairs_view), weights)]
                     expr = " + ".join(f"{{{2 * i}}} * {{{2 * i + 1}}}" for i in range(len(items)))
-                    self.store_row(view, self.column_key_score(name + "_j", b.map(name + "_w", expr, *args), col))
+                    self.store_row(key_view, self.column_key_score(name + "_j", b.map(name + "_w", expr, *args), col))
             return
         s3, decay = self.pairwise()
         for p, weights, view in attention:
             b.store(view, self.attention(p, weights, s3, decay), "ts", "eos", col0="J * BC")
-        if key_scores:
-            name, view, items = key_scores
+        if items:
             terms = [self.key_scores(f"{name}{i}_", self.block(pairs, pairs_view), weights, decay)
                      for i, (pairs, pairs_view, weights) in enumerate(items)]
-            b.store(view, b.map(name + "_i", " + ".join(f"{{{i}}}" for i in range(len(terms))), *terms), "ts", "eos")
+            b.store(key_view, b.map(name + "_i", " + ".join(f"{{{i}}}" for i in range(len(terms))), *terms), "ts", "eos")
 
     # the pairwise form
     def pairwise(self):

@@ -333,18 +333,17 @@ def gate_backward(call: Call, x, s_read, ds, final_terms, s_dtype, g_dtype, layo
     """(ds, dg) from the slot backward's x and the key backward's ds (f32): the gate backward's two launches
     (programs_backward.gate_backward_totals, gate_backward) around `later_totals`. Where no mods follow, ds
     and (slot gates) dg are written in the inputs' dtypes; the other layouts sum the slot-wise dg here."""
-    B, T, H, M = ds.shape
+    _, T, H, M = ds.shape
     grid, chunk_seq, chunk_idx = call.chunk_grid(H, ds)
     cu, offsets = call.tables(ds)
     totals = torch.zeros(call.n_chunk_rows, H, M, device=ds.device, dtype=call.acc_dtype)  # varlen: spare rows 0
     exact = call.mods is None  # else the mods' chain rule (mods.raw_gradients) takes them in f32
     ds_out = torch.empty_like(ds, dtype=s_dtype) if exact else ds
     dg = torch.empty_like(ds, dtype=g_dtype if exact and layout is GateLayout.SLOT else call.acc_dtype)
-    args = (x, s_read, ds, totals)
-    call.run(programs_backward.gate_backward_totals, grid, *args, totals, dg, ds_out, cu, offsets, chunk_seq,
-             chunk_idx, T, H, call.HQ, *_strides(s_read))
-    call.run(programs_backward.gate_backward, grid, *args, later_totals(call, totals, final_terms), dg, ds_out, cu,
-             offsets, chunk_seq, chunk_idx, T, H, call.HQ, *_strides(s_read))
+    rest = (dg, ds_out, cu, offsets, chunk_seq, chunk_idx, T, H, call.HQ, *_strides(s_read))
+    call.run(programs_backward.gate_backward_totals, grid, x, s_read, ds, totals, totals, *rest)  # (no `later` yet)
+    later = later_totals(call, totals, final_terms)
+    call.run(programs_backward.gate_backward, grid, x, s_read, ds, totals, later, *rest)
     if layout is GateLayout.HEAD:
         dg = dg.sum(3)
     elif layout is GateLayout.DECAY_HEAD:

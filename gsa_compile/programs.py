@@ -27,8 +27,8 @@ The gate layout is a lowering rule: how a [BT, BM] tile of g is read (`gate_view
 from __future__ import annotations
 
 from . import mods
-from .blocks import (LOG2E, UNROLLED_SWEEP_MAX_CHUNK, ChunkGates, SubChunk, chunk_products, chunk_rows,
-                     chunk_state, diagonal_blocks, input_view, mapped_copy, scratch_view, seq_view, softmax_slots)
+from .blocks import (LOG2E, UNROLLED_SWEEP_MAX_CHUNK, ChunkGates, SubChunk, chunk_products, chunk_row,
+                     chunk_rows, chunk_state, diagonal_blocks, input_view, mapped_copy, scratch_view, seq_view, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import GATE_FLOOR, GateLayout, Spec
 
@@ -48,8 +48,8 @@ def gate_view(layout: GateLayout) -> View:
 
 
 def chunk_total(i_c: str = "i_c") -> View:
-    """Chunk i_c's total log2 gate b_last [BM] in `gtot` [chunk rows, H, M] (f32), indexed like the chunk states."""
-    return View(f"(gtot + ((boc + {i_c}) * H + i_h) * M)", "0", "M")
+    """Chunk i_c's total log2 gate b_last [BM] in `gtot` [chunk rows, H, M] (f32)."""
+    return chunk_row("gtot", i_c)
 
 
 def gate_pass(spec: Spec) -> Program:

@@ -29,8 +29,8 @@ With dl = dL/dlogits (natural units), p the slot probabilities and dp = dL/dp:
 """
 from __future__ import annotations
 
-from .blocks import (ChunkGates, SubChunk, chunk_products, chunk_rows, chunk_state, diagonal_blocks, input_view,
-                     last_row, scratch_view, seq_view, slot_mod_backward, softmax_slots)
+from .blocks import (ChunkGates, SubChunk, chunk_products, chunk_row, chunk_rows, chunk_state, diagonal_blocks,
+                     input_view, last_row, scratch_view, seq_view, slot_mod_backward, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import Spec
 
@@ -198,16 +198,11 @@ def _gate_gradient_rows(b: Builder, spec: Spec):
     return b.map("d_c", "{0} - {1} * {2}", d, s, ds), ds
 
 
-def _chunk_row(tensor: str) -> View:
-    """Chunk i_c's row [BM] of a [chunk rows, H, M] buffer (indexed like the chunk states)."""
-    return View(f"({tensor} + ((boc + i_c) * H + i_h) * M)", "0", "M")
-
-
 def gate_backward_totals(spec: Spec) -> Program:
     """Each chunk's sum of dGamma, to `totals` (the host sums them over the later chunks: `later`)."""
     b = Builder()
     d, _ = _gate_gradient_rows(b, spec)
-    b.store(_chunk_row("totals"), b.reduce("d_total", d, 0), "t0", "eos")
+    b.store(chunk_row("totals"), b.reduce("d_total", d, 0), "t0", "eos")
     return Program("gsa_gate_backward_totals", [], b.body).verify()
 
 
@@ -217,7 +212,7 @@ def gate_backward(spec: Spec) -> Program:
     b = Builder()
     d, ds = _gate_gradient_rows(b, spec)
     total = b.expand("d_total", b.reduce("d_sum", d, 0), "None, :")
-    later = b.expand("later_c", b.load("later_row", _chunk_row("later"), "t0", "eos", ("BM",)), "None, :")
+    later = b.expand("later_c", b.load("later_row", chunk_row("later"), "t0", "eos", ("BM",)), "None, :")
     dg = b.map("dg_c", "{0} - {1} + {2} + {3}", total, b.reduce("d_prefix", d, 0, "cumsum"), d, later)
     b.store(seq_view("dg", "M", row_stride="stride_dst"), dg, "t0", "eos")
     b.store(seq_view("ds_out", "M", row_stride="stride_dst"), ds, "t0", "eos")
