@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import torch
 
 from . import codegen, mods, programs, programs_backward, programs_decode, segments
-from .overrides import backward_override, decode_override, forward_override, maxnreg_override, subchunk_form
+from .overrides import (backward_override, call_environment, decode_override, forward_override,
+                        maxnreg_override, subchunk_form)
 from .spec import GateLayout, Spec, TileConfig, block, cdiv, next_power_of_2
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -127,6 +128,40 @@ def tuned_config(layout, dtype, K, V, M, group, varlen, T, BH, device, direction
     return config.chunk_size, config.tile_config(), source
 
 
+_PLANS: dict = {}  # eager calls' launch plans (Call.__init__), by sizes, flags, overrides and tuning generation
+MAX_PLANS = 512  # emptied when full (distinct lengths of a long-running process)
+
+
+def tuning_generation(device) -> int:
+    """The generation of `device`'s tuning cache: unique per cache object and reload (a record() reloads)."""
+    from . import tuner
+    return tuner.default_cache(device if device.type == "cuda" else "cpu").generation
+
+
+def _plan(sizes, dtype, device, varlen, initial_state, chunk_size, layout, config, mods_key, slot_backward, direction):
+    """(chunk_size, Spec, constexpr arguments per program, launch options, per-program launch options) of a call."""
+    B, T, HQ, K, H, V, M = sizes
+    override = forward_override() if direction == "forward" else None
+    if override is not None:  # GSA_FORWARD_CONFIG (also for launch.state_pass alone: segments_bench.py)
+        chunk_size, config = override
+    if chunk_size == AUTO:
+        chunk_size, config, source = tuned_config(layout, dtype, K, V, M, HQ // H, varlen, _hint(T), _hint(B) * HQ,
+                                                  device if device.type == "cuda" else "cpu", direction)
+        if direction == "backward" and source != "forward":  # a tuned backward chose its warps for every kernel
+            slot_backward = (config.num_warps, slot_backward[1])
+    spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[dtype], K=K, V=V, M=M, group=HQ // H,
+                varlen=varlen, initial_state=initial_state, final_state=True, mods=mods_key,
+                subchunk=subchunk_form(device))
+    config = config or TileConfig()
+    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    # the slot backward's warps: forced (GSA_BACKWARD_CONFIG), a tuned backward's, else at least 8 (its spills)
+    slot_warps = slot_backward[0] or max(SLOT_BACKWARD_WARPS, config.num_warps)
+    launch_of = {"slot_backward": dict(launch, num_warps=slot_warps)}
+    for name, cap in maxnreg_override().items():
+        launch_of[name] = dict(launch_of.get(name, launch), maxnreg=cap)
+    return chunk_size, spec, kernel_constants(spec, config, slot_backward[1]), launch, launch_of
+
+
 class Call:
     """Sizes, Spec, constants and chunk tables of one forward or backward call."""
 
@@ -137,29 +172,23 @@ class Call:
         self.HQ, self.K, self.H, self.V, self.M = (int(x) for x in (q.shape[2], q.shape[3], k.shape[2], v.shape[3], s.shape[3]))
         self.N = self.B if cu_seqlens is None else cu_seqlens.numel() - 1
         self.plain_tensors = type(q) is torch.Tensor  # not a fake or functional tensor of a trace
-        override = forward_override() if direction == "forward" else None
-        if override is not None:  # GSA_FORWARD_CONFIG (also for launch.state_pass alone: segments_bench.py)
-            chunk_size, config = override
-        if chunk_size == AUTO:
-            chunk_size, config, source = tuned_config(
-                layout, q.dtype, self.K, self.V, self.M, self.HQ // self.H, cu_seqlens is not None, _hint(self.T),
-                _hint(self.B) * self.HQ, q.device if q.device.type == "cuda" else "cpu", direction)
-            if direction == "backward" and source != "forward":  # a tuned backward chose its warps for every kernel
-                slot_backward = (config.num_warps, slot_backward[1])
-        self.spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[q.dtype], K=self.K, V=self.V,
-                         M=self.M, group=self.HQ // self.H, varlen=cu_seqlens is not None,
-                         initial_state=hk0 is not None, final_state=True, mods=mods_key,
-                         subchunk=subchunk_form(q.device))
+        sizes = (self.B, self.T, self.HQ, self.K, self.H, self.V, self.M)
+        static = (sizes, q.dtype, q.device, cu_seqlens is not None, hk0 is not None, chunk_size, layout, config,
+                  mods_key, slot_backward, direction)
+        # An eager call's launch plan is memoised (host time: ~30 us a call on the H200 machine); a trace's
+        # sizes may be symbolic, so it plans every time. The key holds what the plan reads besides `static`:
+        # the launch overrides' variables and the tuning cache's generation (a record() invalidates).
+        key = (static, call_environment(), tuning_generation(q.device)) if self.plain_tensors else None
+        plan = _PLANS.get(key) if key is not None else None
+        if plan is None:
+            plan = _plan(*static)
+            if key is not None:
+                if len(_PLANS) >= MAX_PLANS:
+                    _PLANS.clear()
+                _PLANS[key] = plan
+        chunk_size, self.spec, self.consts, self.launch, self.launch_of = plan
         self.mods, self.mod_params = mods.lookup(mods_key), mod_params
         self.mod_args = {"mod_params": mod_params} if self.mods is not None and self.mods.n_params else {}
-        config = config or TileConfig()
-        self.consts = kernel_constants(self.spec, config, slot_backward[1])
-        self.launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        # the slot backward's warps: forced (GSA_BACKWARD_CONFIG), a tuned backward's, else at least 8 (its spills)
-        slot_warps = slot_backward[0] or max(SLOT_BACKWARD_WARPS, config.num_warps)
-        self.launch_of = {"slot_backward": dict(self.launch, num_warps=slot_warps)}
-        for name, cap in maxnreg_override().items():
-            self.launch_of[name] = dict(self.launch_of.get(name, self.launch), maxnreg=cap)
         self.wrap, self.device, self.cu_seqlens = wrap, q.device, cu_seqlens
         self.acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.n_chunk_rows, self.offsets, self.chunk_seq, self.chunk_idx = chunk_layout(cu_seqlens, self.B, self.T, chunk_size)
@@ -299,8 +328,9 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
 
     dhk_chunks, dhv_chunks = torch.empty_like(hk_chunks), torch.empty_like(hv_chunks)
     dhk0, dhv0 = call.f32(N, H, K, M), call.f32(N, H, M, V)
-    dhk_final = dhk_final.to(call.acc_dtype).contiguous() if dhk_final is not None else torch.zeros_like(hk_final)
-    dhv_final = dhv_final.to(call.acc_dtype).contiguous() if dhv_final is not None else torch.zeros_like(hv_final)
+    given = dhk_final is not None, dhv_final is not None  # autograd passes None for an unused final state
+    dhk_final = dhk_final.to(call.acc_dtype).contiguous() if given[0] else torch.zeros_like(hk_final)
+    dhv_final = dhv_final.to(call.acc_dtype).contiguous() if given[1] else torch.zeros_like(hv_final)
     if call.segments is not None and segments.packable(call, (q, do)):  # the recomputed forward's segments
         segments.state_backward(call.segments, call, q, do, gc, p, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final,
                                 dhk0, dhv0, scale)
@@ -317,7 +347,10 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
              q, k, v, s_read, gc, do, att_dl, att_p, dsi, dhk_chunks, dhv_chunks, dk, dv, ds, cu, offsets, chunk_seq,
              chunk_idx, T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read), *_strides(do))
 
-    final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3)  # [N, H, M]
+    # dg's terms from the final states' gradients, which join at each sequence's last token: [N, H, M] or none
+    parts = [(dh * h).sum(dim) for dh, h, dim, on in ((dhk_final, hk_final, 2, given[0]), (dhv_final, hv_final, 3, given[1]))
+             if on]
+    final_terms = sum(parts[1:], parts[0]) if parts else None
     # s as the kernels used it: where the mods map s, the gate pass's copy (mods.STORED_MAPS holds every mapped s)
     ds, dg = gate_backward(call, x, s_read, ds, final_terms, s.dtype, g.dtype, layout)
     grads = {"q": dq, "k": dk, "v": dv, "s": ds, "g": dg}
@@ -353,26 +386,36 @@ def gate_backward(call: Call, x, s_read, ds, final_terms, s_dtype, g_dtype, layo
     return ds_out, dg
 
 
+def contiguous_copy(x: torch.Tensor, dtype) -> torch.Tensor:
+    """A contiguous copy of x in `dtype`, in one copy kernel (x.to(dtype) keeps a permuted layout, and aliases x
+    where the dtype matches, even with memory_format=torch.contiguous_format for fewer than 4 dimensions)."""
+    return torch.empty(x.shape, device=x.device, dtype=dtype).copy_(x)
+
+
 def later_totals(call: Call, totals, final_terms):
     """[chunk rows, H, M]: for chunk row r of sequence n, the sum of `totals` over n's chunks after r, plus n's
-    final-state terms (final_terms [N, H, M]), which join at its last token. Sums in float64 over the chunk
+    final-state terms (final_terms [N, H, M] or None), which join at its last token. Sums in float64 over the chunk
     rows (a tensor BT times smaller than dg), scanned with the rows innermost (a scan over an outer dim runs
     one thread per column: 0.2 ms at 512 chunk rows on the H200). Dense batches scan each sequence on its
     own (dg of a batch row is then the same, bit for bit, as when that row runs alone); a packed batch takes
     differences of one scan. Rows past the last chunk of a packed batch hold values no program reads."""
     H, M = totals.shape[1:]
-    rows = totals.double().permute(1, 2, 0)  # [H, M, chunk rows]
-    final = final_terms.double().permute(1, 2, 0)  # [H, M, N]
+    rows = contiguous_copy(totals.permute(1, 2, 0), torch.float64)  # [H, M, chunk rows]
     if call.offsets is None:
-        prefix = rows.reshape(H, M, call.N, -1).cumsum(-1)  # [H, M, N, chunks per sequence]
-        later = (prefix[..., -1:] - prefix + final[..., None]).reshape(H, M, -1)
+        prefix = rows.view(H, M, call.N, -1).cumsum(-1)  # [H, M, N, chunks per sequence]
+        later = prefix[..., -1:] - prefix
+        if final_terms is not None:
+            later += final_terms.permute(1, 2, 0).double()[..., None]  # [H, M, N, 1]
+        later = later.view(H, M, -1)
     else:
         ends = call.offsets[1:].long()
         seq = torch.searchsorted(ends, torch.arange(totals.shape[0], device=totals.device), right=True)
         seq = seq.clamp(max=call.N - 1)
-        prefix = rows.contiguous().cumsum(-1)
-        later = prefix[..., (ends[seq] - 1).clamp(min=0)] - prefix + final[..., seq]
-    return later.permute(2, 0, 1).to(call.acc_dtype).contiguous()
+        prefix = rows.cumsum(-1)
+        later = prefix[..., (ends[seq] - 1).clamp(min=0)] - prefix
+        if final_terms is not None:
+            later += final_terms.permute(1, 2, 0).double()[..., seq]
+    return contiguous_copy(later.permute(2, 0, 1), call.acc_dtype)
 
 
 MAX_DECODE_SPLITS = 8

@@ -94,3 +94,11 @@ def subchunk_form(device) -> str:
     if value:
         raise ValueError(f"{SUBCHUNK_ENV}={value!r}: expected one of {SUBCHUNK_FORMS}")
     return "sweep" if device.type == "cuda" else "pairwise"
+
+
+CALL_ENVS = (FORWARD_CONFIG_ENV, MAXNREG_ENV, SUBCHUNK_ENV)  # what a forward or backward call's plan reads
+
+
+def call_environment() -> tuple:
+    """The values of the variables a call's launch plan reads (launch.Call memoises plans by them)."""
+    return tuple(os.environ.get(name) for name in CALL_ENVS)

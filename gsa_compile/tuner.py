@@ -313,6 +313,9 @@ def read_entries(path: Path, env: Environment) -> dict:
     return entries
 
 
+_generations = itertools.count()
+
+
 class TuningCache:
     """Shipped + user tuning files of one GPU. lookup() never raises; record() merges atomically."""
 
@@ -325,6 +328,7 @@ class TuningCache:
 
     def reload(self) -> None:
         self._entries, self._memo = None, {}
+        self.generation = next(_generations)  # unique per cache and reload: launch.Call's memoised plans compare it
 
     def entries(self) -> dict:
         """{TuningKey: entry}; user entries override shipped ones."""

@@ -229,6 +229,26 @@ def test_backward_launch_takes_its_entry(dirs):
     assert call("forward") == (32, 32, 8) and call("backward") == (16, 16, 4)
 
 
+
+def test_eager_call_plans_follow_records_and_overrides(dirs, monkeypatch):
+    """launch.Call memoises an eager call's launch plan (host time); a record() into the tuning cache and the
+    launch-override variables still take effect at the next call."""
+    from gsa_compile import launch, overrides
+    B, T, H, K, V, M = 1, 300, 2, 32, 32, 16
+    q, k, v, s = (torch.zeros(B, T, H, d) for d in (K, K, V, M))
+
+    def chunk_size():
+        return launch.Call(q, k, v, s, None, None, launch.AUTO, GateLayout.SLOT, None, lambda kernel: kernel).spec.chunk_size
+
+    assert chunk_size() == chunk_size() == DEFAULT_CONFIG.chunk_size  # nothing tuned in these directories
+    spec = Spec(layout=GateLayout.SLOT, chunk_size=64, dtype="float32", K=K, V=V, M=M)
+    assert tuner.default_cache("cpu").record(TuningKey.make(spec, T=T, BH=B * H), OTHER, time_ms=1.0, default_ms=2.0)
+    assert chunk_size() == OTHER.chunk_size != DEFAULT_CONFIG.chunk_size
+    monkeypatch.setenv(overrides.FORWARD_CONFIG_ENV, "16,32,32,4,1")
+    assert chunk_size() == 16
+    monkeypatch.delenv(overrides.FORWARD_CONFIG_ENV)
+    assert chunk_size() == OTHER.chunk_size
+
 def test_missing_files_and_default_cache(dirs):
     (cfg, source), warned = caught(lambda: TuningCache(ENV).lookup(key()))
     assert (cfg, source) == (DEFAULT_CONFIG, "default") and not warned
