@@ -14,7 +14,6 @@ at T=1), so the number of Hypothesis examples per (chunk size, layout) is small 
 the loaded Hypothesis profile ("ci": 20 examples -> x1, "gpu": 200 -> x10).
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from hypothesis import Phase, given, settings, strategies as st
 
 import differential
+from slow import examples, slow, slow_param
 from differential import rel_err
 from gsa_compile import chunk_gsa, recurrent_gsa
 from gsa_compile import ops as gsa_ops
@@ -30,8 +30,9 @@ from gsa_compile import ops as gsa_ops
 CHUNK_SIZES = (16, 32, 64, 128)
 LAYOUTS = ("slot", "head", "decay_head", "decay_slot", "abc")
 TOL = 1e-4  # ||a - b|| / ||b|| (see rel_err) for every float32 gradient against the float64 reference
-# Examples per (chunk size, layout) under the "ci" profile; a backward at chunk 128 costs ~10-20 s.
-BASE_EXAMPLES = {16: 2, 32: 2, 64: 1, 128: 1}
+# Examples per (chunk size, layout) under the "ci" profile (2 at chunks 16 and 32 with GSA_SLOW_TESTS=1: tests/slow.py);
+# a backward at chunk 128 costs ~10-20 s in the interpreter.
+BASE_EXAMPLES = {16: examples(1, 2), 32: examples(1, 2), 64: 1, 128: 1}
 # Cap on (chunk rows) x (query heads) per example: the interpreter runs programs one by one.
 COST_CAP = {16: 16, 32: 8, 64: 4, 128: 2}
 T_MAX = {16: 49, 32: 69, 64: 89, 128: 135}  # the "above one chunk" regime draws odd T in (chunk, T_MAX]
@@ -208,7 +209,8 @@ def test_learnable_decay_parameter_gradient(layout, device):
 
 needs_interpreter = pytest.mark.skipif(not gsa_ops.INTERPRETER, reason="float64 kernels run only under the "
                                        "Triton interpreter")
-GRADCHECK_LAYOUTS = LAYOUTS
+# the constant decays' gradients also meet float64 in test_float64_gradients_match_reference and the decay tests
+GRADCHECK_LAYOUTS = ["slot", "head", "abc"] + [slow_param(x) for x in ("decay_head", "decay_slot")]
 
 
 @needs_interpreter
@@ -310,9 +312,7 @@ def test_gradcheck_float64_varlen():
 
 
 @needs_interpreter
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("GSA_SLOW_TESTS", "0") != "1",
-                    reason="~25 s in the interpreter and the CI command runs slow tests: set GSA_SLOW_TESTS=1")
+@slow  # ~25 s in the interpreter
 def test_gradcheck_float64_full_jacobian():
     """Element-by-element Jacobian (slow mode) for one data-dependent layout."""
     _gradcheck("head", T=5, fast_mode=False, seed=2)

@@ -27,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gsa_compile import chunk_gsa, chunk_gsa_cp, recurrent_gsa
+from slow import slow_param
 from gsa_compile.benchmark import rel
 from gsa_compile.context_parallel import SimulatedGroup, plan_span
 from gsa_compile.reference import gate_gradient_scale
@@ -229,8 +230,7 @@ def cases():
 
 # 4 gloo ranks: ~30 s of the CI's 2 cores (4 processes compiling), so only with GSA_SLOW_TESTS=1; in CI
 # 2 gloo ranks run, and 4 ranks run in one process (test_simulated_group_matches_single_process).
-FOUR_RANKS = pytest.param(4, marks=[pytest.mark.slow, pytest.mark.skipif(
-    os.environ.get("GSA_SLOW_TESTS", "0") != "1", reason="~30 s on 2 cores; 4 ranks run simulated: GSA_SLOW_TESTS=1")])
+FOUR_RANKS = slow_param(4)
 
 
 @pytest.mark.parametrize("world", [2, FOUR_RANKS])
