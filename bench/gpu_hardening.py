@@ -68,7 +68,7 @@ def long_sequence(small=False):
     do = torch.randn(o.shape, device=o.device, generator=torch.Generator(o.device).manual_seed(2)).to(o.dtype)
     grads = torch.autograd.grad(o, x, do, retain_graph=True)
     result["backward_finite"] = _finite(*grads)
-    del grads  # (dg's sums over chunks are float64: launch.later_totals)
+    del grads  # (dg's sums over chunks are float64: gate_gradient.later_totals)
     # the prefix: upstream gradient on the first P tokens only
     do_prefix = torch.zeros_like(do)
     do_prefix[:, :P] = do[:, :P]

@@ -66,7 +66,9 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
     constant [H] or [H,M], or None (ABC). g is a log forget gate and must be <= 0. Returns
     (o [B,T,HQ,V] in q's dtype, (hk [N,H,K,M], hv [N,H,M,V]) in float32 or None).
     `chunk_size=None` takes the launch config tuned for this GPU (see autotune/README.md); an explicit
-    16/32/64/128 forces it. `checkpoint_level` is accepted for fla compatibility (the backward always recomputes);
+    16/32/64/128 forces it. `checkpoint_level` as fla's: 2 or None (the default) recomputes the forward's chunk
+    states in the backward; 0 or 1 keeps them from the forward (eager calls: less backward work, the states held
+    until the backward; compiled graphs recompute);
     `head_first=True` takes [B,H,T,D] inputs and returns o as [B,HQ,T,V], as fla's did.
     `mods` (gsa_compile.GSAMods) fuses user feature maps, gate_mod and slot_mod into the kernels; then
     q, k, v, g are raw inputs the kernels map, and s is None when the mods derive it from g (s_from_gate).
@@ -80,6 +82,8 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
                               check_values=False if mods is not None else None)
     if chunk_size is not None:
         check_chunk_size(chunk_size)
+    if checkpoint_level not in (None, 0, 1, 2):
+        raise ValueError(f"checkpoint_level must be None, 0, 1 or 2 (fla's levels), got {checkpoint_level!r}")
     if mods is not None:
         mods.check(problem.layout)
     if problem.dtype == torch.float64 and not ops.INTERPRETER:
@@ -92,7 +96,7 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
     hk0, hv0 = initial_state if initial_state is not None else (None, None)
     args = (q, k, v, s, g, problem.scale, hk0, hv0, cu_seqlens, chunk_size or 0, layout.value, mods_key, mod_params)
     if ops.eager_ok(q, k, v, s, g, hk0, hv0, cu_seqlens, mod_params):  # the same kernels, less host time
-        o, hk, hv = ops.EagerChunkForward.apply(*args)
+        o, hk, hv = ops.EagerChunkForward.apply(*args, checkpoint_level in (0, 1))
     else:
         o, hk, hv = torch.ops.gsa.chunk_forward(*args)
     if head_first:

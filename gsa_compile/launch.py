@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from . import codegen, mods, programs, programs_backward, programs_decode, segments
+from .gate_gradient import gate_backward
 from .overrides import (backward_override, call_environment, decode_override, forward_override,
                         maxnreg_override, subchunk_form)
 from .spec import GateLayout, Spec, TileConfig, block, cdiv, next_power_of_2
@@ -276,8 +277,9 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0):
 
 def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, layout: GateLayout,
             config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel, mods_key: str = "",
-            mod_params: Optional[torch.Tensor] = None):
-    """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32).
+            mod_params: Optional[torch.Tensor] = None, keep_states: bool = False):
+    """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32), and with keep_states
+    what `backward(kept=...)` takes instead of recomputing the states (checkpoint_level 0).
 
     With mods (mods.py), q, k, v, s, g are the raw inputs the kernels map on load."""
     q, k, v, s = unit_last_stride(q, k, v, s)
@@ -292,26 +294,34 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     call.run(programs.output_pass, grid,
              q, k, v, s_read, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
              call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
+    if keep_states:
+        return o, hk_final, hv_final, (call, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)
     return o, hk_final, hv_final
 
 
 def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int,
              layout: GateLayout, config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel,
-             mods_key: str = "", mod_params: Optional[torch.Tensor] = None, slot_warps: Optional[int] = None):
+             mods_key: str = "", mod_params: Optional[torch.Tensor] = None, slot_warps: Optional[int] = None,
+             kept=None):
     """Gradients of chunk_forward: (dq, dk, dv, ds, dg, dhk0, dhv0, d mod_params). Recomputes the forward states.
 
     With mods, the kernels' gradients w.r.t. the mapped inputs go through the mods' chain rule on the
     host; d mod_params is empty without captured tensors. chunk_size AUTO takes the tuned backward
     entry (tuner.TuningKey direction "backward", whose warps the slot backward uses too), else the
-    forward's; `slot_warps` forces the slot backward's warps (the tuner times a backward entry so)."""
+    forward's; `slot_warps` forces the slot backward's warps (the tuner times a backward entry so). `kept`
+    (forward(keep_states=True)) replaces the recomputation: its Call (the forward's chunk size, config and
+    segments) and states; the launch overrides and the backward's tuning then do not apply."""
     q, k, v, s, do = unit_last_stride(q, k, v, s, do)
     g = gate_for_kernels(g, layout)
-    override, slot = backward_override(), (slot_warps, SLOT_BACKWARD_BC)
-    if override is not None:
-        chunk_size, config, slot = override
-    call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params, slot, "backward")
+    if kept is None:
+        override, slot = backward_override(), (slot_warps, SLOT_BACKWARD_BC)
+        if override is not None:
+            chunk_size, config, slot = override
+        call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params, slot, "backward")
+        gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
+    else:
+        call, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = kept
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
-    gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     cu, offsets = call.tables(hk_final)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     p, dl, x = call.f32(B, T, HQ, M), call.f32(B, T, HQ, M), call.f32(B, T, HQ, M)
@@ -360,62 +370,6 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
                                                  terms.get("mod_terms"), cu_seqlens)
     dq, dk, dv, ds, dg = (grads[n] for n in "qkvsg")
     return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype).contiguous(), dhk0, dhv0, dparams
-
-
-def gate_backward(call: Call, x, s_read, ds, final_terms, s_dtype, g_dtype, layout: GateLayout):
-    """(ds, dg) from the slot backward's x and the key backward's ds (f32): the gate backward's two launches
-    (programs_backward.gate_backward_totals, gate_backward) around `later_totals`. Where no mods follow, ds
-    and (slot gates) dg are written in the inputs' dtypes; the other layouts sum the slot-wise dg here."""
-    _, T, H, M = ds.shape
-    grid, chunk_seq, chunk_idx = call.chunk_grid(H, ds)
-    cu, offsets = call.tables(ds)
-    totals = torch.zeros(call.n_chunk_rows, H, M, device=ds.device, dtype=call.acc_dtype)  # varlen: spare rows 0
-    exact = call.mods is None  # else the mods' chain rule (mods.raw_gradients) takes them in f32
-    ds_out = torch.empty_like(ds, dtype=s_dtype) if exact else ds
-    dg = torch.empty_like(ds, dtype=g_dtype if exact and layout is GateLayout.SLOT else call.acc_dtype)
-    rest = (dg, ds_out, cu, offsets, chunk_seq, chunk_idx, T, H, call.HQ, *_strides(s_read))
-    call.run(programs_backward.gate_backward_totals, grid, x, s_read, ds, totals, totals, *rest)  # (no `later` yet)
-    later = later_totals(call, totals, final_terms)
-    call.run(programs_backward.gate_backward, grid, x, s_read, ds, totals, later, *rest)
-    if layout is GateLayout.HEAD:
-        dg = dg.sum(3)
-    elif layout is GateLayout.DECAY_HEAD:
-        dg = dg.sum((0, 1, 3))
-    elif layout is GateLayout.DECAY_SLOT:
-        dg = dg.sum((0, 1))
-    return ds_out, dg
-
-
-def contiguous_copy(x: torch.Tensor, dtype) -> torch.Tensor:
-    """A contiguous copy of x in `dtype`, in one copy kernel (x.to(dtype) keeps a permuted layout, and aliases x
-    where the dtype matches, even with memory_format=torch.contiguous_format for fewer than 4 dimensions)."""
-    return torch.empty(x.shape, device=x.device, dtype=dtype).copy_(x)
-
-
-def later_totals(call: Call, totals, final_terms):
-    """[chunk rows, H, M]: for chunk row r of sequence n, the sum of `totals` over n's chunks after r, plus n's
-    final-state terms (final_terms [N, H, M] or None), which join at its last token. Sums in float64 over the chunk
-    rows (a tensor BT times smaller than dg), scanned with the rows innermost (a scan over an outer dim runs
-    one thread per column: 0.2 ms at 512 chunk rows on the H200). Dense batches scan each sequence on its
-    own (dg of a batch row is then the same, bit for bit, as when that row runs alone); a packed batch takes
-    differences of one scan. Rows past the last chunk of a packed batch hold values no program reads."""
-    H, M = totals.shape[1:]
-    rows = contiguous_copy(totals.permute(1, 2, 0), torch.float64)  # [H, M, chunk rows]
-    if call.offsets is None:
-        prefix = rows.view(H, M, call.N, -1).cumsum(-1)  # [H, M, N, chunks per sequence]
-        later = prefix[..., -1:] - prefix
-        if final_terms is not None:
-            later += final_terms.permute(1, 2, 0).double()[..., None]  # [H, M, N, 1]
-        later = later.view(H, M, -1)
-    else:
-        ends = call.offsets[1:].long()
-        seq = torch.searchsorted(ends, torch.arange(totals.shape[0], device=totals.device), right=True)
-        seq = seq.clamp(max=call.N - 1)
-        prefix = rows.cumsum(-1)
-        later = prefix[..., (ends[seq] - 1).clamp(min=0)] - prefix
-        if final_terms is not None:
-            later += final_terms.permute(1, 2, 0).double()[..., seq]
-    return contiguous_copy(later.permute(2, 0, 1), call.acc_dtype)
 
 
 MAX_DECODE_SPLITS = 8

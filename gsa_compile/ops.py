@@ -26,6 +26,7 @@ functional decomposition would run the interpreter on FakeTensors there.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -184,9 +185,11 @@ class EagerChunkForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):  # ctx first, no setup_context: apply() then binds no signature (host time)
+        *inputs, keep_states = inputs  # the op's arguments, then checkpoint_level 0/1: keep the chunk states
         q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout, mods, mod_params = inputs
         output = launch.forward(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, GateLayout(gate_layout),
-                                mods_key=mods, mod_params=mod_params)
+                                mods_key=mods, mod_params=mod_params, keep_states=keep_states)
+        output, ctx.kept = (output[:3], output[3]) if keep_states else (output, None)
         _forward_setup(ctx, inputs, output)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensors to make and read
         return output
@@ -194,7 +197,9 @@ class EagerChunkForward(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dhk_final, dhv_final):
-        return _forward_backward(ctx, do, dhk_final, dhv_final, backward=launch.backward)
+        kept, ctx.kept = ctx.kept, None  # (once_differentiable: one backward)
+        backward = functools.partial(launch.backward, kept=kept) if kept is not None else launch.backward
+        return _forward_backward(ctx, do, dhk_final, dhv_final, backward=backward) + (None,)
 
 
 @_define(f"{_LIB}::recurrent_step_", mutates_args=("hk", "hv"))

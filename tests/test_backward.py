@@ -266,7 +266,7 @@ def _gradcheck(layout, T, cu_seqlens=None, fast_mode=True, seed=0):
 
 @pytest.mark.parametrize("varlen", [False, True])
 def test_gate_gradient_of_a_sequence_does_not_depend_on_the_batch(varlen):
-    """Each sequence's gradients (dg's sums over chunks included: launch.later_totals) from one batched call
+    """Each sequence's gradients (dg's sums over chunks included: gate_gradient.later_totals) from one batched call
     equal those of the sequence alone: bit for bit for a dense batch row, to float32 rounding when packed.
     Final-state gradients flow in too; fresh inputs, T not a multiple of the chunk."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
@@ -297,6 +297,32 @@ def test_gate_gradient_of_a_sequence_does_not_depend_on_the_batch(varlen):
             else:
                 assert torch.equal(a, b[rows]), f"d{name} of batch row {n}"
 
+
+
+@pytest.mark.parametrize("layout, varlen, segments", [("slot", False, None), ("abc", True, None), ("head", False, "2")])
+def test_kept_states_give_the_recomputed_gradients(layout, varlen, segments, monkeypatch):
+    """checkpoint_level=0 (the forward's chunk states kept for the backward, eager) gives the gradients of the
+    default (states recomputed in the backward) bit for bit: dense, packed and a segmented state pass."""
+    if segments:
+        monkeypatch.setenv("GSA_STATE_SEGMENTS", segments)
+    cu = torch.tensor([0, 20, 45], dtype=torch.int32) if varlen else None
+    B, T = (1, 45) if varlen else (2, 37)
+    inputs = make_inputs(layout, B, T, 2, 1, 8, 8, 4, 2, True, seed=5)
+
+    def grads(level):
+        leaves = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
+        q, k, v, s, g, hk0, hv0 = leaves
+        o, (hk, hv) = chunk_gsa(q, k, v, s, g, initial_state=(hk0, hv0), output_final_state=True, cu_seqlens=cu,
+                                chunk_size=16, checkpoint_level=level)
+        up = torch.Generator().manual_seed(1)
+        loss = sum((x * torch.randn(x.shape, generator=up)).sum() for x in (o, hk, hv))
+        return torch.autograd.grad(loss, [x for x in leaves if x is not None])
+
+    names = [n for n, x in zip("q k v s g hk0 hv0".split(), inputs) if x is not None]
+    for name, a, b in zip(names, grads(None), grads(0)):
+        assert torch.equal(a, b), f"d{name}"
+    with pytest.raises(ValueError, match="checkpoint_level"):
+        chunk_gsa(*inputs[:5], checkpoint_level=3)
 
 @needs_interpreter
 @pytest.mark.parametrize("layout", GRADCHECK_LAYOUTS)
