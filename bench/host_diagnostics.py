@@ -22,6 +22,7 @@ from triton.runtime.jit import compute_cache_key
 from gsa_compile import benchmark as bm
 from gsa_compile import chunk_gsa, codegen, launch
 from gsa_compile.spec import GateLayout
+from host_profile import stub_kernels  # (bench/, this script's directory, is on sys.path)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--shape", default="4,4096,4,512,64", help="B,T,H,D,M (K = V = D)")
@@ -60,13 +61,8 @@ for name in ("gate_pass", "output_pass"):
     median_us(f"{name}: cache key", lambda: compute_cache_key(key_cache, specialization, options))
 
 # 2. autograd's share, kernels stubbed (the host path alone)
-class NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-real_kernel, real_backward, inside = codegen.kernel, launch.backward, []
-codegen.kernel = lambda builder, spec: (real_kernel(builder, spec), NoLaunch())[1]  # generated, never launched
+stub_kernels()
+real_backward, inside = launch.backward, []
 backward = lambda: real_backward(do, None, None, qd, kd, vd, sd, gd, D ** -0.5, None, None, None, 0, GateLayout.SLOT)
 median_us("launch.backward, stubbed, main thread", backward)
 worker = threading.Thread(target=lambda: median_us("launch.backward, stubbed, another thread", backward))

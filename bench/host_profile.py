@@ -53,6 +53,18 @@ def top(fn, calls, sort, lines=25):
     return text.getvalue()
 
 
+class NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_kernels():
+    """From now on every generated kernel is still generated and cached, but its launch does nothing."""
+    from gsa_compile import codegen
+    real = codegen.kernel
+    codegen.kernel = lambda builder, spec: (real(builder, spec), NoLaunch())[1]
+
+
 def timeline(fn, calls, sync):
     """{"i previous -> launch": median ms} between the generated kernels' launches of one call (and from its
     start, to its end), each call started on an idle device."""
@@ -88,14 +100,7 @@ def main():
     parser.add_argument("--timeline", action="store_true", help="host time between launches (see the doc)")
     args = parser.parse_args()
     if args.stub_kernels:
-        from gsa_compile import codegen
-        real = codegen.kernel
-
-        class NoLaunch:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: None
-
-        codegen.kernel = lambda builder, spec: (real(builder, spec), NoLaunch())[1]  # still generated and cached
+        stub_kernels()
     B, T, H, D, M = (int(x) for x in args.shape.split(","))
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -47,11 +47,12 @@ def later_totals(call, totals, final_terms):
     differences of one scan. Rows past the last chunk of a packed batch hold values no program reads."""
     H, M = totals.shape[1:]
     rows = contiguous_copy(totals.permute(1, 2, 0), torch.float64)  # [H, M, chunk rows]
+    final = None if final_terms is None else final_terms.permute(1, 2, 0).double()  # [H, M, N]
     if call.offsets is None:
         prefix = rows.view(H, M, call.N, -1).cumsum(-1)  # [H, M, N, chunks per sequence]
         later = prefix[..., -1:] - prefix
-        if final_terms is not None:
-            later += final_terms.permute(1, 2, 0).double()[..., None]  # [H, M, N, 1]
+        if final is not None:
+            later += final[..., None]
         later = later.view(H, M, -1)
     else:
         ends = call.offsets[1:].long()
@@ -59,6 +60,6 @@ def later_totals(call, totals, final_terms):
         seq = seq.clamp(max=call.N - 1)
         prefix = rows.cumsum(-1)
         later = prefix[..., (ends[seq] - 1).clamp(min=0)] - prefix
-        if final_terms is not None:
-            later += final_terms.permute(1, 2, 0).double()[..., seq]
+        if final is not None:
+            later += final[..., seq]
     return contiguous_copy(later.permute(2, 0, 1), call.acc_dtype)

@@ -357,10 +357,8 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
              q, k, v, s_read, gc, do, att_dl, att_p, dsi, dhk_chunks, dhv_chunks, dk, dv, ds, cu, offsets, chunk_seq,
              chunk_idx, T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read), *_strides(do))
 
-    # dg's terms from the final states' gradients, which join at each sequence's last token: [N, H, M] or none
-    parts = [(dh * h).sum(dim) for dh, h, dim, on in ((dhk_final, hk_final, 2, given[0]), (dhv_final, hv_final, 3, given[1]))
-             if on]
-    final_terms = sum(parts[1:], parts[0]) if parts else None
+    # dg's terms from the final states' gradients, which join at each sequence's last token: [N, H, M], or none
+    final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3) if any(given) else None
     # s as the kernels used it: where the mods map s, the gate pass's copy (mods.STORED_MAPS holds every mapped s)
     ds, dg = gate_backward(call, x, s_read, ds, final_terms, s.dtype, g.dtype, layout)
     grads = {"q": dq, "k": dk, "v": dv, "s": ds, "g": dg}

@@ -298,7 +298,6 @@ def test_gate_gradient_of_a_sequence_does_not_depend_on_the_batch(varlen):
                 assert torch.equal(a, b[rows]), f"d{name} of batch row {n}"
 
 
-
 @pytest.mark.parametrize("layout, varlen, segments", [("slot", False, None), ("abc", True, None), ("head", False, "2")])
 def test_kept_states_give_the_recomputed_gradients(layout, varlen, segments, monkeypatch):
     """checkpoint_level=0 (the forward's chunk states kept for the backward, eager) gives the gradients of the
@@ -323,6 +322,7 @@ def test_kept_states_give_the_recomputed_gradients(layout, varlen, segments, mon
         assert torch.equal(a, b), f"d{name}"
     with pytest.raises(ValueError, match="checkpoint_level"):
         chunk_gsa(*inputs[:5], checkpoint_level=3)
+
 
 @needs_interpreter
 @pytest.mark.parametrize("layout", GRADCHECK_LAYOUTS)
