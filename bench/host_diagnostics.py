@@ -1,13 +1,14 @@
 """Two host-time diagnostics of session 13 (GPU only; bench/NOTES.md "Session 13"), beside host_profile.py:
 
-    python bench/host_diagnostics.py [--shape B,T,H,D,M]
+    python bench/host_diagnostics.py [--shape B,T,H,D,M] [--single-thread]
 
 1. Triton's launch path, piece by piece, for the gate pass and the output pass at the call's own arguments:
    JITFunction's argument binder and cache key (the C launcher's own time cannot be told apart from a full
    launch queue this way, so it is not printed).
 2. Autograd's share: launch.backward with stubbed kernels on the main thread, on another thread, and inside
    a forward+backward (as autograd's device thread runs it), against a toy autograd.Function with the same
-   five leaves (autograd's own cost on this machine).
+   five leaves (autograd's own cost on this machine). --single-thread runs the forward+backwards with
+   torch.autograd.set_multithreading_enabled(False): the backward then runs on the calling thread.
 """
 import argparse
 import statistics
@@ -26,7 +27,10 @@ from host_profile import stub_kernels  # (bench/, this script's directory, is on
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--shape", default="4,4096,4,512,64", help="B,T,H,D,M (K = V = D)")
-B, T, H, D, M = (int(x) for x in parser.parse_args().shape.split(","))
+parser.add_argument("--single-thread", action="store_true", help="autograd's backward on the calling thread")
+args = parser.parse_args()
+B, T, H, D, M = (int(x) for x in args.shape.split(","))
+autograd_threads = lambda: torch.autograd.set_multithreading_enabled(not args.single_thread)  # (one use each)
 q, k, v, s, g = bm.make_inputs(B, T, H, D, D, M, "slot", torch.bfloat16, "cuda", requires_grad=True)
 leaves, do = [q, k, v, s, g], torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
 qd, kd, vd, sd, gd = (x.detach() for x in leaves)
@@ -78,7 +82,9 @@ def timed_backward(*a, **kw):
 
 
 launch.backward = timed_backward
-median_us("forward+backward, stubbed", bm._fwd_bwd(lambda: chunk_gsa(*leaves)[0], leaves, do))
+with autograd_threads():
+    median_us(f"forward+backward, stubbed{' (single thread)' * args.single_thread}",
+              bm._fwd_bwd(lambda: chunk_gsa(*leaves)[0], leaves, do))
 print(f"{'  of which launch.backward (inside autograd)':58s} {statistics.median(inside) * 1e6:8.1f} us")
 launch.backward = real_backward
 median_us("forward, stubbed", lambda: chunk_gsa(*leaves))
@@ -97,4 +103,5 @@ class Toy(torch.autograd.Function):
         return tuple(torch.empty_like(x) for x in grads)
 
 
-median_us("toy autograd.Function forward+backward (5 leaves)", bm._fwd_bwd(lambda: Toy.apply(*leaves), leaves, do))
+with autograd_threads():
+    median_us("toy autograd.Function forward+backward (5 leaves)", bm._fwd_bwd(lambda: Toy.apply(*leaves), leaves, do))
