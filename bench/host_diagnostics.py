@@ -28,9 +28,9 @@ from host_profile import stub_kernels  # (bench/, this script's directory, is on
 parser = argparse.ArgumentParser()
 parser.add_argument("--shape", default="4,4096,4,512,64", help="B,T,H,D,M (K = V = D)")
 parser.add_argument("--single-thread", action="store_true", help="autograd's backward on the calling thread")
-args = parser.parse_args()
-B, T, H, D, M = (int(x) for x in args.shape.split(","))
-autograd_threads = lambda: torch.autograd.set_multithreading_enabled(not args.single_thread)  # (one use each)
+cli = parser.parse_args()
+B, T, H, D, M = (int(x) for x in cli.shape.split(","))
+autograd_threads = lambda: torch.autograd.set_multithreading_enabled(not cli.single_thread)  # (one use each)
 q, k, v, s, g = bm.make_inputs(B, T, H, D, D, M, "slot", torch.bfloat16, "cuda", requires_grad=True)
 leaves, do = [q, k, v, s, g], torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
 qd, kd, vd, sd, gd = (x.detach() for x in leaves)
@@ -83,7 +83,7 @@ def timed_backward(*a, **kw):
 
 launch.backward = timed_backward
 with autograd_threads():
-    median_us(f"forward+backward, stubbed{' (single thread)' * args.single_thread}",
+    median_us(f"forward+backward, stubbed{' (single thread)' * cli.single_thread}",
               bm._fwd_bwd(lambda: chunk_gsa(*leaves)[0], leaves, do))
 print(f"{'  of which launch.backward (inside autograd)':58s} {statistics.median(inside) * 1e6:8.1f} us")
 launch.backward = real_backward

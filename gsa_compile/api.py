@@ -67,8 +67,9 @@ def chunk_gsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor
     (o [B,T,HQ,V] in q's dtype, (hk [N,H,K,M], hv [N,H,M,V]) in float32 or None).
     `chunk_size=None` takes the launch config tuned for this GPU (see autotune/README.md); an explicit
     16/32/64/128 forces it. `checkpoint_level` as fla's: 2 or None (the default) recomputes the forward's chunk
-    states in the backward; 0 or 1 keeps them from the forward (eager calls: less backward work, the states held
-    until the backward; compiled graphs recompute);
+    states in the backward; 0 or 1 keeps them from the forward for the backward (eager calls whose backward runs
+    at the forward's chunk size: less backward work, the states held until the backward; compiled graphs
+    recompute);
     `head_first=True` takes [B,H,T,D] inputs and returns o as [B,HQ,T,V], as fla's did.
     `mods` (gsa_compile.GSAMods) fuses user feature maps, gate_mod and slot_mod into the kernels; then
     q, k, v, g are raw inputs the kernels map, and s is None when the mods derive it from g (s_from_gate).

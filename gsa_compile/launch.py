@@ -194,6 +194,7 @@ class Call:
         self.acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.n_chunk_rows, self.offsets, self.chunk_seq, self.chunk_idx = chunk_layout(cu_seqlens, self.B, self.T, chunk_size)
         self.segments = None  # the segment tables of a segmented state pass (segments.py), once it ran
+        self.gate_totals = None  # the gate pass's chunk totals, once it ran (a kept forward's serve its backward)
 
     def f32(self, *shape):
         """An accumulator-precision buffer: float32, or float64 for float64 inputs."""
@@ -258,6 +259,7 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0):
     pass, then the state pass (segmented where segments.plan says so)."""
     H, K, V, M = call.H, call.K, call.V, call.M
     gc, w, gtot, s_read = gate_pass(call, s, g)
+    call.gate_totals = gtot
     hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, H, K, M), (call.n_chunk_rows, H, M, V))
     hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
     cu, offsets = call.tables(hk_final)
@@ -279,7 +281,8 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
             config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel, mods_key: str = "",
             mod_params: Optional[torch.Tensor] = None, keep_states: bool = False):
     """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32), and with keep_states
-    what `backward(kept=...)` takes instead of recomputing the states (checkpoint_level 0).
+    what `backward(kept=...)` takes instead of recomputing the states (checkpoint_level 0), or None where the
+    backward will run at another chunk size.
 
     With mods (mods.py), q, k, v, s, g are the raw inputs the kernels map on load."""
     q, k, v, s = unit_last_stride(q, k, v, s)
@@ -294,9 +297,21 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     call.run(programs.output_pass, grid,
              q, k, v, s_read, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
              call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
-    if keep_states:
-        return o, hk_final, hv_final, (call, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)
+    if keep_states:  # (states at another chunk size than the backward's serve it nothing: none kept then)
+        backward_chunk = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key,
+                                       mod_params).spec.chunk_size
+        kept = (call, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)
+        return o, hk_final, hv_final, kept if backward_chunk == call.spec.chunk_size else None
     return o, hk_final, hv_final
+
+
+def backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size: int, layout: GateLayout, config, wrap, mods_key,
+                  mod_params, slot_warps: Optional[int] = None) -> Call:
+    """The backward's Call: GSA_BACKWARD_CONFIG, else the tuned backward entry (chunk_size AUTO), else the forward's."""
+    override, slot = backward_override(), (slot_warps, SLOT_BACKWARD_BC)
+    if override is not None:
+        chunk_size, config, slot = override
+    return Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params, slot, "backward")
 
 
 def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int,
@@ -309,18 +324,19 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     host; d mod_params is empty without captured tensors. chunk_size AUTO takes the tuned backward
     entry (tuner.TuningKey direction "backward", whose warps the slot backward uses too), else the
     forward's; `slot_warps` forces the slot backward's warps (the tuner times a backward entry so). `kept`
-    (forward(keep_states=True)) replaces the recomputation: its Call (the forward's chunk size, config and
-    segments) and states; the launch overrides and the backward's tuning then do not apply."""
+    (forward(keep_states=True)) replaces the recomputation where the backward runs at the forward's chunk
+    size (its gc, s and chunk states are the same then; the backward's own config still applies)."""
     q, k, v, s, do = unit_last_stride(q, k, v, s, do)
     g = gate_for_kernels(g, layout)
-    if kept is None:
-        override, slot = backward_override(), (slot_warps, SLOT_BACKWARD_BC)
-        if override is not None:
-            chunk_size, config, slot = override
-        call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params, slot, "backward")
-        gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
+    call = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params,
+                         slot_warps)
+    if kept is not None and kept[0].spec.chunk_size == call.spec.chunk_size:
+        forward_call, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = kept
+        call.segments = segments.plan(call, k, v)  # the state backward's segments (its tiles may differ)
+        if call.segments is not None:
+            call.segments.gtot = forward_call.gate_totals
     else:
-        call, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = kept
+        gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
     cu, offsets = call.tables(hk_final)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)

@@ -24,7 +24,7 @@ from hypothesis import Phase, given, settings, strategies as st
 import differential
 from slow import examples, slow, slow_param
 from differential import rel_err
-from gsa_compile import chunk_gsa, recurrent_gsa
+from gsa_compile import chunk_gsa, launch, recurrent_gsa
 from gsa_compile import ops as gsa_ops
 
 CHUNK_SIZES = (16, 32, 64, 128)
@@ -298,12 +298,19 @@ def test_gate_gradient_of_a_sequence_does_not_depend_on_the_batch(varlen):
                 assert torch.equal(a, b[rows]), f"d{name} of batch row {n}"
 
 
-@pytest.mark.parametrize("layout, varlen, segments", [("slot", False, None), ("abc", True, None), ("head", False, "2")])
-def test_kept_states_give_the_recomputed_gradients(layout, varlen, segments, monkeypatch):
+@pytest.mark.parametrize("layout, varlen, segments, backward_chunk", [("slot", False, None, None), ("abc", True, None, None),
+                                                                      ("head", False, "2", None), ("slot", False, None, 32)])
+def test_kept_states_give_the_recomputed_gradients(layout, varlen, segments, backward_chunk, monkeypatch):
     """checkpoint_level=0 (the forward's chunk states kept for the backward, eager) gives the gradients of the
-    default (states recomputed in the backward) bit for bit: dense, packed and a segmented state pass."""
+    default (states recomputed in the backward) bit for bit: dense, packed and a segmented state pass. The
+    backward skips its state pass, unless it runs at another chunk size than the forward (GSA_BACKWARD_CONFIG
+    here; the tuned backward entry on a GPU), where it recomputes."""
     if segments:
         monkeypatch.setenv("GSA_STATE_SEGMENTS", segments)
+    if backward_chunk:
+        monkeypatch.setenv("GSA_BACKWARD_CONFIG", f"{backward_chunk},16,16,4,1,4,8")
+    state_passes, real_state_pass = [], launch.state_pass
+    monkeypatch.setattr(launch, "state_pass", lambda call, *a: state_passes.append(call) or real_state_pass(call, *a))
     cu = torch.tensor([0, 20, 45], dtype=torch.int32) if varlen else None
     B, T = (1, 45) if varlen else (2, 37)
     inputs = make_inputs(layout, B, T, 2, 1, 8, 8, 4, 2, True, seed=5)
@@ -318,8 +325,11 @@ def test_kept_states_give_the_recomputed_gradients(layout, varlen, segments, mon
         return torch.autograd.grad(loss, [x for x in leaves if x is not None])
 
     names = [n for n, x in zip("q k v s g hk0 hv0".split(), inputs) if x is not None]
-    for name, a, b in zip(names, grads(None), grads(0)):
+    recomputed = grads(None)
+    assert len(state_passes) == 2
+    for name, a, b in zip(names, recomputed, grads(0)):
         assert torch.equal(a, b), f"d{name}"
+    assert len(state_passes) == (4 if backward_chunk else 3)
     with pytest.raises(ValueError, match="checkpoint_level"):
         chunk_gsa(*inputs[:5], checkpoint_level=3)
 
