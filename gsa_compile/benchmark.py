@@ -192,6 +192,9 @@ def time_shapes(device, shapes):
         row["ours_kernels_fwdbwd_ms"] = kernel_shares(_fwd_bwd(ours, inputs, do))
         row["ours_kernels_fwd_total_ms"] = kernel_total(kernel_shares(ours))
         row["ours_kernels_fwdbwd_total_ms"] = kernel_total(row["ours_kernels_fwdbwd_ms"])
+        kept = _fwd_bwd(lambda: chunk_gsa(*inputs, checkpoint_level=0)[0], inputs, do)  # the states kept, not recomputed
+        row["ours_kept_fwdbwd_ms"] = bench(kept)
+        row["ours_kept_kernels_fwdbwd_total_ms"] = kernel_total(kernel_shares(kept))
         if fla_gsa is not None:
             fla = lambda: fla_gsa(*inputs)[0]
             row["fla_vs_ours_rel"] = rel(ours(), fla())
@@ -315,13 +318,16 @@ def print_table(result):
               f"{r['sdpa_fwd_ms']:9.3f} {r['sdpa_fwdbwd_ms']:9.3f} | {r['ours_fwdbwd_peak_mib']:9.0f} "
               f"{r.get('fla_fwdbwd_peak_mib', float('nan')):9.0f} | {r['hbm_floor_fwd_ms']:.3f}")
     if any("ours_kernels_fwd_total_ms" in r for r in result.get("timing", [])):
+        print("kept: ours with checkpoint_level=0 (the forward's chunk states kept for a backward at its chunk size)")
         print(f"{'GPU kernel time (host excluded)':<28} | {'ours fwd':>9} {'fla fwd':>9} {'x':>5} | {'ours f+b':>9} "
-              f"{'fla f+b':>9} {'x':>5}")
+              f"{'fla f+b':>9} {'x':>5} | {'kept f+b':>9} {'wall':>9}")
         for r in result["timing"]:
             cells = []
             for kind in ("fwd", "fwdbwd"):
                 mine, theirs = (r.get(f"{n}_kernels_{kind}_total_ms", float("nan")) for n in ("ours", "fla"))
                 cells.append(f"{mine:9.3f} {theirs:9.3f} {theirs / mine:5.2f}")
+            cells.append(f"{r.get('ours_kept_kernels_fwdbwd_total_ms', float('nan')):9.3f} "
+                         f"{r.get('ours_kept_fwdbwd_ms', float('nan')):9.3f}")
             print(f"B{r['B']} T{r['T']} H{r['H']} K=V={r['K']} M{r['M']:<4} | " + " | ".join(cells))
     if result.get("sweep"):
         print(f"{'T':>6} | " + " ".join(f"{n + ' ' + k:>12}" for n in ("ours", "fla", "sdpa") for k in ("fwd", "f+b")))

@@ -86,7 +86,7 @@ def test_bench_table_prints_kernel_times(capsys):
     from gsa_compile import benchmark
     row = dict(B=4, T=4096, H=4, K=512, V=512, M=64, ours_fwd_ms=0.5, ours_fwdbwd_ms=2.0, ours_fwdbwd_peak_mib=780.0,
                sdpa_fwd_ms=0.5, sdpa_fwdbwd_ms=2.0, hbm_floor_fwd_ms=0.07, ours_kernels_fwd_total_ms=0.4,
-               ours_kernels_fwdbwd_total_ms=1.8)
+               ours_kernels_fwdbwd_total_ms=1.8, ours_kept_kernels_fwdbwd_total_ms=1.6, ours_kept_fwdbwd_ms=1.7)
     with_fla = dict(row, fla_fwd_ms=1.0, fla_fwdbwd_ms=3.0, fla_fwdbwd_peak_mib=600.0, fla_kernels_fwd_total_ms=0.6,
                     fla_kernels_fwdbwd_total_ms=2.7)
     correct = [dict(dtype="bfloat16", layout="slot", chunk=64, value_err=1e-3, grad_err=2e-3, gate_grad_err=1e-3,
@@ -98,3 +98,4 @@ def test_bench_table_prints_kernel_times(capsys):
     assert len(kernel_rows) == 2 and "nan" in kernel_rows[0]
     assert kernel_rows[1].split("|")[1].split() == ["0.400", "0.600", "1.50"]
     assert kernel_rows[1].split("|")[2].split() == ["1.800", "2.700", "1.50"]
+    assert kernel_rows[1].split("|")[3].split() == ["1.600", "1.700"]
