@@ -50,7 +50,7 @@ GPU = dict(vocab=32000, hidden=1024, layers=4, heads=4, slots=64, batch=8, seq=2
            prefill=512, decode_batches=(1, 64), decode_steps=32, decode_reps=5, warmup=3, iters=10)
 OVERRIDES = ("batch", "seq", "layers", "hidden", "heads")  # config keys a command-line option may set
 SMOKE = dict(vocab=64, hidden=32, layers=1, heads=2, slots=8, batch=2, seq=32, chunk_size=16,
-             prefill=8, decode_batches=(1, 2), decode_steps=2, decode_reps=1, warmup=1, iters=1)
+             prefill=8, decode_batches=(1, 2), decode_steps=2, decode_reps=1, warmup=0, iters=1)
 COMPILE_COST_S = 40  # a guess at a cold torch.compile of the training step: later starts are skipped
 NORM_EPS = 1e-5  # fla's g_norm always uses eps=1e-5 (rms_norm_linear without eps); the block norms match it
 

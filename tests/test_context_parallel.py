@@ -121,6 +121,7 @@ def expect_error_everywhere(case, lengths, mutate_rank, mutation, match):
 
 
 def gloo_worker(rank, world, workdir):
+    import conftest  # noqa: F401  (a spawned child: the test-only interpreter patches, as in the parent)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world)
     cases = torch.load(os.path.join(workdir, "cases.pt"))
