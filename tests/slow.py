@@ -1,6 +1,6 @@
 """The CI's time budget (~15 minutes on 2 cores, where the Triton interpreter runs every kernel): cases that
-repeat ground other tests cover are marked `slow` and run only with GSA_SLOW_TESTS=1, and hypothesis
-tests draw fewer examples without it. `python -m pytest -m slow tests` with the variable set runs them alone."""
+repeat ground other tests cover are marked `slow` and run only with GSA_SLOW_TESTS=1 (which also keeps
+the interpreter's int32 overflow sanitizer on: conftest.py). `python -m pytest -m slow tests` with the variable set runs them alone."""
 import os
 
 import pytest
@@ -12,11 +12,6 @@ SLOW = [pytest.mark.slow, pytest.mark.skipif(not RUN_SLOW, reason="repeats cover
 def slow_param(*values, **kwargs):
     """A pytest.param that runs only with GSA_SLOW_TESTS=1."""
     return pytest.param(*values, marks=SLOW, **kwargs)
-
-
-def examples(ci: int, full: int) -> int:
-    """Hypothesis examples: `full` with GSA_SLOW_TESTS=1, else `ci`."""
-    return full if RUN_SLOW else ci
 
 
 def slow(test):
