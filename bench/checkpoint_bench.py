@@ -27,7 +27,7 @@ parser.add_argument("--out")
 parser.add_argument("--smoke", action="store_true")
 args = parser.parse_args()
 device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
-shapes = ["1,100,2,16,8"] if args.smoke else args.shapes
+shapes = ["1,40,2,16,8"] if args.smoke else args.shapes
 LEVELS = (None, 0)
 
 

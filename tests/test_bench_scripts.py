@@ -8,12 +8,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Runs a bench script as `python bench/<script>` would (its directory first on sys.path), after conftest's
+# test-only interpreter patches (CI time).
+WITH_TEST_PATCHES = ("import runpy, sys; sys.path[:0] = sys.argv[1:3]; import conftest; sys.argv = sys.argv[3:]; "
+                     "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def run_smoke(script: str, tmp_path):
     """`python bench/<script> --smoke --out <json>` in a fresh process: (its stdout, the parsed JSON)."""
     out = tmp_path / "result.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(out)],
-                            check=False, capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-c", WITH_TEST_PATCHES, str(ROOT / "bench"), str(ROOT / "tests"),
+               str(ROOT / "bench" / script), "--smoke", "--out", str(out)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout, json.loads(out.read_text())
 
@@ -25,6 +32,17 @@ def test_mods_bench_smoke(tmp_path):
     assert {"correctness", "layer_fwd", "layer_fwd_train", "gsa_fwd", "layer_fwd_bwd", "done"} <= set(rows)
     # fused and unfused differ only by rounding (fp32): 0.0 would mean the "fused" layer ran the torch ops
     assert 0 < rows["correctness"]["o_rel"] < 1e-4 and rows["correctness"]["worst_grad_rel"] < 1e-3
+
+
+def test_checkpoint_bench_smoke(tmp_path):
+    """checkpoint_level 0 beside the default: both rows, and on the interpreter (one chunk size for both
+    directions) the kept states give the default's outputs and gradients bit for bit."""
+    stdout, data = run_smoke("checkpoint_bench.py", tmp_path)
+    rows = data["rows"]
+    assert [r["level"] for r in rows] == [None, 0]
+    assert all(set(r["diff_from_default"]) == {"o", "dq", "dk", "dv", "ds", "dg"} for r in rows)
+    assert all(d == 0.0 for d in rows[1]["diff_from_default"].values())
+    assert stdout.splitlines()[-1].split()[:2] == ["1,40,2,16,8", "0"]  # the table comes last
 
 
 def test_model_bench_smoke(tmp_path):
