@@ -66,7 +66,7 @@ BF16_DOT_PATCHED = _patch_interpreter_bf16_dot() if INTERPRETER else False
 
 def _patch_interpreter_device_calls():
     """Patch triton.language for a jit function called from a kernel once per launch, not once per call
-    (test-only; CI time: ~10 % of the suite).
+    (test-only; CI time: 5-10 % of an interpreted forward+backward).
 
     The interpreter (triton 3.7) re-runs `_patch_lang` (inspect.getmembers over triton.language) on every
     call of a device function, and tl.sum, tl.cumsum, tl.max, tl.zeros are such functions: a kernel calls
