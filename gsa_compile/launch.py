@@ -297,11 +297,10 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     call.run(programs.output_pass, grid,
              q, k, v, s_read, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
              call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
-    if keep_states:  # (states at another chunk size than the backward's serve it nothing: none kept then)
-        backward_chunk = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key,
-                                       mod_params).spec.chunk_size
-        kept = (call, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)
-        return o, hk_final, hv_final, kept if backward_chunk == call.spec.chunk_size else None
+    if keep_states:  # the backward's Call with the states, where it runs at this chunk size (else none kept)
+        backward = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key, mod_params)
+        kept = (backward, call.gate_totals, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)
+        return o, hk_final, hv_final, kept if backward.spec.chunk_size == call.spec.chunk_size else None
     return o, hk_final, hv_final
 
 
@@ -324,18 +323,18 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     host; d mod_params is empty without captured tensors. chunk_size AUTO takes the tuned backward
     entry (tuner.TuningKey direction "backward", whose warps the slot backward uses too), else the
     forward's; `slot_warps` forces the slot backward's warps (the tuner times a backward entry so). `kept`
-    (forward(keep_states=True)) replaces the recomputation where the backward runs at the forward's chunk
-    size (its gc, s and chunk states are the same then; the backward's own config still applies)."""
+    (forward(keep_states=True)) replaces the recomputation: the backward's Call, made by the forward at its own
+    chunk size (so `config` and `slot_warps` do not apply), and the forward's gate totals, gc, s and states."""
     q, k, v, s, do = unit_last_stride(q, k, v, s, do)
     g = gate_for_kernels(g, layout)
-    call = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params,
-                         slot_warps)
-    if kept is not None and kept[0].spec.chunk_size == call.spec.chunk_size:
-        forward_call, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = kept
+    if kept is not None:
+        call, gate_totals, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = kept
         call.segments = segments.plan(call, k, v)  # the state backward's segments (its tiles may differ)
         if call.segments is not None:
-            call.segments.gtot = forward_call.gate_totals
+            call.segments.gtot = gate_totals
     else:
+        call = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params,
+                             slot_warps)
         gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
     cu, offsets = call.tables(hk_final)

@@ -198,7 +198,7 @@ class EagerChunkForward(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dhk_final, dhv_final):
         kept, ctx.kept = ctx.kept, None  # (once_differentiable: one backward)
-        backward = functools.partial(launch.backward, kept=kept) if kept is not None else launch.backward
+        backward = functools.partial(launch.backward, kept=kept)
         return _forward_backward(ctx, do, dhk_final, dhv_final, backward=backward) + (None,)
 
 
