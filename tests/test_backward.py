@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from hypothesis import Phase, given, settings, strategies as st
 
 import differential
-from slow import slow, slow_param
+from slow import slow
 from differential import rel_err
 from gsa_compile import chunk_gsa, launch, recurrent_gsa
 from gsa_compile import ops as gsa_ops
@@ -209,8 +209,7 @@ def test_learnable_decay_parameter_gradient(layout, device):
 
 needs_interpreter = pytest.mark.skipif(not gsa_ops.INTERPRETER, reason="float64 kernels run only under the "
                                        "Triton interpreter")
-# the constant decays' gradients also meet float64 in test_float64_gradients_match_reference and the decay tests
-GRADCHECK_LAYOUTS = ["slot", "head", "abc"] + [slow_param(x) for x in ("decay_head", "decay_slot")]
+GRADCHECK_LAYOUTS = LAYOUTS
 
 
 @needs_interpreter

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from differential import compare, failures, make_leaves, rel_err
-from slow import slow_param
 from gsa_compile import chunk_gsa, overrides
 
 VARLEN = [0, 5, 40, 61]
@@ -28,7 +27,7 @@ def _case(layout, chunk, T=50, B=2, cu=None, H=1, group=1, M=6, mods="none", dty
 
 
 CASES = [
-    slow_param(_case("slot", 16, seed=1)),  # (slow: tests/slow.py) slot at chunk 16 runs below in bf16 and s_from_gate
+    _case("slot", 16, seed=1),
     _case("slot", 32, T=20, B=1, group=2, seed=2),  # one chunk, T below it, GQA
     _case("head", 64, T=130, B=1, initial_state=True, seed=3),
     _case("decay_head", 16, cu=VARLEN, H=2, seed=4),
