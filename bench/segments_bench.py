@@ -114,6 +114,7 @@ for (variant, env), setting in ((v, st) for v in variants() for st in args.setti
         first = [x.detach().clone() for x in outputs]
     diffs = [bm.rel(a, b) for a, b in zip(outputs, first)]  # NaN (an inf or NaN anywhere) must not hide in max()
     row["max_rel_diff"] = float("nan") if any(d != d for d in diffs) else max(diffs)
+    row["rel_diffs"] = dict(zip(("o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"), diffs))
     row["elapsed_s"] = round(time.time() - started, 1)
     result["rows"].append(row)
     print(json.dumps(row), flush=True)

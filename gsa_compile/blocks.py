@@ -311,7 +311,73 @@ class SubChunk:
         self.b.store(view, x, "ts + jj", "eos")
 
 
+# The factored form of a whole chunk (`FactoredChunk`): where the spread of its gates allows, every
+# intra-chunk factor splits through one reference per slot, r = min_t b / 2 (b <= 0), as
+#     2^(b_t - b_j) = up[t] * down[j],   up = 2^(b - r),   down = 2^(r - b),
+# both exponents in [-spread / 2, spread / 2] with spread = max over slots of -min_t b (log2 units). At
+# spread <= FACTOR_SPREAD_MAX every factor is a normal f32 between 2^-64 and 2^64 (2^64 of headroom left
+# for the sums of |q k s| they scale, bf16's range being f32's), so the intra-chunk terms are matrix
+# products over the chunk: no sub-chunks, no sweeps, no scratch rows. Elsewhere (strong gates, resets)
+# the kernels run the exact sub-chunk form (`SubChunk`). 128 = 89 nats per chunk: a mean log gate of
+# -2.8 per token at chunk 32, -1.4 at 64 (fla's layer: logsigmoid(x) / 8).
+FACTOR_SPREAD_MAX = 128.0
+
+
+class FactoredChunk:
+    """The factored form's condition and terms for the chunk of `gates` (ChunkGates)."""
+
+    def __init__(self, b: Builder, gates: ChunkGates):
+        self.b, self.gates = b, gates
+        low = b.reduce("gate_low", gates.gc, 0, "min")  # [BM]: min_t b (masked rows and slots read 0)
+        spread = b.reduce("gate_spread", b.map("neg_low", "-{0}", low), 0, "max")
+        self.condition = f"{spread.name} <= {FACTOR_SPREAD_MAX}"
+        self.otherwise = f"not ({self.condition})"  # nan gates take the exact form
+        self._low = low
+
+    def factors(self):
+        """(up, down, s * down) [BT, BM], made inside the branch that uses them."""
+        b = self.b
+        ref = b.expand("gate_ref", b.map("gate_ref_row", "{0} * 0.5", self._low), "None, :")
+        up = b.map("up", "tl.exp2({0} - {1})", self.gates.gc, ref)
+        down = b.map("down", "tl.exp2({0} - {1})", ref, self.gates.gc)
+        return up, down, b.map("s_down", "{0} * {1}", self.gates.s, down)
+
+    @staticmethod
+    def causal(b: Builder, name: str, x):
+        """x [BT, BT] with the pairs j > t set to 0."""
+        return b.map(name, f"tl.where({ROWS} >= tl.arange(0, BT)[None, :], {{0}}, 0.0)", x)
+
+    def gated_rows(self, name, pairs, acc, up, s_down, precise=False):
+        """acc[t] += sum_{j <= t} pairs[t, j] s_j 2^(b_t - b_j): the whole chunk's `scores`. `precise`: in
+        tf32 for half-precision inputs (the slot backward's dl = p (dp - <p, dp>) cancels what these sums
+        share; the output pass keeps the input dtype: tf32 there doubled its spills at chunk 64 and cost
+        0.14 ms at B8 T2048 H16 K=V=128, bench/NOTES.md session 15)."""
+        b = self.b
+        intra = b.dot(name + "_intra", self.causal(b, name + "_pairs", pairs), s_down,
+                      operand_dtype="f32" if precise else "in")
+        return b.map(name, "{0} + {1} * {2}", acc, intra, up)
+
+    def attention(self, name, weights, up, s_down):
+        """[BT, BT]: sum_m weights_t[m] s_j[m] 2^(b_t - b_j)[m] for j <= t: the whole chunk's `attention`
+        (in tf32 for half-precision inputs: these products are summed in f32 by the exact form, and bf16
+        operands doubled the bf16 forward test's error)."""
+        b = self.b
+        mixed = b.dot(name + "_all", b.map(name + "_up", "{0} * {1}", weights, up), s_down, trans_b=True,
+                      operand_dtype="f32")
+        return self.causal(b, name, mixed)
+
+    def key_scores(self, name, items, up, down):
+        """[BT, BM] for key rows j: sum_{t >= j} sum over items (pairs, weights) of pairs[t, j] weights_t
+        2^(b_t - b_j): the whole chunk's `SubChunk.key_scores` and `ChunkGates.gated_cols` together."""
+        b, acc = self.b, None
+        for i, (pairs, weights) in enumerate(items):
+            acc = b.dot(name + "_sum", self.causal(b, f"{name}_pairs{i}", pairs),
+                        b.map(f"{name}_up{i}", "{0} * {1}", weights, up), trans_a=True, acc=acc, operand_dtype="f32")
+        return b.map(name, "{0} * {1}", acc, down)
+
+
 CHUNK_ROWS = SlotIndex(b="i_n", h="i_hq", t="(ts - bos + tl.arange(0, BC))[:, None]")  # slot_mod's b, h, t
+ALL_CHUNK_ROWS = SlotIndex(b="i_n", h="i_hq", t="(t0 - bos + tl.arange(0, BT))[:, None]")  # the same, [BT, BM] tiles
 
 
 def softmax_slots(b: Builder, acc, index: SlotIndex = CHUNK_ROWS):
@@ -325,7 +391,7 @@ def softmax_slots(b: Builder, acc, index: SlotIndex = CHUNK_ROWS):
     return b.map("probs", "{0} / {1}", e, total)
 
 
-def slot_mod_backward(b: Builder, spec, acc, dl, index: SlotIndex = CHUNK_ROWS):
+def slot_mod_backward(b: Builder, spec, acc, dl, index: SlotIndex = CHUNK_ROWS, row0: str = "ts"):
     """dl = dL/d(modded logits) -> dL/d(logits) through the Spec's slot_mod (no-op without one).
 
     Per float captured leaf of the slot_mod, also stores dl * d slot_mod / d leaf into `mod_terms`
@@ -334,5 +400,5 @@ def slot_mod_backward(b: Builder, spec, acc, dl, index: SlotIndex = CHUNK_ROWS):
     for leaf in range(n):
         term = b.slot_mod(f"mod_term{leaf}", dl, acc, index, mode="term", leaf=leaf)
         terms = View(f"(mod_terms + ((i_b * T * HQ + i_hq) * {n} + {leaf}) * M)", f"HQ * {n} * M", "M")
-        b.store(terms, term, "ts", "eos")
+        b.store(terms, term, row0, "eos")
     return b.slot_mod(dl.name, dl, acc, index, mode="grad")

@@ -132,12 +132,15 @@ class _Emitter:
         return [f"tl.store({ptr}, {n.value.name}, mask={mask})"]  # tl.store casts to the pointee type
 
     def emit_dot(self, n: ir.Dot):
-        operand_dtype = n.operand_dtype
+        # operand_dtype "f32" asks for more than the input dtype's precision: tf32 for half-precision inputs
+        operand_dtype = n.operand_dtype if self.spec.dtype in ("float16", "bfloat16") else "in"
         precision = {"float32": ', input_precision="ieee"', "float64": ", out_dtype=tl.float64"}.get(self.spec.dtype, "")
         if self.spec.dtype == "float16" and operand_dtype == "in" and (n.a.dtype, n.b.dtype) != ("in", "in"):
             # an fp32 intermediate (q k^T, a state, an attention block) can pass fp16's 65504 although every
             # true value is in range: tf32 products (fp16's 10 mantissa bits, fp32's exponent) instead
             operand_dtype, precision = "f32", ', input_precision="tf32"'
+        elif operand_dtype == "f32":
+            precision = ', input_precision="tf32"'
 
         def operand(t: ir.Tile, trans: bool):
             x = t.name if t.dtype == operand_dtype else f"{t.name}.to({self.dtype(operand_dtype)})"
@@ -155,7 +158,7 @@ class _Emitter:
         return ["tl.debug_barrier()"]
 
     def emit_reduce(self, n: ir.Reduce):
-        fn = {"sum": "tl.sum", "max": "tl.max", "cumsum": "tl.cumsum"}[n.op]
+        fn = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min", "cumsum": "tl.cumsum"}[n.op]
         return [f"{n.out.name} = {fn}({n.x.name}, axis={n.axis})"]
 
 

@@ -245,7 +245,7 @@ class Reduce(Node):
     out: Tile
     x: Tile
     axis: int
-    op: str = "sum"  # sum | max | cumsum
+    op: str = "sum"  # sum | max | min | cumsum
 
     def operands(self):
         return [self.x]
@@ -359,8 +359,8 @@ class Builder:
     def barrier(self):
         self._blocks[-1].append(Barrier())
 
-    def dot(self, name, a, b, trans_a=False, trans_b=False, acc=None):
-        node = Dot(Tile(name, (), "f32"), a, b, trans_a, trans_b, acc)
+    def dot(self, name, a, b, trans_a=False, trans_b=False, acc=None, operand_dtype="in"):
+        node = Dot(Tile(name, (), "f32"), a, b, trans_a, trans_b, acc, operand_dtype)
         node.out = Tile(name, node.result_shape(), "f32")
         return self._add(node)
 

@@ -14,7 +14,7 @@ import torch
 
 from . import codegen, mods, programs, programs_backward, programs_decode, segments
 from .gate_gradient import gate_backward
-from .overrides import (backward_override, call_environment, decode_override, forward_override,
+from .overrides import (backward_override, call_environment, decode_override, factored_form, forward_override,
                         maxnreg_override, subchunk_form)
 from .spec import GateLayout, Spec, TileConfig, block, cdiv, next_power_of_2
 
@@ -152,7 +152,7 @@ def _plan(sizes, dtype, device, varlen, initial_state, chunk_size, layout, confi
             slot_backward = (config.num_warps, slot_backward[1])
     spec = Spec(layout=layout, chunk_size=chunk_size, dtype=DTYPE_NAMES[dtype], K=K, V=V, M=M, group=HQ // H,
                 varlen=varlen, initial_state=initial_state, final_state=True, mods=mods_key,
-                subchunk=subchunk_form(device))
+                subchunk=subchunk_form(device), factored=factored_form())
     config = config or TileConfig()
     launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     # the slot backward's warps: forced (GSA_BACKWARD_CONFIG), a tuned backward's, else at least 8 (its spills)

@@ -96,7 +96,20 @@ def subchunk_form(device) -> str:
     return "sweep" if device.type == "cuda" else "pairwise"
 
 
-CALL_ENVS = (FORWARD_CONFIG_ENV, MAXNREG_ENV, SUBCHUNK_ENV)  # what a forward or backward call's plan reads
+# GSA_FACTORED=0 turns the output pass's factored form off (spec.Spec.factored): every chunk then runs the exact
+# sub-chunk form, as before session 15 (A/B timings; the tests of the sub-chunk forms).
+FACTORED_ENV = "GSA_FACTORED"
+
+
+def factored_form() -> bool:
+    """Whether the output pass may factor a chunk's gates (GSA_FACTORED, default 1)."""
+    value = os.environ.get(FACTORED_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{FACTORED_ENV}={value!r}: expected 0 or 1")
+    return value != "0"
+
+
+CALL_ENVS = (FORWARD_CONFIG_ENV, MAXNREG_ENV, SUBCHUNK_ENV, FACTORED_ENV)  # what a forward or backward call's plan reads
 
 
 def call_environment() -> tuple:

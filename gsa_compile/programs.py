@@ -27,8 +27,9 @@ The gate layout is a lowering rule: how a [BT, BM] tile of g is read (`gate_view
 from __future__ import annotations
 
 from . import mods
-from .blocks import (LOG2E, UNROLLED_SWEEP_MAX_CHUNK, ChunkGates, SubChunk, chunk_products, chunk_row,
-                     chunk_rows, chunk_state, diagonal_blocks, input_view, mapped_copy, scratch_view, seq_view, softmax_slots)
+from .blocks import (ALL_CHUNK_ROWS, LOG2E, UNROLLED_SWEEP_MAX_CHUNK, ChunkGates, FactoredChunk, SubChunk, chunk_products,
+                     chunk_row, chunk_rows, chunk_state, diagonal_blocks, input_view, mapped_copy, scratch_view, seq_view,
+                     softmax_slots)
 from .ir import Builder, Program, View
 from .spec import GATE_FLOOR, GateLayout, Spec
 
@@ -117,39 +118,60 @@ def state_pass(spec: Spec) -> Program:
 
 
 def output_pass(spec: Spec) -> Program:
-    """Per (chunk, query head), in three phases joined by barriers through f32 scratch rows:
-    A. x = q Hk_c, a = q k^T (one loop over K); the logits' state and off-diagonal-block terms;
-    B. per sub-chunk: the diagonal-block terms, p = softmax, the attention's diagonal blocks (as sweeps
-       over the sub-chunk's rows, or pairwise: spec.subchunk, blocks.SubChunk);
-    C. att = those blocks + the off-diagonal blocks of sum_m p_t s_j 2^(b_t - b_j);
-       o = (p 2^b) Hv_c + att v per V tile."""
+    """Per (chunk, query head): x = q Hk_c and a = q k^T (one loop over K), then one of two forms of the
+    intra-chunk terms, chosen per chunk by the spread of its gates (blocks.FactoredChunk):
+    - factored (the common case): logits, p = softmax and att = sum_m p_t s_j 2^(b_t - b_j) as matrix
+      products over the whole chunk;
+    - exact, in three phases joined by barriers through f32 scratch rows:
+      A. the logits' state and off-diagonal-block terms;
+      B. per sub-chunk: the diagonal-block terms, p = softmax, the attention's diagonal blocks (as sweeps
+         over the sub-chunk's rows, or pairwise: spec.subchunk, blocks.SubChunk);
+      C. att = those blocks + the off-diagonal blocks.
+    Both end in o = (p 2^b) Hv_c + att v per V tile."""
     b = Builder()
     q, k, v, o = seq_view("q", "K"), seq_view("k", "K"), seq_view("v", "V"), seq_view("o", "V")
     s_view, gc_view = input_view(spec, "s", "M"), seq_view("gc", "M")
     aqk, loff, pd, attd = (scratch_view(n, c) for n, c in (("aqk", "BT"), ("loff", "M"), ("pd", "M"), ("attd", "BT")))
     gates = ChunkGates(b, s_view, gc_view)
     x, a = chunk_products(b, "l_", q, k, chunk_state("hk"), "K", "BK")
-    logits = b.map("l_off", "{0} * tl.exp2({1})", x, gates.gc)
-    with gates.off_diagonal() as blk:
-        logits = gates.gated_rows("l_off", a, logits, blk)
-    b.store(aqk, a, "t0", "eos")
-    b.store(loff, logits, "t0", "eos")
-    b.barrier()
-    sub = SubChunk(b, s_view, gc_view, spec.subchunk, unrolled=spec.chunk_size <= UNROLLED_SWEEP_MAX_CHUNK)
-    with sub.loop():
-        diag, = sub.diagonal_scores([("l_", "a", aqk)])
-        probs = softmax_slots(b, b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), diag))
-        b.store(pd, probs, "ts", "eos")
-        sub.store_mixes(attention=[("o_", probs, attd)])
-    b.barrier()
-    probs, att = chunk_rows(b, "p_c", pd), diagonal_blocks(b, "att_c", attd)
-    with gates.off_diagonal() as blk:
-        att = gates.attention("att_c", probs, att, blk)
-    weights = b.map("pw_c", "{0} * tl.exp2({1})", probs, gates.gc)
-    with b.loop("v0", "0", "V", step="BV"):
-        out = b.dot("o_c", weights, b.load("hv_tile", chunk_state("hv"), "0", "M", ("BM", "BV"), col0="v0"))
-        out = b.dot("o_c", att, chunk_rows(b, "v_c", v, "BV", "v0", "in"), acc=out)
-        b.store(o, out, "t0", "eos", col0="v0")
+
+    def write_output(probs, att):
+        weights = b.map("pw_c", "{0} * tl.exp2({1})", probs, gates.gc)
+        with b.loop("v0", "0", "V", step="BV"):
+            out = b.dot("o_c", weights, b.load("hv_tile", chunk_state("hv"), "0", "M", ("BM", "BV"), col0="v0"))
+            out = b.dot("o_c", att, chunk_rows(b, "v_c", v, "BV", "v0", "in"), acc=out)
+            b.store(o, out, "t0", "eos", col0="v0")
+
+    def exact_form():
+        logits = b.map("l_off", "{0} * tl.exp2({1})", x, gates.gc)
+        with gates.off_diagonal() as blk:
+            logits = gates.gated_rows("l_off", a, logits, blk)
+        b.store(aqk, a, "t0", "eos")
+        b.store(loff, logits, "t0", "eos")
+        b.barrier()
+        sub = SubChunk(b, s_view, gc_view, spec.subchunk, unrolled=spec.chunk_size <= UNROLLED_SWEEP_MAX_CHUNK)
+        with sub.loop():
+            diag, = sub.diagonal_scores([("l_", "a", aqk)])
+            probs = softmax_slots(b, b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), diag))
+            b.store(pd, probs, "ts", "eos")
+            sub.store_mixes(attention=[("o_", probs, attd)])
+        b.barrier()
+        probs, att = chunk_rows(b, "p_c", pd), diagonal_blocks(b, "att_c", attd)
+        with gates.off_diagonal() as blk:
+            att = gates.attention("att_c", probs, att, blk)
+        write_output(probs, att)
+
+    if not spec.factored:  # GSA_FACTORED=0: the exact form for every chunk
+        exact_form()
+        return Program("gsa_output_pass", [q, k, v, s_view, gc_view, o, aqk, loff, pd, attd], b.body).verify()
+    factored = FactoredChunk(b, gates)
+    with b.when(factored.condition):
+        up, _, s_down = factored.factors()
+        logits = factored.gated_rows("l_all", a, b.map("l_inter", "{0} * tl.exp2({1})", x, gates.gc), up, s_down)
+        probs = softmax_slots(b, logits, ALL_CHUNK_ROWS)
+        write_output(probs, factored.attention("att_all", probs, up, s_down))
+    with b.when(factored.otherwise):
+        exact_form()
     return Program("gsa_output_pass", [q, k, v, s_view, gc_view, o, aqk, loff, pd, attd], b.body).verify()
 
 

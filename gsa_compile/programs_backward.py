@@ -29,8 +29,9 @@ With dl = dL/dlogits (natural units), p the slot probabilities and dp = dL/dp:
 """
 from __future__ import annotations
 
-from .blocks import (ChunkGates, SubChunk, chunk_products, chunk_row, chunk_rows, chunk_state, diagonal_blocks,
-                     input_view, last_row, scratch_view, seq_view, slot_mod_backward, softmax_slots)
+from .blocks import (ALL_CHUNK_ROWS, CHUNK_ROWS, ChunkGates, FactoredChunk, SubChunk, chunk_products, chunk_row,
+                     chunk_rows, chunk_state, diagonal_blocks, input_view, last_row, scratch_view, seq_view,
+                     slot_mod_backward, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import Spec
 
@@ -59,49 +60,79 @@ def slot_backward(spec: Spec) -> Program:
     gates = ChunkGates(b, s_view, gc_view)
     xl, qk = chunk_products(b, "l_", q, k, chunk_state("hk"), "K", "BK")
     xdp, dov = chunk_products(b, "dp_", do, v, chunk_state("hv", transposed=True), "V", "BV")
-    logits = b.map("l_off", "{0} * tl.exp2({1})", xl, gates.gc)
-    dp = b.map("dp_off", "{0} * tl.exp2({1})", xdp, gates.gc)
-    with gates.off_diagonal() as blk:
-        logits = gates.gated_rows("l_off", qk, logits, blk)
-        dp = gates.gated_rows("dp_off", dov, dp, blk)
-    for view, tile in ((aqk, qk), (adov, dov), (loff, logits), (dpoff, dp)):
-        b.store(view, tile, "t0", "eos")
-    b.barrier()
-    sub = SubChunk(b, s_view, gc_view, spec.subchunk)  # a loop: unrolled, the slot backward was slower
-    with sub.loop():
-        l_diag, dp_diag = sub.diagonal_scores([("l_", "qk", aqk), ("dp_", "dov", adov)])
-        acc = b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), l_diag)
-        probs = softmax_slots(b, acc)
-        dp = b.map("dp_i", "{0} + {1}", sub.rows(dpoff, "dp_off_i"), dp_diag)
+
+    def finish(probs, dls, mix_dl, mix_p, ds):
+        """Store the key backward's rows and the state backward's weights; dq per K tile."""
+        for view, tile in ((att_dl, mix_dl), (att_p, mix_p), (dsi, ds)):
+            b.store(view, tile, "t0", "eos")
+        weights = b.map("dlw_c", "{0} * tl.exp2({1})", dls, gates.gc)
+        b.store(dl_view, weights, "t0", "eos")  # the state backward's dlw and pw
+        b.store(p_view, b.map("pw_c", "{0} * tl.exp2({1})", probs, gates.gc), "t0", "eos")
+        with b.loop("k0", "0", "K", step="BK"):
+            hk_t = b.load("hk_t", chunk_state("hk", transposed=True), "0", "M", ("BM", "BK"), col0="k0")
+            out = b.dot("dq_c", weights, hk_t)
+            out = b.dot("dq_c", mix_dl, chunk_rows(b, "k_c", k, "BK", "k0", "in"), acc=out)
+            b.store(dq, out, "t0", "eos", col0="k0")
+
+    def slot_gradients(acc, probs, dp, index, rows):
+        """dl = p (dp - <p, dp>) through the slot_mod, and x, stored from row `rows` on; returns dl."""
         mean = b.expand("p_dp", b.reduce("p_dp_sum", b.map("p_times_dp", "{0} * {1}", probs, dp), 1), ":, None")
-        dl = b.map("dl_i", "{0} * ({1} - {2})", probs, dp, mean)
-        dl = slot_mod_backward(b, spec, acc, dl)
-        b.store(p_view, probs, "ts", "eos")
-        b.store(dl_view, dl, "ts", "eos")
-        b.store(x_view, b.map("x_i", "{0} * scale * {1} + {2} * {3}", acc, dl, probs, dp), "ts", "eos")
-        dls = b.map("dls_i", "{0} * scale", dl)
-        sub.store_mixes(attention=[("q_", dls, attd), ("v_", probs, attd_p)],
-                        key_scores=("ds", dsd, [("qk", aqk, dls), ("dov", adov, probs)]))
-    b.barrier()
-    probs = chunk_rows(b, "p_c", p_view)
-    dls = b.map("dls_c", "{0} * scale", chunk_rows(b, "dl_c", dl_view))
-    mix_dl, mix_p = diagonal_blocks(b, "att_dl_c", attd), diagonal_blocks(b, "att_p_c", attd_p)
-    qk, dov, ds = chunk_rows(b, "qk_c", aqk, "BT"), chunk_rows(b, "dov_c", adov, "BT"), chunk_rows(b, "ds_c", dsd)
-    with gates.off_diagonal() as blk:
-        mix_dl = gates.attention("att_dl_c", dls, mix_dl, blk)
-        mix_p = gates.attention("att_p_c", probs, mix_p, blk)
-        ds = gates.gated_cols("ds_c", qk, dls, ds, blk)
-        ds = gates.gated_cols("ds_c", dov, probs, ds, blk)
-    for view, tile in ((att_dl, mix_dl), (att_p, mix_p), (dsi, ds)):
-        b.store(view, tile, "t0", "eos")
-    weights = b.map("dlw_c", "{0} * tl.exp2({1})", dls, gates.gc)
-    b.store(dl_view, weights, "t0", "eos")  # the state backward's dlw and pw (phase C read dl and p above)
-    b.store(p_view, b.map("pw_c", "{0} * tl.exp2({1})", probs, gates.gc), "t0", "eos")
-    with b.loop("k0", "0", "K", step="BK"):
-        hk_t = b.load("hk_t", chunk_state("hk", transposed=True), "0", "M", ("BM", "BK"), col0="k0")
-        out = b.dot("dq_c", weights, hk_t)
-        out = b.dot("dq_c", mix_dl, chunk_rows(b, "k_c", k, "BK", "k0", "in"), acc=out)
-        b.store(dq, out, "t0", "eos", col0="k0")
+        suffix = "i" if rows == "ts" else "all"  # a sub-chunk's rows or the chunk's
+        dl = b.map("dl_" + suffix, "{0} * ({1} - {2})", probs, dp, mean)
+        dl = slot_mod_backward(b, spec, acc, dl, index, rows)
+        b.store(x_view, b.map("x_" + suffix, "{0} * scale * {1} + {2} * {3}", acc, dl, probs, dp), rows, "eos")
+        return dl
+
+    def exact_form():
+        logits = b.map("l_off", "{0} * tl.exp2({1})", xl, gates.gc)
+        dp = b.map("dp_off", "{0} * tl.exp2({1})", xdp, gates.gc)
+        with gates.off_diagonal() as blk:
+            logits = gates.gated_rows("l_off", qk, logits, blk)
+            dp = gates.gated_rows("dp_off", dov, dp, blk)
+        for view, tile in ((aqk, qk), (adov, dov), (loff, logits), (dpoff, dp)):
+            b.store(view, tile, "t0", "eos")
+        b.barrier()
+        sub = SubChunk(b, s_view, gc_view, spec.subchunk)  # a loop: unrolled, the slot backward was slower
+        with sub.loop():
+            l_diag, dp_diag = sub.diagonal_scores([("l_", "qk", aqk), ("dp_", "dov", adov)])
+            acc = b.map("l_i", "{0} + {1}", sub.rows(loff, "l_off_i"), l_diag)
+            probs = softmax_slots(b, acc)
+            dp = b.map("dp_i", "{0} + {1}", sub.rows(dpoff, "dp_off_i"), dp_diag)
+            dl = slot_gradients(acc, probs, dp, CHUNK_ROWS, "ts")
+            b.store(p_view, probs, "ts", "eos")
+            b.store(dl_view, dl, "ts", "eos")
+            dls = b.map("dls_i", "{0} * scale", dl)
+            sub.store_mixes(attention=[("q_", dls, attd), ("v_", probs, attd_p)],
+                            key_scores=("ds", dsd, [("qk", aqk, dls), ("dov", adov, probs)]))
+        b.barrier()
+        probs = chunk_rows(b, "p_c", p_view)
+        dls = b.map("dls_c", "{0} * scale", chunk_rows(b, "dl_c", dl_view))
+        mix_dl, mix_p = diagonal_blocks(b, "att_dl_c", attd), diagonal_blocks(b, "att_p_c", attd_p)
+        qk_c, dov_c, ds = chunk_rows(b, "qk_c", aqk, "BT"), chunk_rows(b, "dov_c", adov, "BT"), chunk_rows(b, "ds_c", dsd)
+        with gates.off_diagonal() as blk:
+            mix_dl = gates.attention("att_dl_c", dls, mix_dl, blk)
+            mix_p = gates.attention("att_p_c", probs, mix_p, blk)
+            ds = gates.gated_cols("ds_c", qk_c, dls, ds, blk)
+            ds = gates.gated_cols("ds_c", dov_c, probs, ds, blk)
+        finish(probs, dls, mix_dl, mix_p, ds)
+
+    if not spec.factored:  # GSA_FACTORED=0: the exact form for every chunk
+        exact_form()
+    else:
+        factored = FactoredChunk(b, gates)
+        with b.when(factored.condition):
+            up, down, s_down = factored.factors()
+            acc = factored.gated_rows("l_all", qk, b.map("l_inter", "{0} * tl.exp2({1})", xl, gates.gc), up, s_down,
+                                      precise=True)
+            dp = factored.gated_rows("dp_all", dov, b.map("dp_inter", "{0} * tl.exp2({1})", xdp, gates.gc), up, s_down,
+                                     precise=True)
+            probs = softmax_slots(b, acc, ALL_CHUNK_ROWS)
+            dls = b.map("dls_all", "{0} * scale", slot_gradients(acc, probs, dp, ALL_CHUNK_ROWS, "t0"))
+            finish(probs, dls, factored.attention("att_dl_all", dls, up, s_down),
+                   factored.attention("att_p_all", probs, up, s_down),
+                   factored.key_scores("ds_all", [(qk, dls), (dov, probs)], up, down))
+        with b.when(factored.otherwise):
+            exact_form()
     return Program("gsa_slot_backward", [q, k, v, do, dq, s_view, gc_view, p_view, dl_view, x_view, att_dl, att_p,
                                          dsi, aqk, adov, loff, dpoff, attd, attd_p, dsd], b.body).verify()
 

@@ -347,6 +347,9 @@ class Spec:
     # the output pass's and slot backward's sub-chunk terms: "sweep" (GPU) or "pairwise" (the interpreter)
     # (blocks.SubChunk; overrides.subchunk_form)
     subchunk: str = dataclasses.field(default="sweep", repr=False)
+    # the output pass's factored form of the intra-chunk terms for chunks whose gates allow it
+    # (blocks.FactoredChunk); False: the exact sub-chunk form everywhere (overrides.factored_form)
+    factored: bool = dataclasses.field(default=True, repr=False)
 
     @property
     def BM(self) -> int:

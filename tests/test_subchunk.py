@@ -9,12 +9,19 @@ the output pass and the slot backward:
    tolerances, and its o and final states against the pairwise form's (float32 1e-5; the same terms summed
    in another order).
 2. The choice: the default per device and the variable's values.
+3. The output pass's factored form (blocks.FactoredChunk) runs wherever a chunk's gates allow it, the exact
+   sub-chunk form elsewhere, chunk by chunk in one call: against the reference and against the exact form
+   everywhere (GSA_FACTORED=0, which 1. sets so that it tests the sub-chunk forms).
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from differential import compare, failures, make_leaves, rel_err
 from gsa_compile import chunk_gsa, overrides
+from gsa_compile.blocks import FACTOR_SPREAD_MAX
+from gsa_compile.reference import recurrent_gsa
+from gsa_compile.spec import GATE_FLOOR
 
 VARLEN = [0, 5, 40, 61]
 
@@ -44,6 +51,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['layout']}-c{c['chunk_size']}-{c['mods']}-{c['dtype']}")
 def test_sweep_matches_reference_and_pairwise(case, monkeypatch):
     leaves, views = make_leaves(case, "cpu")
+    monkeypatch.setenv(overrides.FACTORED_ENV, "0")  # every chunk in the sub-chunk forms
     monkeypatch.setenv(overrides.SUBCHUNK_ENV, "sweep")
     errors = compare(case, leaves, views)
     assert not failures(case, errors), errors
@@ -73,3 +81,54 @@ def test_subchunk_form_choice(monkeypatch):
     monkeypatch.setenv(overrides.SUBCHUNK_ENV, "both")
     with pytest.raises(ValueError, match=overrides.SUBCHUNK_ENV):
         overrides.subchunk_form(torch.device("cpu"))
+
+
+def _spreads(g, chunk):
+    """Per (batch row, head, chunk): the factored form's spread, max over slots of -min_t b (log2 units)."""
+    B, T, H, M = g.shape
+    b = F.pad(g.clamp(min=GATE_FLOOR).double(), (0, 0, 0, 0, 0, -T % chunk)).view(B, -1, chunk, H, M)
+    return (-(b.cumsum(2) * 1.4426950408889634).amin(2)).amax(-1)
+
+
+@pytest.mark.parametrize("chunk,form", [(16, "pairwise"), (32, "sweep")])
+def test_factored_and_exact_chunks(chunk, form, monkeypatch):
+    """Chunks with a few resets take the exact form, the others the factored one, in one call (the output
+    pass and the slot backward): o, the final states and every gradient against the reference, and o against
+    the exact form everywhere."""
+    B, T, H, K, V, M = 2, 3 * chunk + 5, 2, 8, 8, 6
+    gen = torch.Generator().manual_seed(chunk)
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for D in (K, K, V))
+    s = torch.rand(B, T, H, M, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, M, generator=gen))
+    g[0, chunk + 3: chunk + 9] = float("-inf")  # six resets: spread 6 * 57.7, past what one factor can hold
+    g[1, 2 * chunk + 1, 1, 2] = -30.0
+    spreads = _spreads(g, chunk)
+    assert (spreads > FACTOR_SPREAD_MAX).any() and (spreads <= FACTOR_SPREAD_MAX).any()
+    do, dhk, dhv = torch.randn(B, T, H, V, generator=gen), torch.randn(B, H, K, M, generator=gen), \
+        torch.randn(B, H, M, V, generator=gen)
+    monkeypatch.setenv(overrides.SUBCHUNK_ENV, form)
+
+    def run(fn, dtype):
+        leaves = [x.to(dtype).clone().requires_grad_() for x in (q, k, v, s)]
+        o, (hk, hv) = fn(*leaves, g.to(dtype), output_final_state=True)
+        ((o * do.to(dtype)).sum() + (hk * dhk.to(dtype)).sum() + (hv * dhv.to(dtype)).sum()).backward()
+        return [o, hk, hv] + [x.grad for x in leaves]
+
+    reference = run(recurrent_gsa, torch.float64)
+    outputs = {}
+    for factored in ("1", "0"):
+        monkeypatch.setenv(overrides.FACTORED_ENV, factored)
+        outputs[factored] = run(lambda *a, **kw: chunk_gsa(*a, **kw, chunk_size=chunk), torch.float32)
+    for name, x, r in zip(("o", "hk", "hv", "dq", "dk", "dv", "ds"), outputs["1"], reference):
+        assert rel_err(x, r) <= 1e-5, name
+    assert rel_err(outputs["1"][0], outputs["0"][0]) <= 1e-5
+
+
+def test_factored_form_choice(monkeypatch):
+    monkeypatch.delenv(overrides.FACTORED_ENV, raising=False)
+    assert overrides.factored_form()
+    monkeypatch.setenv(overrides.FACTORED_ENV, "0")
+    assert not overrides.factored_form()
+    monkeypatch.setenv(overrides.FACTORED_ENV, "yes")
+    with pytest.raises(ValueError, match=overrides.FACTORED_ENV):
+        overrides.factored_form()
