@@ -27,9 +27,9 @@ The gate layout is a lowering rule: how a [BT, BM] tile of g is read (`gate_view
 from __future__ import annotations
 
 from . import mods
-from .blocks import (ALL_CHUNK_ROWS, LOG2E, UNROLLED_SWEEP_MAX_CHUNK, ChunkGates, FactoredChunk, SubChunk, chunk_products,
-                     chunk_row, chunk_rows, chunk_state, diagonal_blocks, input_view, mapped_copy, scratch_view, seq_view,
-                     softmax_slots)
+from .blocks import (ALL_CHUNK_ROWS, LOG2E, UNROLLED_SWEEP_MAX_CHUNK, ChunkGates, FactoredChunk, SubChunk,
+                     chunk_products, chunk_row, chunk_rows, chunk_state, diagonal_blocks, input_view, mapped_copy,
+                     scratch_view, seq_view, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import GATE_FLOOR, GateLayout, Spec
 
