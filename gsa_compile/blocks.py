@@ -10,7 +10,9 @@ Rows are grouped in sub-chunks of BC; sub-chunk J has chunk rows J*BC .. J*BC + 
 - The same sub-chunk: exact pairwise factors, summed in a sweep over its rows j (`SubChunk`), reading
   the columns of chunk-level products that the program stored to its f32 scratch rows (Triton cannot
   slice a register tile; a barrier makes the other threads' stores visible).
-No exponent is ever positive.
+No exponent is ever positive in that exact form. Most chunks need none of it: where the chunk's gates
+span little enough, every pair factors through one reference per slot (`FactoredChunk`, below), with
+exponents bounded in magnitude, and the intra-chunk terms are matrix products over the whole chunk.
 """
 from __future__ import annotations
 

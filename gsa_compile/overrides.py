@@ -1,6 +1,6 @@
 """Launch overrides from environment variables, for experiments and A/B timings of eager calls (launch.py
-reads them per call): forced forward / backward / decode launch values, register caps per program, and the
-output pass's form of the sub-chunk terms (with its per-device default).
+reads them per call): forced forward / backward / decode launch values, register caps per program, the
+output pass's form of the sub-chunk terms (with its per-device default) and the factored form's switch.
 Each parser raises ValueError naming the variable and the expected form."""
 from __future__ import annotations
 

@@ -15,8 +15,9 @@ w = s * 2^(b_last - b) is each token's weight in the state at the chunk's end.
 2. output pass (per query head and chunk; all chunks in parallel):
                logits = scale * (2^b (q Hk_c) + intra(q k^T, s)),  p = softmax_M(logits),
                o = (p 2^b) Hv_c + att v  with att[t, j] = sum_m p_t s_j 2^(b_t - b_j) (j <= t).
-               Everything but the pairwise terms inside each sub-chunk is a chunk-level matrix product
-               (see blocks.py for how the gate factors split between sub-chunks).
+               Where the chunk's gates allow one factor per slot (blocks.FactoredChunk, the common case)
+               every term is a matrix product over the chunk; elsewhere everything but the pairwise terms
+               inside each sub-chunk is (see blocks.py for how the gate factors split between sub-chunks).
 
 Intra-chunk terms couple rows t >= j through 2^{b_t - b_j}. Between different sub-chunks this is
 factored through r_J = b at the last row of j's sub-chunk J, so both factors are <= 1; within a

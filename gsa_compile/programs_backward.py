@@ -2,7 +2,8 @@
 
 With dl = dL/dlogits (natural units), p the slot probabilities and dp = dL/dp:
 
-1. slot backward (per query head and chunk, parallel): recompute logits and p, compute
+1. slot backward (per query head and chunk, parallel; the factored or the exact form per chunk, as the
+   output pass: blocks.FactoredChunk): recompute logits and p, compute
         dp = 2^b (do Hv_c^T) + sum_{j<=t} (do_t . v_j) s_j 2^(b_t - b_j)   (gated_scores again)
         dl = p (dp - <p, dp>),   dq = scale * [(dl 2^b) Hk_c^T + sum_{j<=t} att(dl, s)[t, j] k_j]
    and store x = logits * dl + p * dp (the gate-gradient terms of this head), the chunk's attention
@@ -46,7 +47,8 @@ def _group_view(name: str, cols: str, internal: bool = False) -> View:
 
 
 def slot_backward(spec: Spec) -> Program:
-    """Phases as in the forward's output pass, with dp beside the logits:
+    """The forms as in the forward's output pass, with dp beside the logits. The factored form: logits and
+    dp (tf32 products), p, dl, x, att(dl), att(p) and ds as products over the chunk. The exact form's phases:
     A. q Hk, q k^T, do Hv^T, do v^T; the state and off-diagonal-block terms of logits and dp;
     B. per sub-chunk: the diagonal-block terms, p, dl, x and the diagonal blocks of att(dl), att(p), ds;
     C. their off-diagonal blocks; dq = (scale dl 2^b) Hk_c^T + att(scale dl) k per K tile."""
