@@ -325,6 +325,20 @@ class SubChunk:
 FACTOR_SPREAD_MAX = 128.0
 
 
+def per_chunk_form(b: Builder, spec, gates: "ChunkGates", factored_form, exact_form):
+    """Emit the intra-chunk terms of a program in the form each chunk allows: `factored_form(FactoredChunk)`
+    where the chunk's gates factor and `exact_form()` elsewhere, or `exact_form()` for every chunk where
+    spec.factored is False (GSA_FACTORED=0)."""
+    if not spec.factored:
+        exact_form()
+        return
+    chunk = FactoredChunk(b, gates)
+    with b.when(chunk.condition):
+        factored_form(chunk)
+    with b.when(chunk.otherwise):
+        exact_form()
+
+
 class FactoredChunk:
     """The factored form's condition and terms for the chunk of `gates` (ChunkGates)."""
 

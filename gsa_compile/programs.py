@@ -28,8 +28,8 @@ The gate layout is a lowering rule: how a [BT, BM] tile of g is read (`gate_view
 from __future__ import annotations
 
 from . import mods
-from .blocks import (ALL_CHUNK_ROWS, LOG2E, UNROLLED_SWEEP_MAX_CHUNK, ChunkGates, FactoredChunk, SubChunk,
-                     chunk_products, chunk_row, chunk_rows, chunk_state, diagonal_blocks, input_view, mapped_copy,
+from .blocks import (ALL_CHUNK_ROWS, LOG2E, UNROLLED_SWEEP_MAX_CHUNK, ChunkGates, SubChunk, chunk_products,
+                     chunk_row, chunk_rows, chunk_state, diagonal_blocks, input_view, mapped_copy, per_chunk_form,
                      scratch_view, seq_view, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import GATE_FLOOR, GateLayout, Spec
@@ -162,17 +162,13 @@ def output_pass(spec: Spec) -> Program:
             att = gates.attention("att_c", probs, att, blk)
         write_output(probs, att)
 
-    if not spec.factored:  # GSA_FACTORED=0: the exact form for every chunk
-        exact_form()
-        return Program("gsa_output_pass", [q, k, v, s_view, gc_view, o, aqk, loff, pd, attd], b.body).verify()
-    factored = FactoredChunk(b, gates)
-    with b.when(factored.condition):
+    def factored_form(factored):
         up, _, s_down = factored.factors()
         logits = factored.gated_rows("l_all", a, b.map("l_inter", "{0} * tl.exp2({1})", x, gates.gc), up, s_down)
         probs = softmax_slots(b, logits, ALL_CHUNK_ROWS)
         write_output(probs, factored.attention("att_all", probs, up, s_down))
-    with b.when(factored.otherwise):
-        exact_form()
+
+    per_chunk_form(b, spec, gates, factored_form, exact_form)
     return Program("gsa_output_pass", [q, k, v, s_view, gc_view, o, aqk, loff, pd, attd], b.body).verify()
 
 

@@ -30,8 +30,8 @@ With dl = dL/dlogits (natural units), p the slot probabilities and dp = dL/dp:
 """
 from __future__ import annotations
 
-from .blocks import (ALL_CHUNK_ROWS, CHUNK_ROWS, ChunkGates, FactoredChunk, SubChunk, chunk_products, chunk_row,
-                     chunk_rows, chunk_state, diagonal_blocks, input_view, last_row, scratch_view, seq_view,
+from .blocks import (ALL_CHUNK_ROWS, CHUNK_ROWS, ChunkGates, SubChunk, chunk_products, chunk_row, chunk_rows,
+                     chunk_state, diagonal_blocks, input_view, last_row, per_chunk_form, scratch_view, seq_view,
                      slot_mod_backward, softmax_slots)
 from .ir import Builder, Program, View
 from .spec import Spec
@@ -110,7 +110,8 @@ def slot_backward(spec: Spec) -> Program:
         probs = chunk_rows(b, "p_c", p_view)
         dls = b.map("dls_c", "{0} * scale", chunk_rows(b, "dl_c", dl_view))
         mix_dl, mix_p = diagonal_blocks(b, "att_dl_c", attd), diagonal_blocks(b, "att_p_c", attd_p)
-        qk_c, dov_c, ds = chunk_rows(b, "qk_c", aqk, "BT"), chunk_rows(b, "dov_c", adov, "BT"), chunk_rows(b, "ds_c", dsd)
+        qk_c, dov_c = chunk_rows(b, "qk_c", aqk, "BT"), chunk_rows(b, "dov_c", adov, "BT")
+        ds = chunk_rows(b, "ds_c", dsd)
         with gates.off_diagonal() as blk:
             mix_dl = gates.attention("att_dl_c", dls, mix_dl, blk)
             mix_p = gates.attention("att_p_c", probs, mix_p, blk)
@@ -118,23 +119,19 @@ def slot_backward(spec: Spec) -> Program:
             ds = gates.gated_cols("ds_c", dov_c, probs, ds, blk)
         finish(probs, dls, mix_dl, mix_p, ds)
 
-    if not spec.factored:  # GSA_FACTORED=0: the exact form for every chunk
-        exact_form()
-    else:
-        factored = FactoredChunk(b, gates)
-        with b.when(factored.condition):
-            up, down, s_down = factored.factors()
-            acc = factored.gated_rows("l_all", qk, b.map("l_inter", "{0} * tl.exp2({1})", xl, gates.gc), up, s_down,
-                                      precise=True)
-            dp = factored.gated_rows("dp_all", dov, b.map("dp_inter", "{0} * tl.exp2({1})", xdp, gates.gc), up, s_down,
-                                     precise=True)
-            probs = softmax_slots(b, acc, ALL_CHUNK_ROWS)
-            dls = b.map("dls_all", "{0} * scale", slot_gradients(acc, probs, dp, ALL_CHUNK_ROWS, "t0"))
-            finish(probs, dls, factored.attention("att_dl_all", dls, up, s_down),
-                   factored.attention("att_p_all", probs, up, s_down),
-                   factored.key_scores("ds_all", [(qk, dls), (dov, probs)], up, down))
-        with b.when(factored.otherwise):
-            exact_form()
+    def factored_form(factored):
+        up, down, s_down = factored.factors()
+        acc = factored.gated_rows("l_all", qk, b.map("l_inter", "{0} * tl.exp2({1})", xl, gates.gc), up, s_down,
+                                  precise=True)
+        dp = factored.gated_rows("dp_all", dov, b.map("dp_inter", "{0} * tl.exp2({1})", xdp, gates.gc), up, s_down,
+                                 precise=True)
+        probs = softmax_slots(b, acc, ALL_CHUNK_ROWS)
+        dls = b.map("dls_all", "{0} * scale", slot_gradients(acc, probs, dp, ALL_CHUNK_ROWS, "t0"))
+        finish(probs, dls, factored.attention("att_dl_all", dls, up, s_down),
+               factored.attention("att_p_all", probs, up, s_down),
+               factored.key_scores("ds_all", [(qk, dls), (dov, probs)], up, down))
+
+    per_chunk_form(b, spec, gates, factored_form, exact_form)
     return Program("gsa_slot_backward", [q, k, v, do, dq, s_view, gc_view, p_view, dl_view, x_view, att_dl, att_p,
                                          dsi, aqk, adov, loff, dpoff, attd, attd_p, dsd], b.body).verify()
 
