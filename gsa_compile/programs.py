@@ -83,11 +83,13 @@ def state_pass(spec: Spec) -> Program:
     k_view, v_view, w_view = seq_view("k", "K"), seq_view("v", "V"), seq_view("w", "M")
 
     def chunk_loop(store_state, update):
-        """The sequential walk: store the chunk-start state, then update(w, b_last) the state."""
+        """The sequential walk: store the chunk-start state (unless spec.chunk_states is off), then
+        update(w, b_last) the state."""
         total = b.load("g_total", chunk_total("0"), "0", "n_chunks", ("BM",))
         with b.loop("i_c", "0", "n_chunks"):
             b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
-            store_state()
+            if spec.chunk_states:
+                store_state()
             w = chunk_rows(b, "w_c", w_view)
             ahead = b.load("g_next", chunk_total("i_c + 1"), "i_c + 1", "n_chunks", ("BM",))
             update(w, total)

@@ -150,7 +150,8 @@ def state_backward(spec: Spec) -> Program:
         dhk = b.load("dhk", View("dhk_final_base", "M", "M"), "k0", "K", ("BK", "BM"))
         with b.loop("i_r", "0", "n_chunks"):
             last = chunk_decay()
-            b.store(chunk_state("dhk"), dhk, "k0", "K")
+            if spec.chunk_states:  # off in a segmented pass's local run (segments.py)
+                b.store(chunk_state("dhk"), dhk, "k0", "K")
             dhk = b.map("dhk", "{0} * tl.exp2({1})", dhk, b.expand("last_row", last, "None, :"))
             with b.loop("i_g", "0", "G"):
                 q = chunk_rows(b, "q_c", _group_view("q", "K"), "BK", "k0", "in")
@@ -161,7 +162,8 @@ def state_backward(spec: Spec) -> Program:
         dhv = b.load("dhv", View("dhv_final_base", "V", "V"), "0", "M", ("BM", "BV"), col0="v0")
         with b.loop("i_r", "0", "n_chunks"):
             last = chunk_decay()
-            b.store(chunk_state("dhv"), dhv, "0", "M", col0="v0")
+            if spec.chunk_states:  # off in a segmented pass's local run (segments.py)
+                b.store(chunk_state("dhv"), dhv, "0", "M", col0="v0")
             dhv = b.map("dhv", "{0} * tl.exp2({1})", dhv, b.expand("last_col", last, ":, None"))
             with b.loop("i_g", "0", "G"):
                 pw = chunk_rows(b, "pw_c", _group_view("p", "M", internal=True))

@@ -7,16 +7,17 @@ context_parallel, inside one device) and the generated programs run unchanged, a
 whose "sequences" are the segments:
 
   1. the state pass on the segments from a zero state: each segment's local end states F_j (the gate
-     pass ran before, once for the whole call: gc, w and the chunk totals are chunk-local);
+     pass ran before, once for the whole call: gc, w and the chunk totals are chunk-local); this run
+     stores no chunk states (Spec.chunk_states off: step 3 writes them all), so it only reads k, v and w;
   2. an exclusive scan over the segments, start_0 = initial state (or 0), start_{j+1} = A_j (.) start_j + F_j,
      with A_j = 2^(a_j) the segment's decay (a_j <= 0: the sum of its chunks' log2 gates, the gate pass's
      chunk totals gtot): one generated kernel (programs.segment_scan), S steps per (sequence, head, tile);
   3. the state pass again from start_j: every chunk state lands on the row the unsegmented pass
      writes (the segment table's chunk offsets), the last segment's final state is the final state.
 The state backward (programs_backward.state_backward) is the same in reverse: local gradients D_j from
-zero, then end_{S-1} = dH_final, end_{j-1} = A_j (.) end_j + D_j (programs.segment_scan_reverse), then the
-pass again. (Until session 9 the scan was ~25 torch operations in float64, which cost ~1.3 ms of host
-time per forward on the H200 machine: bench/NOTES.md "Session 9".)
+zero (no chunk gradients stored), then end_{S-1} = dH_final, end_{j-1} = A_j (.) end_j + D_j
+(programs.segment_scan_reverse), then the pass again. (Until session 9 the scan was ~25 torch operations
+in float64, which cost ~1.3 ms of host time per forward on the H200 machine: bench/NOTES.md "Session 9".)
 
 Dense [B, T, H, D] inputs are read as one packed batch of B * T tokens, which needs k's and v's batch
 stride to be T times their time stride (else, or with S = 1, the unsegmented pass runs; the gate pass's
@@ -182,12 +183,13 @@ def state_pass(p: Plan, call, k, v, w, gtot, hk0, hv0, hk_chunks, hv_chunks, hk_
     grid = (call.tiles() * N * S * H,)
     strides = (*_strides(k), *_strides(v))
     hk_seg, hv_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
-    local = dataclasses.replace(call.spec, varlen=True, initial_state=False)
+    segmented = dataclasses.replace(call.spec, varlen=True, initial_state=False)
+    local = dataclasses.replace(segmented, chunk_states=False)  # the end states only: run 3 stores the chunks'
     _run(call, programs.state_pass, local, grid, k, v, w, gtot, hk_chunks, hv_chunks, hk_seg, hv_seg,
          hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
     p.gtot = gtot
     hk_start, hv_start = scan(call, p, (hk_seg, hv_seg), None if hk0 is None else (hk0, hv0), reverse=False)
-    _run(call, programs.state_pass, dataclasses.replace(local, initial_state=True), grid,
+    _run(call, programs.state_pass, dataclasses.replace(segmented, initial_state=True), grid,
          k, v, w, gtot, hk_chunks, hv_chunks, hk_start, hv_start, hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
     hk_final.copy_(hk_seg.view(N, S, *hk_seg.shape[1:])[:, -1])
     hv_final.copy_(hv_seg.view(N, S, *hv_seg.shape[1:])[:, -1])
@@ -204,7 +206,8 @@ def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, d
     d_end = tuple(torch.zeros(N * S, *x.shape[1:], device=x.device, dtype=x.dtype) for x in (dhk_final, dhv_final))
     d_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
     tail = (call.T, H, call.HQ, scale, *_strides(q), *_strides(do))
-    _run(call, programs_backward.state_backward, spec, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks,
+    local = dataclasses.replace(spec, chunk_states=False)  # the start gradients only: run 3 stores the chunks'
+    _run(call, programs_backward.state_backward, local, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks,
          *d_end, *d_seg, p.cu, p.boc, *tail)
     d_end = scan(call, p, d_seg, (dhk_final, dhv_final), reverse=True)
     _run(call, programs_backward.state_backward, spec, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks,

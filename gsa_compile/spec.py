@@ -350,6 +350,9 @@ class Spec:
     # the output pass's factored form of the intra-chunk terms for chunks whose gates allow it
     # (blocks.FactoredChunk); False: the exact sub-chunk form everywhere (overrides.factored_form)
     factored: bool = dataclasses.field(default=True, repr=False)
+    # the state pass and state backward store every chunk's state (gradient); False only for a segmented
+    # pass's first, local run, which needs just each segment's end states (segments.py)
+    chunk_states: bool = dataclasses.field(default=True, repr=False)
 
     @property
     def BM(self) -> int:

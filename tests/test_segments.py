@@ -110,6 +110,33 @@ def test_segmented_with_stored_mapped_s(rows, monkeypatch):
     assert all(e <= 1e-5 for e in differences.values()), differences
 
 
+def test_local_runs_store_no_chunk_states(monkeypatch):
+    """The first run of each segmented pass (Spec.chunk_states off) writes only the segments' end states: the
+    chunk-state buffers it is handed keep the NaN put there before it, and the second run fills every row
+    (the gradients then match the reference: test_segmented_equals_unsegmented)."""
+    chunk_buffers = {"state_pass": slice(4, 6), "state_backward": slice(5, 7)}  # positions among _run's args
+    runs, original = [], segments._run
+
+    def checked(call, builder, spec, grid, *args, **extra):
+        buffers = args[chunk_buffers[builder.__name__]]
+        if not spec.chunk_states:
+            for x in buffers:
+                x.fill_(float("nan"))
+        original(call, builder, spec, grid, *args, **extra)
+        runs.append((builder.__name__, spec.chunk_states, [bool(x.isnan().all()) for x in buffers],
+                     [bool(x.isnan().any()) for x in buffers]))
+    monkeypatch.setattr(segments, "_run", checked)
+    case = _case("slot", True, 2, 1, 2, "3", seed=5)
+    leaves, views = make_leaves(case, "cpu")
+    leaves["g"] = (leaves["g"].detach() / 16).requires_grad_()
+    errors, _ = _run(case, leaves, views, monkeypatch, "3")
+    assert not failures(case, errors), errors
+    local = [(name, all_nan) for name, chunk_states, all_nan, _ in runs if not chunk_states]
+    stored = [(name, any_nan) for name, chunk_states, _, any_nan in runs if chunk_states]
+    assert local == [("state_pass", [True, True])] * 2 + [("state_backward", [True, True])]
+    assert stored == [("state_pass", [False, False])] * 2 + [("state_backward", [False, False])]
+
+
 @pytest.mark.parametrize("edge", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_scan_matches_step_by_step_combine(reverse, edge):
