@@ -32,7 +32,7 @@ from .spec import Spec
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), keep_trailing_newline=True,
                           undefined=jinja2.StrictUndefined)
-_TL_DTYPE = {"f32": "tl.float32", "i1": "tl.int1", "i64": "tl.int64", "i32": "tl.int32"}
+_TL_DTYPE = {"f32": "tl.float32", "f64": "tl.float64", "i1": "tl.int1", "i64": "tl.int64", "i32": "tl.int32"}
 
 
 def cache_dir() -> Path:

@@ -1,8 +1,9 @@
 """A small typed tile IR: each node computes one named tile; codegen prints one Triton line per node.
 
 Tiles have a symbolic shape made of block sizes (`BC`, `BK`, `BM`, `BV`, ...) and a dtype: `f32`
-(the accumulator type: float32, or float64 for float64 inputs under the interpreter), `in` (the
-kernel's input element type), `i1` (masks), `i64` (scalars). Global tensors are seen through `View`s:
+(the accumulator type: float32, or float64 for float64 inputs under the interpreter), `f64` (float64
+always: the gate gradient's sums over a sequence's chunks), `in` (the kernel's input element type), `i1`
+(masks), `i64` (scalars). Global tensors are seen through `View`s:
 2-D row-major windows `[rows, cols]` whose base pointer the kernel frame computes per program.
 
     hk: [BK, BM] f32 = zeros
@@ -28,7 +29,7 @@ class IRError(ValueError):
 class Tile:
     name: str
     shape: Shape
-    dtype: str  # "f32" | "in" | "i1"
+    dtype: str  # "f32" | "f64" | "in" | "i1" | "i32" | "i64"
 
     def __str__(self):
         return f"{self.name}: [{', '.join(self.shape)}] {self.dtype}"

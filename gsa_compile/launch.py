@@ -129,6 +129,8 @@ def tuned_config(layout, dtype, K, V, M, group, varlen, T, BH, device, direction
     return config.chunk_size, config.tile_config(), source
 
 
+_ZEROS: dict = {}  # (shape, dtype, device) -> a zero tensor kernels only read (Call.read_only_zeros)
+MAX_SHARED_ZEROS = (16, 1 << 22)  # at most 16 of them, each of at most 2^22 elements (16 MB in float32)
 _PLANS: dict = {}  # eager calls' launch plans (Call.__init__), by sizes, flags, overrides and tuning generation
 MAX_PLANS = 512  # emptied when full (distinct lengths of a long-running process)
 
@@ -199,6 +201,28 @@ class Call:
     def f32(self, *shape):
         """An accumulator-precision buffer: float32, or float64 for float64 inputs."""
         return torch.empty(*shape, device=self.device, dtype=self.acc_dtype)
+
+    def f32s(self, n: int, *shape):
+        """n accumulator-precision buffers of `shape`: one allocation for an eager call (n contiguous views; host
+        time), n in a trace (whose kernels' mutations are tracked per tensor)."""
+        if not self.plain_tensors:
+            return tuple(self.f32(*shape) for _ in range(n))
+        return torch.empty(n, *shape, device=self.device, dtype=self.acc_dtype).unbind(0)
+
+    def read_only_zeros(self, *shape):
+        """Zeros in the accumulator type that the kernels only read (an absent final-state gradient). Eager calls
+        share one per shape: no allocation and no fill kernel per call; none is kept from a CUDA graph capture
+        (whose fill has not run yet) or a trace (fake tensors), nor past MAX_SHARED_ZEROS."""
+        key = (shape, self.acc_dtype, self.device)
+        zeros = _ZEROS.get(key) if self.plain_tensors else None
+        if zeros is None:
+            zeros = torch.zeros(*shape, device=self.device, dtype=self.acc_dtype)
+            capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            if self.plain_tensors and not capturing and zeros.numel() <= MAX_SHARED_ZEROS[1]:
+                if len(_ZEROS) >= MAX_SHARED_ZEROS[0]:
+                    _ZEROS.clear()
+                _ZEROS[key] = zeros
+        return zeros
 
     def chunk_states(self, *shapes):
         """Buffers of per-chunk states (or state gradients). The kernels only use them as bf16 operands
@@ -292,8 +316,8 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     o = torch.empty(call.B, call.T, call.HQ, call.V, device=q.device, dtype=q.dtype)
     cu, offsets = call.tables(hk_final)
     grid, chunk_seq, chunk_idx = call.chunk_grid(call.HQ, hk_final)
-    loff, pd = call.f32(call.B, call.T, call.HQ, call.M), call.f32(call.B, call.T, call.HQ, call.M)
-    aqk, attd = (call.f32(call.B, call.T, call.HQ, call.spec.chunk_size) for _ in range(2))
+    loff, pd = call.f32s(2, call.B, call.T, call.HQ, call.M)  # the exact form's scratch rows
+    aqk, attd = call.f32s(2, call.B, call.T, call.HQ, call.spec.chunk_size)
     call.run(programs.output_pass, grid,
              q, k, v, s_read, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
              call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
@@ -339,9 +363,8 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
     cu, offsets = call.tables(hk_final)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    p, dl, x = call.f32(B, T, HQ, M), call.f32(B, T, HQ, M), call.f32(B, T, HQ, M)
-    att_dl, att_p, aqk, adov, attd, attd_p = (call.f32(B, T, HQ, call.spec.chunk_size) for _ in range(6))
-    dsi, loff, dpoff, dsd = (call.f32(B, T, HQ, M) for _ in range(4))
+    p, dl, x, dsi, loff, dpoff, dsd = call.f32s(7, B, T, HQ, M)
+    att_dl, att_p, aqk, adov, attd, attd_p = call.f32s(6, B, T, HQ, call.spec.chunk_size)
     grid, chunk_seq, chunk_idx = call.chunk_grid(HQ, hk_final)
     n_terms = len(call.mods.slot_leaves) if call.mods is not None else 0
     terms = {"mod_terms": call.f32(B, T, HQ, n_terms, M)} if n_terms else {}  # slot_mod parameter terms
@@ -354,8 +377,8 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     dhk_chunks, dhv_chunks = torch.empty_like(hk_chunks), torch.empty_like(hv_chunks)
     dhk0, dhv0 = call.f32(N, H, K, M), call.f32(N, H, M, V)
     given = dhk_final is not None, dhv_final is not None  # autograd passes None for an unused final state
-    dhk_final = dhk_final.to(call.acc_dtype).contiguous() if given[0] else torch.zeros_like(hk_final)
-    dhv_final = dhv_final.to(call.acc_dtype).contiguous() if given[1] else torch.zeros_like(hv_final)
+    dhk_final = dhk_final.to(call.acc_dtype).contiguous() if given[0] else call.read_only_zeros(*hk_final.shape)
+    dhv_final = dhv_final.to(call.acc_dtype).contiguous() if given[1] else call.read_only_zeros(*hv_final.shape)
     if call.segments is not None and segments.packable(call, (q, do)):  # the recomputed forward's segments
         segments.state_backward(call.segments, call, q, do, gc, p, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final,
                                 dhk0, dhv0, scale)
@@ -377,12 +400,13 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     # s as the kernels used it: where the mods map s, the gate pass's copy (mods.STORED_MAPS holds every mapped s)
     ds, dg = gate_backward(call, x, s_read, ds, final_terms, s.dtype, g.dtype, layout)
     grads = {"q": dq, "k": dk, "v": dv, "s": ds, "g": dg}
-    dparams = torch.zeros(0, device=q.device, dtype=torch.float32)
+    dparams = torch.empty(0, device=q.device, dtype=torch.float32)
     if call.mods is not None:
         grads, dparams = call.mods.raw_gradients(dict(q=q, k=k, v=v, s=s, g=g), grads, mod_params,
                                                  terms.get("mod_terms"), cu_seqlens)
     dq, dk, dv, ds, dg = (grads[n] for n in "qkvsg")
-    return dq, dk, dv, ds.to(s.dtype), dg.to(g.dtype).contiguous(), dhk0, dhv0, dparams
+    ds, dg = (x if x.dtype == like.dtype else x.to(like.dtype) for x, like in ((ds, s), (dg, g)))  # (no-op calls cost)
+    return dq, dk, dv, ds, dg.contiguous(), dhk0, dhv0, dparams
 
 
 MAX_DECODE_SPLITS = 8

@@ -231,7 +231,7 @@ def _gate_gradient_rows(b: Builder, spec: Spec):
 
 
 def gate_backward_totals(spec: Spec) -> Program:
-    """Each chunk's sum of dGamma, to `totals` (the host sums them over the later chunks: `later`)."""
+    """Each chunk's sum of dGamma, to `totals` (gate_backward_later sums them over the later chunks)."""
     b = Builder()
     d, _ = _gate_gradient_rows(b, spec)
     b.store(chunk_row("totals"), b.reduce("d_total", d, 0), "t0", "eos")
@@ -251,8 +251,28 @@ def gate_backward(spec: Spec) -> Program:
     return Program("gsa_gate_backward", [], b.body).verify()
 
 
+def gate_backward_later(spec: Spec) -> Program:
+    """`later` of every chunk row of a sequence: the sum of `totals` over the sequence's later chunks, plus its
+    final-state terms, which join at its last token. Per (sequence, kv head) a walk over its chunk rows from
+    the last, BR at a time: float64 sums (the carry, and each block's inclusive prefix sums subtracted from
+    its total), so a dense batch row's dg is the same, bit for bit, as when that row runs alone."""
+    b = Builder()
+    rows_of = View("totals_base", "H * M", "M")
+    carry = b.load("carry", View("final_base", "0", "M"), "0", "has_final", ("BM",), dtype="f64")
+    b.map("n_blocks", "tl.cdiv(eoc - boc, BR)", dtype="i64", shape=())
+    with b.loop("i_r", "0", "n_blocks"):
+        b.map("r0", "boc + (n_blocks - 1 - i_r) * BR", dtype="i64", shape=())
+        rows = b.load("rows", rows_of, "r0", "eoc", ("BR", "BM"), dtype="f64")
+        block = b.reduce("block_sum", rows, 0)
+        after = b.map("after", "{0} + {1} - {2}", b.expand("carry_row", carry, "None, :"),
+                      b.expand("block_row", block, "None, :"), b.reduce("prefix", rows, 0, "cumsum"))
+        b.store(View("later_base", "H * M", "M"), after, "r0", "eoc")
+        b.map("carry", "{0} + {1}", carry, block, dtype="f64")
+    return Program("gsa_gate_backward_later", [], b.body).verify()
+
+
 gate_backward_totals.template = "gate_backward"  # one frame (codegen.kernel)
 BACKWARD_PROGRAMS = (slot_backward, state_backward, key_backward)
 # Not in BACKWARD_PROGRAMS (whose text a tuned backward entry's hash covers, tuner.kernel_text_hash): these
 # two read and write [BT, BM] rows only, whatever the tuned tiles.
-GATE_BACKWARD_PROGRAMS = (gate_backward_totals, gate_backward)
+GATE_BACKWARD_PROGRAMS = (gate_backward_totals, gate_backward_later, gate_backward)

@@ -203,7 +203,7 @@ def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, d
     N, S, H = call.N, p.S, call.H
     grid = (call.tiles() * N * S * H,)
     spec = dataclasses.replace(call.spec, varlen=True)
-    d_end = tuple(torch.zeros(N * S, *x.shape[1:], device=x.device, dtype=x.dtype) for x in (dhk_final, dhv_final))
+    d_end = tuple(call.read_only_zeros(N * S, *x.shape[1:]) for x in (dhk_final, dhv_final))  # the local runs' ends
     d_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
     tail = (call.T, H, call.HQ, scale, *_strides(q), *_strides(do))
     local = dataclasses.replace(spec, chunk_states=False)  # the start gradients only: run 3 stores the chunks'
