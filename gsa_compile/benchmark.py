@@ -6,7 +6,8 @@
 2. torch.compile(fullgraph=True, dynamic=True) of a forward and of a training step;
 3. timings (triton.testing.do_bench medians; inputs larger than L2): forward and forward+backward of
    ours, fla's chunk_gsa (if fla-core imports) and causal SDPA at the same model width (heads of 128),
-   with the peak memory of forward+backward and each kernel's share of our time.
+   with the peak memory of forward+backward and each kernel's share of our time; the kernels' GPU time
+   alone, and ours and fla's replayed from a CUDA graph (the host's launch path out of the loop).
 A table is printed last.
 """
 from __future__ import annotations
@@ -120,6 +121,18 @@ def bench(fn, rep=100):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
+def bench_graph(fn, rep=100):
+    """The median of `fn` replayed from a CUDA graph (triton.testing.do_bench_cudagraph; no L2 flush): the
+    host's launch path out of the loop, as a graph-captured training step runs. None (reason on stderr) where
+    `fn` does not capture."""
+    import triton.testing
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+    except Exception as exc:  # a peer's kernels that do not capture
+        print(f"no CUDA graph timing: {exc!r}"[:300], file=sys.stderr)
+        return None
+
+
 def _fwd_bwd(fn, inputs, do):
     def run():
         for x in inputs:
@@ -192,6 +205,8 @@ def time_shapes(device, shapes):
         row["ours_kernels_fwdbwd_ms"] = kernel_shares(_fwd_bwd(ours, inputs, do))
         row["ours_kernels_fwd_total_ms"] = kernel_total(kernel_shares(ours))
         row["ours_kernels_fwdbwd_total_ms"] = kernel_total(row["ours_kernels_fwdbwd_ms"])
+        row["ours_fwd_graph_ms"] = bench_graph(ours)
+        row["ours_fwdbwd_graph_ms"] = bench_graph(_fwd_bwd(ours, inputs, do))
         kept = _fwd_bwd(lambda: chunk_gsa(*inputs, checkpoint_level=0)[0], inputs, do)  # the states kept, not recomputed
         row["ours_kept_fwdbwd_ms"] = bench(kept)
         row["ours_kept_kernels_fwdbwd_total_ms"] = kernel_total(kernel_shares(kept))
@@ -208,6 +223,9 @@ def time_shapes(device, shapes):
         row["sdpa_fwdbwd_ms"] = bench(_fwd_bwd(sdpa, sdpa_args, sdpa_do))
         first_read = sum(x.numel() * x.element_size() for x in inputs) + do.numel() * do.element_size()
         row["hbm_floor_fwd_ms"] = first_read / 4.2e12 * 1e3  # read q, k, v, s, g once, write o once
+        if fla_gsa is not None:  # last: a failed capture is the one timing that could disturb the next
+            row["fla_fwd_graph_ms"] = bench_graph(fla)
+            row["fla_fwdbwd_graph_ms"] = bench_graph(_fwd_bwd(fla, inputs, do))
         print(json.dumps(row), flush=True)
         rows.append(row)
         torch.cuda.empty_cache()
@@ -328,6 +346,15 @@ def print_table(result):
                 cells.append(f"{mine:9.3f} {theirs:9.3f} {theirs / mine:5.2f}")
             cells.append(f"{r.get('ours_kept_kernels_fwdbwd_total_ms', float('nan')):9.3f} "
                          f"{r.get('ours_kept_fwdbwd_ms', float('nan')):9.3f}")
+            print(f"B{r['B']} T{r['T']} H{r['H']} K=V={r['K']} M{r['M']:<4} | " + " | ".join(cells))
+    if any("ours_fwdbwd_graph_ms" in r for r in result.get("timing", [])):
+        print(f"{'CUDA graph replay (no host)':<28} | {'ours fwd':>9} {'fla fwd':>9} {'x':>5} | {'ours f+b':>9} "
+              f"{'fla f+b':>9} {'x':>5}")
+        for r in result["timing"]:
+            cells = []
+            for kind in ("fwd", "fwdbwd"):
+                mine, theirs = (r.get(f"{n}_{kind}_graph_ms") or float("nan") for n in ("ours", "fla"))
+                cells.append(f"{mine:9.3f} {theirs:9.3f} {theirs / mine:5.2f}")
             print(f"B{r['B']} T{r['T']} H{r['H']} K=V={r['K']} M{r['M']:<4} | " + " | ".join(cells))
     if result.get("sweep"):
         print(f"{'T':>6} | " + " ".join(f"{n + ' ' + k:>12}" for n in ("ours", "fla", "sdpa") for k in ("fwd", "f+b")))
