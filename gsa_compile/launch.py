@@ -405,7 +405,8 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
         grads, dparams = call.mods.raw_gradients(dict(q=q, k=k, v=v, s=s, g=g), grads, mod_params,
                                                  terms.get("mod_terms"), cu_seqlens)
     dq, dk, dv, ds, dg = (grads[n] for n in "qkvsg")
-    ds, dg = (x if x.dtype == like.dtype else x.to(like.dtype) for x, like in ((ds, s), (dg, g)))  # (no-op calls cost)
+    # in the inputs' dtypes (a no-op .to() still costs a dispatch: host time)
+    ds, dg = (grad if grad.dtype == like.dtype else grad.to(like.dtype) for grad, like in ((ds, s), (dg, g)))
     return dq, dk, dv, ds, dg.contiguous(), dhk0, dhv0, dparams
 
 
