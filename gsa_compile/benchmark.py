@@ -316,6 +316,21 @@ def parse_compute_apps(text: str, own_pid: int):
     return rows
 
 
+def _row_label(r) -> str:
+    return f"B{r['B']} T{r['T']} H{r['H']} K=V={r['K']} M{r['M']:<4}"
+
+
+def _ours_vs_fla(r, key: str) -> str:
+    """The 'ours fla fla/ours' cells of the forward and the forward+backward, read from r[key] with {n} = ours,
+    fla and {kind} = fwd, fwdbwd; a missing or None value prints as nan."""
+    cells = []
+    for kind in ("fwd", "fwdbwd"):
+        mine, theirs = (r.get(key.format(n=n, kind=kind)) for n in ("ours", "fla"))
+        mine, theirs = (float("nan") if x is None else x for x in (mine, theirs))
+        cells.append(f"{mine:9.3f} {theirs:9.3f} {theirs / mine:5.2f}")
+    return " | ".join(cells)
+
+
 def print_table(result):
     shared = [x for x in (result["environment"].get("other_gpu_processes"),
                           result.get("other_gpu_processes_after_timing")) if x]
@@ -331,7 +346,7 @@ def print_table(result):
           f"{'sdpa fwd':>9} {'sdpa f+b':>9} | {'mem ours':>9} {'mem fla':>9} | floor")
     for r in result.get("timing", []):
         fla_f, fla_fb = r.get("fla_fwd_ms", float("nan")), r.get("fla_fwdbwd_ms", float("nan"))
-        print(f"B{r['B']} T{r['T']} H{r['H']} K=V={r['K']} M{r['M']:<4} | {r['ours_fwd_ms']:9.3f} {fla_f:9.3f} "
+        print(f"{_row_label(r)} | {r['ours_fwd_ms']:9.3f} {fla_f:9.3f} "
               f"{fla_f / r['ours_fwd_ms']:5.2f} | {r['ours_fwdbwd_ms']:9.3f} {fla_fb:9.3f} {fla_fb / r['ours_fwdbwd_ms']:5.2f} | "
               f"{r['sdpa_fwd_ms']:9.3f} {r['sdpa_fwdbwd_ms']:9.3f} | {r['ours_fwdbwd_peak_mib']:9.0f} "
               f"{r.get('fla_fwdbwd_peak_mib', float('nan')):9.0f} | {r['hbm_floor_fwd_ms']:.3f}")
@@ -340,22 +355,14 @@ def print_table(result):
         print(f"{'GPU kernel time (host excluded)':<28} | {'ours fwd':>9} {'fla fwd':>9} {'x':>5} | {'ours f+b':>9} "
               f"{'fla f+b':>9} {'x':>5} | {'kept f+b':>9} {'wall':>9}")
         for r in result["timing"]:
-            cells = []
-            for kind in ("fwd", "fwdbwd"):
-                mine, theirs = (r.get(f"{n}_kernels_{kind}_total_ms", float("nan")) for n in ("ours", "fla"))
-                cells.append(f"{mine:9.3f} {theirs:9.3f} {theirs / mine:5.2f}")
-            cells.append(f"{r.get('ours_kept_kernels_fwdbwd_total_ms', float('nan')):9.3f} "
-                         f"{r.get('ours_kept_fwdbwd_ms', float('nan')):9.3f}")
-            print(f"B{r['B']} T{r['T']} H{r['H']} K=V={r['K']} M{r['M']:<4} | " + " | ".join(cells))
+            kept = (f"{r.get('ours_kept_kernels_fwdbwd_total_ms', float('nan')):9.3f} "
+                    f"{r.get('ours_kept_fwdbwd_ms', float('nan')):9.3f}")
+            print(f"{_row_label(r)} | {_ours_vs_fla(r, '{n}_kernels_{kind}_total_ms')} | {kept}")
     if any("ours_fwdbwd_graph_ms" in r for r in result.get("timing", [])):
         print(f"{'CUDA graph replay (no host)':<28} | {'ours fwd':>9} {'fla fwd':>9} {'x':>5} | {'ours f+b':>9} "
               f"{'fla f+b':>9} {'x':>5}")
         for r in result["timing"]:
-            cells = []
-            for kind in ("fwd", "fwdbwd"):
-                mine, theirs = (r.get(f"{n}_{kind}_graph_ms") or float("nan") for n in ("ours", "fla"))
-                cells.append(f"{mine:9.3f} {theirs:9.3f} {theirs / mine:5.2f}")
-            print(f"B{r['B']} T{r['T']} H{r['H']} K=V={r['K']} M{r['M']:<4} | " + " | ".join(cells))
+            print(f"{_row_label(r)} | {_ours_vs_fla(r, '{n}_{kind}_graph_ms')}")
     if result.get("sweep"):
         print(f"{'T':>6} | " + " ".join(f"{n + ' ' + k:>12}" for n in ("ours", "fla", "sdpa") for k in ("fwd", "f+b")))
         for r in result["sweep"]:
