@@ -135,6 +135,17 @@ _PLANS: dict = {}  # eager calls' launch plans (Call.__init__), by sizes, flags,
 MAX_PLANS = 512  # emptied when full (distinct lengths of a long-running process)
 
 
+def remember(cache: dict, key, value, limit: int, device=None):
+    """cache[key] = value, the cache emptied first when it holds `limit` entries. A value of device tensors
+    passes its device: nothing is kept while a CUDA graph is being captured there (the capture has not run the
+    kernels that fill them yet)."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+
+
 def tuning_generation(device) -> int:
     """The generation of `device`'s tuning cache: unique per cache object and reload (a record() reloads)."""
     from . import tuner
@@ -186,9 +197,7 @@ class Call:
         if plan is None:
             plan = _plan(*static)
             if key is not None:
-                if len(_PLANS) >= MAX_PLANS:
-                    _PLANS.clear()
-                _PLANS[key] = plan
+                remember(_PLANS, key, plan, MAX_PLANS)
         chunk_size, self.spec, self.consts, self.launch, self.launch_of = plan
         self.mods, self.mod_params = mods.lookup(mods_key), mod_params
         self.mod_args = {"mod_params": mod_params} if self.mods is not None and self.mods.n_params else {}
@@ -217,11 +226,8 @@ class Call:
         zeros = _ZEROS.get(key) if self.plain_tensors else None
         if zeros is None:
             zeros = torch.zeros(*shape, device=self.device, dtype=self.acc_dtype)
-            capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-            if self.plain_tensors and not capturing and zeros.numel() <= MAX_SHARED_ZEROS[1]:
-                if len(_ZEROS) >= MAX_SHARED_ZEROS[0]:
-                    _ZEROS.clear()
-                _ZEROS[key] = zeros
+            if self.plain_tensors and zeros.numel() <= MAX_SHARED_ZEROS[1]:
+                remember(_ZEROS, key, zeros, MAX_SHARED_ZEROS[0], self.device)
         return zeros
 
     def chunk_states(self, *shapes):

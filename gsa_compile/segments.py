@@ -142,11 +142,9 @@ def plan(call, *strided) -> Optional[Plan]:
     tables = _DENSE.get(key) if static else None
     if tables is None:
         tables = _dense_tables(*key[1:], call.device)
-        capturing = call.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if static and all(type(x) is torch.Tensor for x in tables) and not capturing:
-            if len(_DENSE) >= 64:
-                _DENSE.clear()
-            _DENSE[key] = tables  # real tensors only (not fake or functional ones of a trace)
+        if static and all(type(x) is torch.Tensor for x in tables):  # real tensors only (not a trace's)
+            from .launch import remember
+            remember(_DENSE, key, tables, 64, call.device)
     return Plan(S, *tables)
 
 
