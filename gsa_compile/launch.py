@@ -100,7 +100,6 @@ def kernel_constants(spec: Spec, config: TileConfig, slot_bc: int = SLOT_BACKWAR
         "slot_backward": dict(per_chunk, BC=min(slot_bc, spec.chunk_size)),
         "state_backward": dict(G=spec.group, NK=cdiv(spec.K, BK), **common),
         "key_backward": per_chunk,
-        "gate_backward_totals": dict(M=spec.M, G=spec.group, BT=spec.chunk_size, BM=spec.BM),
         "gate_backward": dict(M=spec.M, G=spec.group, BT=spec.chunk_size, BM=spec.BM),
     }
 
@@ -370,13 +369,14 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     cu, offsets = call.tables(hk_final)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     p, dl, x, dsi, loff, dpoff, dsd = call.f32s(7, B, T, HQ, M)
+    x_sum, s_ds_sum = call.f32(call.n_chunk_rows, HQ, M), call.f32(call.n_chunk_rows, H, M)  # the gate's chunk totals
     att_dl, att_p, aqk, adov, attd, attd_p = call.f32s(6, B, T, HQ, call.spec.chunk_size)
     grid, chunk_seq, chunk_idx = call.chunk_grid(HQ, hk_final)
     n_terms = len(call.mods.slot_leaves) if call.mods is not None else 0
     terms = {"mod_terms": call.f32(B, T, HQ, n_terms, M)} if n_terms else {}  # slot_mod parameter terms
     call.run(programs_backward.slot_backward, grid,
-             q, k, v, s_read, gc, hk_chunks, hv_chunks, do, dq, p, dl, x, att_dl, att_p, dsi, aqk, adov, loff, dpoff,
-             attd, attd_p, dsd, cu, offsets, chunk_seq, chunk_idx,
+             q, k, v, s_read, gc, hk_chunks, hv_chunks, do, dq, p, dl, x, x_sum, att_dl, att_p, dsi, aqk, adov, loff,
+             dpoff, attd, attd_p, dsd, cu, offsets, chunk_seq, chunk_idx,
              T, H, HQ, scale, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read),
              *_strides(do), **terms)
 
@@ -398,13 +398,13 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     ds = call.f32(B, T, H, M)
     grid, chunk_seq, chunk_idx = call.chunk_grid(H, hk_final)
     call.run(programs_backward.key_backward, grid,
-             q, k, v, s_read, gc, do, att_dl, att_p, dsi, dhk_chunks, dhv_chunks, dk, dv, ds, cu, offsets, chunk_seq,
-             chunk_idx, T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read), *_strides(do))
+             q, k, v, s_read, gc, do, att_dl, att_p, dsi, dhk_chunks, dhv_chunks, dk, dv, ds, s_ds_sum, cu, offsets,
+             chunk_seq, chunk_idx, T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read), *_strides(do))
 
     # dg's terms from the final states' gradients, which join at each sequence's last token: [N, H, M], or none
     final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3) if any(given) else None
     # s as the kernels used it: where the mods map s, the gate pass's copy (mods.STORED_MAPS holds every mapped s)
-    ds, dg = gate_backward(call, x, s_read, ds, final_terms, s.dtype, g.dtype, layout)
+    ds, dg = gate_backward(call, x, s_read, ds, (x_sum, s_ds_sum), final_terms, s.dtype, g.dtype, layout)
     grads = {"q": dq, "k": dk, "v": dv, "s": ds, "g": dg}
     dparams = torch.empty(0, device=q.device, dtype=torch.float32)
     if call.mods is not None:

@@ -51,11 +51,13 @@ def slot_backward(spec: Spec) -> Program:
     dp (tf32 products), p, dl, x, att(dl), att(p) and ds as products over the chunk. The exact form's phases:
     A. q Hk, q k^T, do Hv^T, do v^T; the state and off-diagonal-block terms of logits and dp;
     B. per sub-chunk: the diagonal-block terms, p, dl, x and the diagonal blocks of att(dl), att(p), ds;
-    C. their off-diagonal blocks; dq = (scale dl 2^b) Hk_c^T + att(scale dl) k per K tile."""
+    C. their off-diagonal blocks; dq = (scale dl 2^b) Hk_c^T + att(scale dl) k per K tile.
+    Both also store the chunk's sum of x over its rows (x_sum: the gate gradient's chunk totals)."""
     b = Builder()
     q, k, v, do, dq = (seq_view(n, c) for n, c in (("q", "K"), ("k", "K"), ("v", "V"), ("do", "V"), ("dq", "K")))
     s_view, gc_view = input_view(spec, "s", "M"), seq_view("gc", "M")
     p_view, dl_view, x_view = (seq_view(n, "M", row_stride="stride_pt") for n in ("p", "dl", "x"))
+    x_sum_view = View("(x_sum + ((boc + i_c) * HQ + i_hq) * M)", "0", "M")  # [chunk rows, HQ, M]
     att_dl, att_p, dsi = scratch_view("att", "BT"), scratch_view("att_p", "BT"), scratch_view("dsi", "M")
     aqk, adov, loff, dpoff, attd, attd_p, dsd = (scratch_view(n, c) for n, c in (
         ("aqk", "BT"), ("adov", "BT"), ("loff", "M"), ("dpoff", "M"), ("attd", "BT"), ("attd_p", "BT"), ("dsd", "M")))
@@ -77,13 +79,21 @@ def slot_backward(spec: Spec) -> Program:
             b.store(dq, out, "t0", "eos", col0="k0")
 
     def slot_gradients(acc, probs, dp, index, rows):
-        """dl = p (dp - <p, dp>) through the slot_mod, and x, stored from row `rows` on; returns dl."""
+        """dl = p (dp - <p, dp>) through the slot_mod, and x, stored from row `rows` on (with the chunk's rows,
+        "t0", also their sum); returns dl."""
         mean = b.expand("p_dp", b.reduce("p_dp_sum", b.map("p_times_dp", "{0} * {1}", probs, dp), 1), ":, None")
         suffix = "i" if rows == "ts" else "all"  # a sub-chunk's rows or the chunk's
         dl = b.map("dl_" + suffix, "{0} * ({1} - {2})", probs, dp, mean)
         dl = slot_mod_backward(b, spec, acc, dl, index, rows)
-        b.store(x_view, b.map("x_" + suffix, "{0} * scale * {1} + {2} * {3}", acc, dl, probs, dp), rows, "eos")
+        x = b.map("x_" + suffix, "{0} * scale * {1} + {2} * {3}", acc, dl, probs, dp)
+        b.store(x_view, x, rows, "eos")
+        if rows == "t0":
+            store_x_sum(b.map("x_rows", "tl.where((t0 + tl.arange(0, BT))[:, None] < eos, {0}, 0.0)", x))
         return dl
+
+    def store_x_sum(x):
+        """The chunk's sum of x over its rows (the gate gradient's later-chunk sums read it)."""
+        b.store(x_sum_view, b.reduce("x_row_sum", x, 0), "t0", "eos")
 
     def exact_form():
         logits = b.map("l_off", "{0} * tl.exp2({1})", xl, gates.gc)
@@ -107,6 +117,7 @@ def slot_backward(spec: Spec) -> Program:
             sub.store_mixes(attention=[("q_", dls, attd), ("v_", probs, attd_p)],
                             key_scores=("ds", dsd, [("qk", aqk, dls), ("dov", adov, probs)]))
         b.barrier()
+        store_x_sum(chunk_rows(b, "x_c", x_view))  # (rows past eos load 0)
         probs = chunk_rows(b, "p_c", p_view)
         dls = b.map("dls_c", "{0} * scale", chunk_rows(b, "dl_c", dl_view))
         mix_dl, mix_p = diagonal_blocks(b, "att_dl_c", attd), diagonal_blocks(b, "att_p_c", attd_p)
@@ -174,7 +185,8 @@ def state_backward(spec: Spec) -> Program:
 
 
 def key_backward(spec: Spec) -> Program:
-    """Chunk-level products only: the attention matrices and the intra part of ds come from the slot backward."""
+    """Chunk-level products only: the attention matrices and the intra part of ds come from the slot backward.
+    Also stores the chunk's sum of s ds over its rows (s_ds_sum: the gate gradient's chunk totals)."""
     b = Builder()
     k, v = seq_view("k", "K"), seq_view("v", "V")
     dk, dv, ds_view = seq_view("dk", "K"), seq_view("dv", "V"), seq_view("ds", "M", row_stride="stride_dst")
@@ -183,7 +195,8 @@ def key_backward(spec: Spec) -> Program:
     s_view, gc_view = input_view(spec, "s", "M"), seq_view("gc", "M")
     last = b.expand("last_row", b.load("gc_last", gc_view, last_row("t0 + BT"), "eos", ("BM",)), "None, :")
     to_end = b.map("to_end", "tl.exp2({0} - {1})", last, chunk_rows(b, "gc_c", gc_view))
-    w_end = b.map("w_end", "{0} * {1}", chunk_rows(b, "s_c", s_view), to_end)
+    s_c = chunk_rows(b, "s_c", s_view)
+    w_end = b.map("w_end", "{0} * {1}", s_c, to_end)
     one_head = spec.group == 1  # then the attention matrices are loaded once, outside the tile loops
     if one_head:
         b.map("i_g", "0", dtype="i32", shape=())
@@ -218,6 +231,7 @@ def key_backward(spec: Spec) -> Program:
     with b.loop("i_g", "0", "G"):
         b.map("ds_c", "{0} + {1}", ds, chunk_rows(b, "dsi_g", dsi))
     b.store(ds_view, ds, "t0", "eos")
+    b.store(chunk_row("s_ds_sum"), b.reduce("s_ds", b.map("s_times_ds", "{0} * {1}", s_c, ds), 0), "t0", "eos")
     return Program("gsa_key_backward", [k, v, dk, dv, ds_view, q, do, att_dl, att_p, dsi], b.body).verify()
 
 
@@ -228,14 +242,6 @@ def _gate_gradient_rows(b: Builder, spec: Spec):
         b.map("d_c", "{0} + {1}", d, chunk_rows(b, "x_g", _group_view("x", "M", internal=True)))
     s, ds = chunk_rows(b, "s_c", input_view(spec, "s", "M")), chunk_rows(b, "ds_c", seq_view("ds", "M"))
     return b.map("d_c", "{0} - {1} * {2}", d, s, ds), ds
-
-
-def gate_backward_totals(spec: Spec) -> Program:
-    """Each chunk's sum of dGamma, to `totals` (gate_backward_later sums them over the later chunks)."""
-    b = Builder()
-    d, _ = _gate_gradient_rows(b, spec)
-    b.store(chunk_row("totals"), b.reduce("d_total", d, 0), "t0", "eos")
-    return Program("gsa_gate_backward_totals", [], b.body).verify()
 
 
 def gate_backward(spec: Spec) -> Program:
@@ -252,17 +258,22 @@ def gate_backward(spec: Spec) -> Program:
 
 
 def gate_backward_later(spec: Spec) -> Program:
-    """`later` of every chunk row of a sequence: the sum of `totals` over the sequence's later chunks, plus its
-    final-state terms, which join at its last token. Per (sequence, kv head) a walk over its chunk rows from
-    the last, BR at a time: float64 sums (the carry, and each block's inclusive prefix sums subtracted from
-    its total), so a dense batch row's dg is the same, bit for bit, as when that row runs alone."""
+    """`later` of every chunk row of a sequence: the sum of the chunk totals of dGamma (the group's x_sum rows
+    minus s_ds_sum's, from the slot and key backwards) over the sequence's later chunks, plus its final-state
+    terms, which join at its last token. Per (sequence, kv head) a walk over its chunk rows from the last, BR
+    at a time: float64 sums (the carry, and each block's inclusive prefix sums subtracted from its total), so a
+    dense batch row's dg is the same, bit for bit, as when that row runs alone."""
     b = Builder()
-    rows_of = View("totals_base", "H * M", "M")
     carry = b.load("carry", View("final_base", "0", "M"), "0", "has_final", ("BM",), dtype="f64")
     b.map("n_blocks", "tl.cdiv(eoc - boc, BR)", dtype="i64", shape=())
     with b.loop("i_r", "0", "n_blocks"):
         b.map("r0", "boc + (n_blocks - 1 - i_r) * BR", dtype="i64", shape=())
-        rows = b.load("rows", rows_of, "r0", "eoc", ("BR", "BM"), dtype="f64")
+        rows = b.map("rows", "-{0}", b.load("s_ds_rows", View("s_ds_base", "H * M", "M"), "r0", "eoc", ("BR", "BM"),
+                                             dtype="f64"), dtype="f64")
+        with b.loop("i_g", "0", "G"):
+            x_rows = b.load("x_rows", View("x_sum_base + i_g * M", "HQ * M", "M"), "r0", "eoc", ("BR", "BM"),
+                            dtype="f64")
+            b.map("rows", "{0} + {1}", rows, x_rows, dtype="f64")
         block = b.reduce("block_sum", rows, 0)
         after = b.map("after", "{0} + {1} - {2}", b.expand("carry_row", carry, "None, :"),
                       b.expand("block_row", block, "None, :"), b.reduce("prefix", rows, 0, "cumsum"))
@@ -271,8 +282,7 @@ def gate_backward_later(spec: Spec) -> Program:
     return Program("gsa_gate_backward_later", [], b.body).verify()
 
 
-gate_backward_totals.template = "gate_backward"  # one frame (codegen.kernel)
 BACKWARD_PROGRAMS = (slot_backward, state_backward, key_backward)
 # Not in BACKWARD_PROGRAMS (whose text a tuned backward entry's hash covers, tuner.kernel_text_hash): these
 # two read and write [BT, BM] rows only, whatever the tuned tiles.
-GATE_BACKWARD_PROGRAMS = (gate_backward_totals, gate_backward_later, gate_backward)
+GATE_BACKWARD_PROGRAMS = (gate_backward_later, gate_backward)
