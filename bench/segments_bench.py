@@ -12,6 +12,7 @@ states and the gradients from the first setting's (bf16 chunk states: ~1e-3 is r
 --variant NAME:VAR=VALUE[;VAR=VALUE]: also run every setting with those environment variables (launch
 overrides read per call: GSA_MAXNREG, GSA_BACKWARD_CONFIG, GSA_FORWARD_CONFIG; repeatable), e.g.
     --variant base: --variant reg168:GSA_MAXNREG=output_pass=168 --variant slot8:GSA_BACKWARD_CONFIG=32,128,128,4,3,8,8
+Each row also has the forward's kernels alone (fwd_*_kernel_ms; GSA_INLINE_GATES=1 changes only the forward's).
 """
 import argparse
 import json
@@ -48,12 +49,13 @@ def timed(fn):
     return (time.perf_counter() - start) * 1e3
 
 
-def kernels(fn):
+def kernels(fn, prefix=""):
     if device != "cuda":
         return {}
     shares = bm.kernel_shares(fn)
     other = sum(t for name, t in shares.items() if not name.startswith("gsa_"))
-    return dict({f"{name[4:]}_kernel_ms": shares.get(name, 0.0) for name in KERNELS}, other_kernel_ms=round(other, 4))
+    return {f"{prefix}{key}": value for key, value in dict(
+        {f"{name[4:]}_kernel_ms": shares.get(name, 0.0) for name in KERNELS}, other_kernel_ms=round(other, 4)).items()}
 
 
 KERNELS = tuple(f"gsa_{name}" for name in overrides.PROGRAM_NAMES)  # the generated kernels' names
@@ -109,6 +111,7 @@ for (variant, env), setting in ((v, st) for v in variants() for st in args.setti
     row = dict(variant=variant, env=env, setting=setting, S=segments.requested(call), chunk=call.spec.chunk_size,
                state_pass_ms=timed(run_state), fwd_ms=timed(lambda: forward()), fwdbwd_ms=timed(fwd_bwd))
     row.update(kernels(fwd_bwd))
+    row.update(kernels(forward, "fwd_"))  # the forward's alone
     outputs = list(fwd_bwd()) + [x.grad for x in leaves]
     if first is None:
         first = [x.detach().clone() for x in outputs]
@@ -138,3 +141,9 @@ for r in result["rows"]:
           + " ".join(f"{r.get(c + '_kernel_ms', float('nan')):>10.3f}" for c in columns)
           + f" | {r['max_rel_diff']:>8.1e}")
 print("(ms; k: kernel time summed over one forward+backward, by name; max diff vs the first row)")
+if device == "cuda":
+    print("\nthe forward's kernels alone (ms): " + " ".join(f"{c[:10]:>10}" for c in columns))
+    for r in result["rows"]:
+        print(f"{r['variant']:>10} {r['setting']:>8}  " + " ".join(
+            f"{r.get('fwd_' + c + '_kernel_ms', float('nan')):>10.3f}" for c in columns)
+            + f"  total {sum(r.get('fwd_' + c + '_kernel_ms', 0.0) for c in columns):.3f}")

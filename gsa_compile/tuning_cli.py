@@ -4,8 +4,9 @@ For each shape: the search space of tuner.search_space, compiled first in parall
 (each runs the forward of one config at the tuning shape: the compiled kernels land in Triton's
 on-disk cache; a config whose kernels fail to compile or launch, e.g. out of shared memory, or
 fault, is dropped without harming the timing process), then tuner.tune (validated against the
-default config, timed with do_bench) in this process; the winners' backward is checked the same
-way (else the default is kept). Winners go to the user cache, or with --ship to autotune/<GPU>.json.
+default config, timed replayed from a CUDA graph: `kernel_time`) in this process; the winners' backward is
+checked the same way (else the default is kept). Winners go to the user cache, or with --ship to
+autotune/<GPU>.json.
 """
 from __future__ import annotations
 
@@ -75,6 +76,15 @@ def try_configs(jobs_list, jobs: Optional[int] = None) -> list:
         return list(pool.map(_try_config, jobs_list))
 
 
+def kernel_time(fn) -> float:
+    """ms per call of `fn` replayed from a CUDA graph (median): the kernels' time without the host's launch path.
+    do_bench of the eager call measures the host instead wherever the host is the slower of the two: on session
+    17's H200 machine it timed every backward config at B4 T4096 H4 K=V=512 at ~1.0-1.2 ms and kept one whose
+    kernels take 0.19 ms longer than the config it replaced (bench/NOTES.md, session 17)."""
+    import triton.testing
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
 def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None, jobs=None, direction="forward"):
     """Tune one shape's forward, or its backward (a TuningKey with direction "backward": it recomputes the
     forward's states, so any chunk size and tiles will do; every backward kernel, the slot backward
@@ -104,7 +114,7 @@ def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None
         return launch.forward(q, k, v, s, g, K ** -0.5, None, None, None, config.chunk_size, GateLayout(layout),
                               config.tile_config())[0]
 
-    result = tuner.tune(key, candidates, run, progress=True)
+    result = tuner.tune(key, candidates, run, bench=kernel_time, progress=True)
     result.trials.extend(tuner.Trial(config, "skipped", None, reason) for config, reason in dropped)
     return result, (layout, dtype_name, shape, result.best, True)
 
