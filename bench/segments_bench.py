@@ -12,7 +12,7 @@ states and the gradients from the first setting's (bf16 chunk states: ~1e-3 is r
 --variant NAME:VAR=VALUE[;VAR=VALUE]: also run every setting with those environment variables (launch
 overrides read per call: GSA_MAXNREG, GSA_BACKWARD_CONFIG, GSA_FORWARD_CONFIG; repeatable), e.g.
     --variant base: --variant reg168:GSA_MAXNREG=output_pass=168 --variant slot8:GSA_BACKWARD_CONFIG=32,128,128,4,3,8,8
-Each row also has the forward's kernels alone (fwd_*_kernel_ms; GSA_INLINE_GATES=1 changes only the forward's).
+Each row also has the forward's kernels alone (fwd_*_kernel_ms).
 """
 import argparse
 import json
