@@ -60,7 +60,7 @@ def chunk_layout(cu_seqlens: Optional[torch.Tensor], B: int, T: int, chunk_size:
 
 
 def _strides(x: torch.Tensor):
-    return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride()[:3]  # one call: host time
 
 
 def unit_last_stride(*tensors):
@@ -88,6 +88,8 @@ def _gate_strides(g: torch.Tensor, layout: GateLayout):
 # traffic on B8 T2048 H16 K=V=128); with 8 warps and sub-chunks of 8 it spills nothing at chunk 32 and
 # 1.1 KB at chunk 64. The forward's tuning does not see this kernel, so it gets its own launch values.
 SLOT_BACKWARD_WARPS, SLOT_BACKWARD_BC = 8, 8
+
+
 def kernel_constants(spec: Spec, config: TileConfig, slot_bc: int = SLOT_BACKWARD_BC):
     """The constexpr arguments of every program (forward and backward) for a Spec and tile config."""
     BK, BV = spec.kv_tile(spec.K, config.BK), spec.kv_tile(spec.V, config.BV)
