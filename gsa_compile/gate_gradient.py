@@ -39,7 +39,7 @@ def gate_backward(call, x, s_read, ds, chunk_sums, final_terms, s_dtype, g_dtype
 @functools.lru_cache(maxsize=64)
 def _without_mods(spec):
     """The Spec of gate_backward_later, which reads no input the mods map (memoised: dataclasses.replace costs
-    ~20 us of host time a call)."""
+    ~5 us of host time a call on the CPU here, a cached lookup 0.4)."""
     return dataclasses.replace(spec, mods="")
 
 

@@ -401,7 +401,8 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     grid, chunk_seq, chunk_idx = call.chunk_grid(H, hk_final)
     call.run(programs_backward.key_backward, grid,
              q, k, v, s_read, gc, do, att_dl, att_p, dsi, dhk_chunks, dhv_chunks, dk, dv, ds, s_ds_sum, cu, offsets,
-             chunk_seq, chunk_idx, T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read), *_strides(do))
+             chunk_seq, chunk_idx, T, H, HQ, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read),
+             *_strides(do))
 
     # dg's terms from the final states' gradients, which join at each sequence's last token: [N, H, M], or none
     final_terms = (dhk_final * hk_final).sum(2) + (dhv_final * hv_final).sum(3) if any(given) else None
