@@ -38,7 +38,9 @@
 #   hardening_1    regressions long_sequence                        (session 11, cold: 218 + 80 s)
 #   hardening_2    big_offsets big_offsets_backward                 (big_offsets ran past 150 s cold)
 #   hardening_3    many_sequences graph_* determinism, a 90 s fuzz
-#   hardening_all  hardening_1, _2 and _3 side by side (three processes, one call: none of them times)
+#   hardening_all  hardening_1, _2 and _3 side by side (three processes, one call: none of them times);
+#                  WITH_CHECK=1 runs `check` beside them (one `wait` for all: session 17 waited on a pgrep
+#                  pattern that matched the calling shell's own command line and lost the call's limit)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 OUT=${OUT:-/tmp/gsa_out}
@@ -132,8 +134,10 @@ for name in "$@"; do
                          --only many_sequences graph_backward graph_forward graph_decode determinism fuzz \
                          --out "$W/hardening_3.json" ;;
         hardening_all)
-            echo "[$(( $(date +%s) - start )) s] hardening_all: hardening_1/2/3 side by side (limit 560 s)"
-            for i in 1 2 3; do bash "$0" "hardening_$i" > "$W/hardening_all_$i.out" 2>&1 & done
+            echo "[$(( $(date +%s) - start )) s] hardening_all: hardening_1/2/3${WITH_CHECK:+ and check} side by side (limit 560 s)"
+            for part in hardening_1 hardening_2 hardening_3 ${WITH_CHECK:+check}; do
+                bash "$0" "$part" > "$W/hardening_all_$part.out" 2>&1 &
+            done
             wait
             cat "$W"/hardening_all_*.out | grep -v '^packed' ;;
         *) echo "unknown step $name (see the header of bench/gpu_session.sh)"; exit 2 ;;
