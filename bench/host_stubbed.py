@@ -53,7 +53,8 @@ cases = {
     "chunk_gsa forward": lambda: chunk_gsa(*plain, chunk_size=64),
     "chunk_gsa forward+backward": fwd_bwd,
     "launch.forward": lambda: launch.forward(*plain, D ** -0.5, None, None, None, 64, GateLayout.SLOT),
-    "launch.backward": lambda: launch.backward(do, None, None, *plain, D ** -0.5, None, None, None, 64, GateLayout.SLOT),
+    "launch.backward": lambda: launch.backward(do, None, None, *plain, D ** -0.5, None, None, None, 64,
+                                               GateLayout.SLOT),
 }
 for name, fn in cases.items():
     for _ in range(30):
