@@ -3,9 +3,6 @@ dGamma summed over each sequence's later chunks (float64, from the chunk sums of
 key backwards stored), then dg and ds. `call` is the backward's launch.Call."""
 from __future__ import annotations
 
-import dataclasses
-import functools
-
 import torch
 
 from . import codegen, programs_backward
@@ -36,13 +33,6 @@ def gate_backward(call, x, s_read, ds, chunk_sums, final_terms, s_dtype, g_dtype
     return ds_out, dg
 
 
-@functools.lru_cache(maxsize=64)
-def _without_mods(spec):
-    """The Spec of gate_backward_later, which reads no input the mods map (memoised: dataclasses.replace costs
-    ~5 us of host time a call on the CPU here, a cached lookup 0.4)."""
-    return dataclasses.replace(spec, mods="")
-
-
 def later_totals(call, x_sum, s_ds_sum, final_terms):
     """[chunk rows, H, M]: for chunk row r of sequence n, the sum over n's chunks after r of their totals of dGamma
     (x_sum [chunk rows, HQ, M] over each kv head's query heads, minus s_ds_sum [chunk rows, H, M]), plus n's
@@ -52,7 +42,8 @@ def later_totals(call, x_sum, s_ds_sum, final_terms):
     read nor written."""
     later = torch.empty_like(s_ds_sum)
     H, M = s_ds_sum.shape[1:]
-    call.wrap(codegen.kernel(programs_backward.gate_backward_later, _without_mods(call.spec)))[(call.N * H,)](
+    spec = call.spec.replaced(mods="")  # (reads no input the mods map)
+    call.wrap(codegen.kernel(programs_backward.gate_backward_later, spec))[(call.N * H,)](
         x_sum, s_ds_sum, s_ds_sum if final_terms is None else final_terms, later,
         call.offsets if call.offsets is not None else s_ds_sum, cdiv(call.T, call.spec.chunk_size),
         int(final_terms is not None), H, x_sum.shape[1], M=M, G=x_sum.shape[1] // H, BM=call.spec.BM, BR=LATER_ROWS,

@@ -158,7 +158,7 @@ def scan(call, p: Plan, local, edge, reverse: bool):
     states (forward) or the final states' gradients (reverse), [N, H, ...] or None. Returns each segment's
     start state (forward) or end gradient (reverse), like `local`."""
     out = tuple(torch.empty_like(x) for x in local)
-    spec = dataclasses.replace(call.spec, varlen=False, initial_state=edge is not None, mods="")
+    spec = call.spec.replaced(varlen=False, initial_state=edge is not None, mods="")
     edge = local if edge is None else tuple(e.to(local[0].dtype).contiguous() for e in edge)  # (unused if None)
     builder = programs.segment_scan_reverse if reverse else programs.segment_scan
     consts = {n: call.consts["state_pass"][n] for n in ("K", "V", "M", "NK", "BK", "BV", "BM")}
@@ -181,13 +181,13 @@ def state_pass(p: Plan, call, k, v, w, gtot, hk0, hv0, hk_chunks, hv_chunks, hk_
     grid = (call.tiles() * N * S * H,)
     strides = (*_strides(k), *_strides(v))
     hk_seg, hv_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
-    segmented = dataclasses.replace(call.spec, varlen=True, initial_state=False)
-    local = dataclasses.replace(segmented, chunk_states=False)  # the end states only: run 3 stores the chunks'
+    segmented = call.spec.replaced(varlen=True, initial_state=False)
+    local = segmented.replaced(chunk_states=False)  # the end states only: run 3 stores the chunks'
     _run(call, programs.state_pass, local, grid, k, v, w, gtot, hk_chunks, hv_chunks, hk_seg, hv_seg,
          hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
     p.gtot = gtot
     hk_start, hv_start = scan(call, p, (hk_seg, hv_seg), None if hk0 is None else (hk0, hv0), reverse=False)
-    _run(call, programs.state_pass, dataclasses.replace(segmented, initial_state=True), grid,
+    _run(call, programs.state_pass, segmented.replaced(initial_state=True), grid,
          k, v, w, gtot, hk_chunks, hv_chunks, hk_start, hv_start, hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
     hk_final.copy_(hk_seg.view(N, S, *hk_seg.shape[1:])[:, -1])
     hv_final.copy_(hv_seg.view(N, S, *hv_seg.shape[1:])[:, -1])
@@ -200,11 +200,11 @@ def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, d
 
     N, S, H = call.N, p.S, call.H
     grid = (call.tiles() * N * S * H,)
-    spec = dataclasses.replace(call.spec, varlen=True)
+    spec = call.spec.replaced(varlen=True)
     d_end = tuple(call.read_only_zeros(N * S, *x.shape[1:]) for x in (dhk_final, dhv_final))  # the local runs' ends
     d_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
     tail = (call.T, H, call.HQ, scale, *_strides(q), *_strides(do))
-    local = dataclasses.replace(spec, chunk_states=False)  # the start gradients only: run 3 stores the chunks'
+    local = spec.replaced(chunk_states=False)  # the start gradients only: run 3 stores the chunks'
     _run(call, programs_backward.state_backward, local, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks,
          *d_end, *d_seg, p.cu, p.boc, *tail)
     d_end = scan(call, p, d_seg, (dhk_final, dhv_final), reverse=True)
