@@ -172,6 +172,8 @@ def _plan(sizes, dtype, device, varlen, initial_state, chunk_size, layout, confi
     # the slot backward's warps: forced (GSA_BACKWARD_CONFIG), a tuned backward's, else at least 8 (its spills)
     slot_warps = slot_backward[0] or max(SLOT_BACKWARD_WARPS, config.num_warps)
     launch_of = {"slot_backward": dict(launch, num_warps=slot_warps)}
+    if config.key_maxnreg:
+        launch_of["key_backward"] = dict(launch, maxnreg=config.key_maxnreg)
     for name, cap in maxnreg_override().items():
         launch_of[name] = dict(launch_of.get(name, launch), maxnreg=cap)
     return chunk_size, spec, kernel_constants(spec, config, slot_backward[1]), launch, launch_of

@@ -397,3 +397,7 @@ class TileConfig:
     BV: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    # the key backward's register cap (Triton's maxnreg; 0: none): at B8 T2048 H16 K=V=128 (4 warps, 64-wide
+    # tiles) a cap of 128 took it from 0.268 to 0.246 ms, at 8 warps or 128-wide tiles it lost (bench/NOTES.md,
+    # session 18), so the backward's tuner tries it on its winner
+    key_maxnreg: int = 0

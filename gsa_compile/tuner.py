@@ -51,24 +51,33 @@ _BACKWARD_SOURCES = _SOURCES + ("templates/state_backward.py.jinja", "templates/
                                 "templates/key_backward.py.jinja", "programs_backward.py")
 
 
+OPTIONAL_FIELDS = {"key_maxnreg": 0}  # config fields a file may leave out: their defaults
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig(TileConfig):
     """What the tuner chooses per key: the TileConfig fields and the chunk size (a Spec field)."""
     chunk_size: int = 64
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, less the optional ones at their defaults (files stay readable by older versions)."""
+        data = dataclasses.asdict(self)
+        return {n: x for n, x in data.items() if n not in OPTIONAL_FIELDS or x != OPTIONAL_FIELDS[n]}
 
     @classmethod
     def from_json(cls, data) -> "LaunchConfig":
-        """Strict: an object of exactly these integer fields with sane values, else ValueError."""
+        """Strict: an object of these integer fields (the optional ones may be absent) with sane values, else
+        ValueError."""
         names = sorted(f.name for f in dataclasses.fields(cls))
-        if not isinstance(data, dict) or sorted(data) != names or any(type(data[n]) is not int for n in names):
-            raise ValueError(f"config must be an object of integers {names}, got {data!r}")
+        required = [n for n in names if n not in OPTIONAL_FIELDS]
+        if (not isinstance(data, dict) or not set(required) <= set(data) <= set(names)
+                or any(type(x) is not int for x in data.values())):
+            raise ValueError(f"config must be an object of integers {names} ({sorted(OPTIONAL_FIELDS)} optional), "
+                             f"got {data!r}")
         cfg = cls(**data)
         if (cfg.chunk_size not in SUPPORTED_CHUNK_SIZES or cfg.num_warps not in (1, 2, 4, 8, 16)
                 or not all(16 <= b <= 1024 and b & (b - 1) == 0 for b in (cfg.BK, cfg.BV))
-                or not 1 <= cfg.num_stages <= 8):
+                or not 1 <= cfg.num_stages <= 8 or not (cfg.key_maxnreg == 0 or 24 <= cfg.key_maxnreg <= 255)):
             raise ValueError(f"config values out of range: {data!r}")
         return cfg
 
@@ -80,7 +89,8 @@ class LaunchConfig(TileConfig):
         return dataclasses.replace(self, BK=block(K, self.BK), BV=block(V, self.BV))
 
     def short(self) -> str:
-        return f"BT={self.chunk_size} BK={self.BK} BV={self.BV} w={self.num_warps} s={self.num_stages}"
+        cap = f" key_maxnreg={self.key_maxnreg}" if self.key_maxnreg else ""
+        return f"BT={self.chunk_size} BK={self.BK} BV={self.BV} w={self.num_warps} s={self.num_stages}{cap}"
 
 
 DEFAULT_CONFIG = LaunchConfig()

@@ -227,6 +227,16 @@ def test_backward_launch_takes_its_entry(dirs):
     assert call("forward") == (32, 32, 8) and call("backward") == (32, 32, 8)  # no backward entry: the forward's
     write(path, [(forward_key, forward_cfg), (backward_key, backward_cfg)], env=env)
     assert call("forward") == (32, 32, 8) and call("backward") == (16, 16, 4)
+    # a tuned register cap of the key backward reaches its launch, and only its launch
+    capped = dataclasses.replace(backward_cfg, key_maxnreg=128)
+    assert LaunchConfig.from_json(capped.to_json()) == capped and "key_maxnreg" not in backward_cfg.to_json()
+    write(path, [(forward_key, forward_cfg), (backward_key, capped)], env=env)
+    tuner._by_setting.clear()
+    tuner._caches.clear()
+    c = launch.Call(q, k, v, s, None, None, launch.AUTO, GateLayout.SLOT, None, lambda kernel: kernel,
+                    direction="backward")
+    assert c.launch_of["key_backward"] == dict(c.launch, maxnreg=128)
+    assert all("maxnreg" not in c.launch_of.get(name, c.launch) for name in c.consts if name != "key_backward")
 
 
 
@@ -304,13 +314,15 @@ def test_wrong_typed_entries_ignored(dirs):
         key(T=32768).to_str(): {**good, "time_ms": "fast"},
         key(T=65536).to_str(): "oops",
         key(T=1 << 17).to_str(): {**good, "config": {**FAST.to_json(), "extra": 1}},
+        key(T=1 << 18).to_str(): {**good, "config": {**FAST.to_json(), "key_maxnreg": 7}},
+        key(T=1 << 19).to_str(): {**good, "config": {n: x for n, x in FAST.to_json().items() if n != "BK"}},
         "slot|bfloat16|K=128": good,
         key().to_str().replace("BH=64", "BH=-1"): good,
     })
     path.write_text(json.dumps(doc))
     cache = TuningCache(ENV)
     entries, warned = caught(cache.entries)
-    assert list(entries) == [key()] and len(warned) == 1 and "10 malformed" in str(warned[0].message)
+    assert list(entries) == [key()] and len(warned) == 1 and "12 malformed" in str(warned[0].message)
     assert cache.lookup(key(T=512)) == (FAST, "nearest")  # the good entry, never a malformed one
 
 
