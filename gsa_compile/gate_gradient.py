@@ -6,9 +6,12 @@ from __future__ import annotations
 import torch
 
 from . import codegen, programs_backward
-from .spec import GateLayout, cdiv
+from .spec import GateLayout, cdiv, next_power_of_2
 
-LATER_ROWS = 64  # chunk rows of totals gate_backward_later sums per step (BR)
+# gate_backward_later's tiles: up to LATER_ROWS[1] chunk rows a step (BR: the next power of two of a sequence's
+# chunks, at least LATER_ROWS[0]) by LATER_SLOTS slots a program (BM). Session 17's 64 rows by all M slots walked
+# the 1024 chunk rows of B1 T32768 (chunk 32) in 16 steps with 4 programs: 0.048 ms, bound by the steps' latency.
+LATER_ROWS, LATER_SLOTS = (16, 256), 16
 
 
 def gate_backward(call, x, s_read, ds, chunk_sums, final_terms, s_dtype, g_dtype, layout: GateLayout):
@@ -43,9 +46,13 @@ def later_totals(call, x_sum, s_ds_sum, final_terms):
     later = torch.empty_like(s_ds_sum)
     H, M = s_ds_sum.shape[1:]
     spec = call.spec.replaced(mods="")  # (reads no input the mods map)
-    call.wrap(codegen.kernel(programs_backward.gate_backward_later, spec))[(call.N * H,)](
+    from .launch import _hint
+    n_chunks = cdiv(call.T, call.spec.chunk_size)  # a dense row's; a packed batch's sequences have at most this many
+    # (the tile sizes follow T's hint under a trace with a dynamic length: any size is exact, no guard is added)
+    rows = min(LATER_ROWS[1], max(LATER_ROWS[0], next_power_of_2(cdiv(_hint(call.T), call.spec.chunk_size))))
+    slots = min(LATER_SLOTS, call.spec.BM)
+    call.wrap(codegen.kernel(programs_backward.gate_backward_later, spec))[(call.N * H, cdiv(M, slots))](
         x_sum, s_ds_sum, s_ds_sum if final_terms is None else final_terms, later,
-        call.offsets if call.offsets is not None else s_ds_sum, cdiv(call.T, call.spec.chunk_size),
-        int(final_terms is not None), H, x_sum.shape[1], M=M, G=x_sum.shape[1] // H, BM=call.spec.BM, BR=LATER_ROWS,
-        num_warps=4)
+        call.offsets if call.offsets is not None else s_ds_sum, n_chunks, int(final_terms is not None), H,
+        x_sum.shape[1], M=M, G=x_sum.shape[1] // H, BM=slots, BR=rows, num_warps=8 if rows * slots >= 4096 else 4)
     return later

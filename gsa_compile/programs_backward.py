@@ -260,24 +260,24 @@ def gate_backward(spec: Spec) -> Program:
 def gate_backward_later(spec: Spec) -> Program:
     """`later` of every chunk row of a sequence: the sum of the chunk totals of dGamma (the group's x_sum rows
     minus s_ds_sum's, from the slot and key backwards) over the sequence's later chunks, plus its final-state
-    terms, which join at its last token. Per (sequence, kv head) a walk over its chunk rows from the last, BR
-    at a time: float64 sums (the carry, and each block's inclusive prefix sums subtracted from its total), so a
-    dense batch row's dg is the same, bit for bit, as when that row runs alone."""
+    terms, which join at its last token. Per (sequence, kv head, tile of BM slots) a walk over its chunk rows
+    from the last, BR at a time: float64 sums (the carry, and each block's inclusive prefix sums subtracted from
+    its total), so a dense batch row's dg is the same, bit for bit, as when that row runs alone."""
     b = Builder()
-    carry = b.load("carry", View("final_base", "0", "M"), "0", "has_final", ("BM",), dtype="f64")
+    carry = b.load("carry", View("final_base", "0", "m_left"), "0", "has_final", ("BM",), dtype="f64")
     b.map("n_blocks", "tl.cdiv(eoc - boc, BR)", dtype="i64", shape=())
     with b.loop("i_r", "0", "n_blocks"):
         b.map("r0", "boc + (n_blocks - 1 - i_r) * BR", dtype="i64", shape=())
-        rows = b.map("rows", "-{0}", b.load("s_ds_rows", View("s_ds_base", "H * M", "M"), "r0", "eoc", ("BR", "BM"),
+        rows = b.map("rows", "-{0}", b.load("s_ds_rows", View("s_ds_base", "H * M", "m_left"), "r0", "eoc", ("BR", "BM"),
                                              dtype="f64"), dtype="f64")
         with b.loop("i_g", "0", "G"):
-            x_rows = b.load("x_rows", View("x_sum_base + i_g * M", "HQ * M", "M"), "r0", "eoc", ("BR", "BM"),
+            x_rows = b.load("x_rows", View("x_sum_base + i_g * M", "HQ * M", "m_left"), "r0", "eoc", ("BR", "BM"),
                             dtype="f64")
             b.map("rows", "{0} + {1}", rows, x_rows, dtype="f64")
         block = b.reduce("block_sum", rows, 0)
         after = b.map("after", "{0} + {1} - {2}", b.expand("carry_row", carry, "None, :"),
                       b.expand("block_row", block, "None, :"), b.reduce("prefix", rows, 0, "cumsum"))
-        b.store(View("later_base", "H * M", "M"), after, "r0", "eoc")
+        b.store(View("later_base", "H * M", "m_left"), after, "r0", "eoc")
         b.map("carry", "{0} + {1}", carry, block, dtype="f64")
     return Program("gsa_gate_backward_later", [], b.body).verify()
 

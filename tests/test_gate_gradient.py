@@ -1,7 +1,8 @@
 """gate_gradient.later_totals (programs_backward.gate_backward_later): each chunk row's sum over its sequence's
 later chunks of their totals of dGamma (x_sum over a kv head's query heads minus s_ds_sum), plus the sequence's
-final-state terms, against a float64 loop in torch. Sequences of 0 to 150 chunks (the kernel reads 64 rows per
-step), dense and packed, GQA, with and without the final-state terms."""
+final-state terms, against a float64 loop in torch. Sequences of 0 to 150 chunks (the kernel reads up to 256 rows
+per step; smaller caps give many steps), slots in one tile or several (the last one masked), dense and packed, GQA,
+with and without the final-state terms."""
 import pytest
 import torch
 
@@ -27,9 +28,13 @@ def _expected(totals, sequences, final):
     return want
 
 
+@pytest.mark.parametrize("tiles", [None, ((16, 64), 2), ((16, 16), 4)])  # (LATER_ROWS, LATER_SLOTS); None: as set
 @pytest.mark.parametrize("final", [False, True])
 @pytest.mark.parametrize("varlen, G", [(False, 1), (True, 2)])
-def test_later_totals_match_a_float64_loop(varlen, G, final):
+def test_later_totals_match_a_float64_loop(varlen, G, final, tiles, monkeypatch):
+    if tiles is not None:
+        monkeypatch.setattr(gate_gradient, "LATER_ROWS", tiles[0])
+        monkeypatch.setattr(gate_gradient, "LATER_SLOTS", tiles[1])
     gen = torch.Generator().manual_seed(int(varlen) * 2 + int(final))
     H, M = 2, 6  # M below the slot tile: padded slots masked
     if varlen:
