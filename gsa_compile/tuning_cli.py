@@ -1,9 +1,9 @@
 """`python -m gsa_compile tune`: tune the standard shapes on this GPU and record the winners.
 
-For each shape: the search space of tuner.search_space, compiled first in parallel worker processes
+For each shape: the search space of tuning_search.search_space, compiled first in parallel worker processes
 (each runs the forward of one config at the tuning shape: the compiled kernels land in Triton's
 on-disk cache; a config whose kernels fail to compile or launch, e.g. out of shared memory, or
-fault, is dropped without harming the timing process), then tuner.tune (validated against the
+fault, is dropped without harming the timing process), then tuning_search.tune (validated against the
 default config, timed replayed from a CUDA graph: `kernel_time`) in this process; the winners' backward is
 checked the same way (else the default is kept). Winners go to the user cache, or with --ship to
 autotune/<GPU>.json.
@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import launch, tuner
+from . import launch, tuner, tuning_search
 from .benchmark import SHAPES, make_inputs
 from .spec import GateLayout, Spec
 
@@ -99,7 +99,7 @@ def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None
     backward = direction == "backward"
     spec_like = Spec(GateLayout(layout), 64, launch.DTYPE_NAMES[dtype], K, V, M, group=1)
     key = tuner.TuningKey.make(spec_like, T=T, BH=B * H, direction=direction)
-    space = tuner.search_space(spec_like, **(space or {}))
+    space = tuning_search.search_space(spec_like, **(space or {}))
     shape, dtype_name = (B, T, H, K, V, M), launch.DTYPE_NAMES[dtype]
     job = lambda c: (layout, dtype_name, shape, c, backward, *([c.num_warps] if backward else []))  # noqa: E731
     errors = try_configs([job(c) for c in space], jobs)
@@ -119,14 +119,14 @@ def tune_shape(B, T, H, K, V, M, layout="slot", dtype=torch.bfloat16, space=None
         return launch.forward(q, k, v, s, g, K ** -0.5, None, None, None, config.chunk_size, GateLayout(layout),
                               config.tile_config())[0]
 
-    result = tuner.tune(key, candidates, run, bench=kernel_time, progress=True)
+    result = tuning_search.tune(key, candidates, run, bench=kernel_time, progress=True)
     if backward and result.refused is None:  # the key backward's register caps, tried on the winner only
         capped = [dataclasses.replace(result.best, key_maxnreg=cap) for cap in KEY_MAXNREG_CAPS]
-        second = tuner.tune(key, capped, run, bench=kernel_time, reference_config=result.best)
+        second = tuning_search.tune(key, capped, run, bench=kernel_time, reference_config=result.best)
         result.trials.extend(second.trials[1:])
         if second.best != result.best:  # faster than the winner timed again beside it
             result.best, result.best_ms = second.best, second.best_ms
-    result.trials.extend(tuner.Trial(config, "skipped", None, reason) for config, reason in dropped)
+    result.trials.extend(tuning_search.Trial(config, "skipped", None, reason) for config, reason in dropped)
     return result, (layout, dtype_name, shape, result.best, True)
 
 
@@ -152,7 +152,7 @@ def main(args) -> int:
         if problem is not None and result.refused is None:
             print(f"{result.key.to_str()}: {result.best.short()} fails in the backward ({problem}); "
                   "keeping the default")
-            result.trials.append(tuner.Trial(result.best, "skipped", None, f"backward: {problem}"))
+            result.trials.append(tuning_search.Trial(result.best, "skipped", None, f"backward: {problem}"))
             result.best, result.best_ms = result.trials[0].config, result.default_ms
         keep(result)
     for shape in shapes if args.direction in ("backward", "both") else ():
@@ -160,7 +160,7 @@ def main(args) -> int:
     for result in results:  # every config's time: what the winner beat, for the notes
         timed = sorted((t for t in result.trials if t.time_ms is not None), key=lambda t: t.time_ms)
         print(f"{result.key.to_str()}: " + ", ".join(f"{t.config.short()} {t.time_ms:.4f}" for t in timed))
-    print(tuner.format_table(results))
+    print(tuning_search.format_table(results))
     print(f"tuned {len(results)} shapes in {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from gsa_compile import tuner
+from gsa_compile import tuner, tuning_search
 from gsa_compile.spec import GateLayout, Spec, TileConfig
 from gsa_compile.tuner import DEFAULT_CONFIG, Environment, LaunchConfig, TuningCache, TuningKey
 
@@ -67,9 +67,9 @@ def test_buckets():
 
 
 def test_search_space_and_prune():
-    space = tuner.search_space(SPEC)
+    space = tuning_search.search_space(SPEC)
     assert space[0] == DEFAULT_CONFIG and len(space) == len(set(space)) == 3 * 3 * 2 * 3
-    small = tuner.search_space(Spec(layout=GateLayout.SLOT, chunk_size=64, dtype="float32", K=24, V=16, M=8))
+    small = tuning_search.search_space(Spec(layout=GateLayout.SLOT, chunk_size=64, dtype="float32", K=24, V=16, M=8))
     assert {c.BK for c in small} == {32} and {c.BV for c in small} == {16} and small[0].BK == 32
     assert len(small) == 3 * 2 * 3
 
@@ -77,7 +77,7 @@ def test_search_space_and_prune():
         if c.num_stages == 3:
             raise RuntimeError("cannot compile")
         return c.chunk_size * c.BV <= 64 * 64
-    kept = tuner.prune(space, fits)
+    kept = tuning_search.prune(space, fits)
     assert kept and all(c.num_stages < 3 and c.chunk_size * c.BV <= 4096 for c in kept)
 
 
@@ -89,7 +89,7 @@ def test_footprint_fits_memoises():
         return type("F", (), {"fits": tile.num_stages < 3})()
 
     def state_pass(): ...
-    fits = tuner.footprint_fits(lambda c: [(state_pass, SPEC, {"BK": c.BK})], footprint=footprint)
+    fits = tuning_search.footprint_fits(lambda c: [(state_pass, SPEC, {"BK": c.BK})], footprint=footprint)
     assert fits(DEFAULT_CONFIG) and fits(DEFAULT_CONFIG)
     assert not fits(dataclasses.replace(DEFAULT_CONFIG, num_stages=3))
     assert calls == [("state_pass", 2), ("state_pass", 3)]
@@ -390,21 +390,21 @@ def test_tune_picks_fastest_valid():
         return {WRONG: 0.1, NAN: 0.1}.get(log[-1], TIMES.get(log[-1]))
 
     run = fake_run(torch.randn(4, 8), log)
-    result = tuner.tune(key(), [DEFAULT_CONFIG, OTHER, WRONG, BROKEN, FAST, NAN], run, bench=bench, progress=True)
+    result = tuning_search.tune(key(), [DEFAULT_CONFIG, OTHER, WRONG, BROKEN, FAST, NAN], run, bench=bench, progress=True)
     assert result.best == FAST and result.best_ms == 1.0 and result.default_ms == 2.0 and result.speedup == 2.0
     assert [result.count(s) for s in ("timed", "skipped", "rejected")] == [3, 1, 2] and result.refused is None
     assert timed == [DEFAULT_CONFIG, OTHER, FAST]  # wrong and broken candidates are never timed
     status = {t.config: t.status for t in result.trials}
     assert status[WRONG] == status[NAN] == "rejected" and status[BROKEN] == "skipped"
     assert "OutOfResources" in next(t.note for t in result.trials if t.config == BROKEN)
-    table = tuner.format_table([result])
+    table = tuning_search.format_table([result])
     assert key().to_str() in table and FAST.short() in table and "2.00x" in table
 
 
 def test_progress_without_tqdm(monkeypatch, capsys):
     for name in ("tqdm", "tqdm.auto"):  # import fails: plain printed lines instead
         monkeypatch.setitem(sys.modules, name, None)
-    result = tuner.tune(key(), [OTHER, FAST], fake_run(torch.ones(2, 2), []), bench=lambda fn: 1.0, progress=True)
+    result = tuning_search.tune(key(), [OTHER, FAST], fake_run(torch.ones(2, 2), []), bench=lambda fn: 1.0, progress=True)
     assert result.count("timed") == 3 and capsys.readouterr().out.count("/2 BT=") == 2
 
 
@@ -414,23 +414,23 @@ def test_tune_clones_the_reference():
     def run(cfg):  # writes into one reused output buffer, like a launcher with preallocated outputs
         buffer.fill_(2.0 if cfg == WRONG else 1.0)
         return buffer
-    result = tuner.tune(key(), [WRONG], run, bench=lambda fn: 1.0)
+    result = tuning_search.tune(key(), [WRONG], run, bench=lambda fn: 1.0)
     assert result.count("rejected") == 1
 
 
 def test_tune_keeps_default_when_nothing_is_faster():
     run = fake_run(torch.ones(2, 2), [])
-    result = tuner.tune(key(), [OTHER, BROKEN], run, bench=lambda fn: (fn(), 1.0)[1])
+    result = tuning_search.tune(key(), [OTHER, BROKEN], run, bench=lambda fn: (fn(), 1.0)[1])
     assert result.best == DEFAULT_CONFIG and result.speedup == 1.0  # ties keep the reference
 
 
 def test_compare_tolerances():
     ref = torch.ones(3, dtype=torch.bfloat16)
-    assert tuner.compare(ref * 1.01, ref) is None and tuner.compare(ref * 1.1, ref) is not None
-    assert tuner.compare(torch.ones(3) * 1.01, torch.ones(3)) is not None
-    assert tuner.compare(torch.ones(3) * 1.01, torch.ones(3), rtol=0.05) is None
-    assert tuner.compare((torch.ones(3),), torch.ones(3)) is not None  # structure differs
-    assert tuner.compare(torch.ones(4), torch.ones(3)) is not None
+    assert tuning_search.compare(ref * 1.01, ref) is None and tuning_search.compare(ref * 1.1, ref) is not None
+    assert tuning_search.compare(torch.ones(3) * 1.01, torch.ones(3)) is not None
+    assert tuning_search.compare(torch.ones(3) * 1.01, torch.ones(3), rtol=0.05) is None
+    assert tuning_search.compare((torch.ones(3),), torch.ones(3)) is not None  # structure differs
+    assert tuning_search.compare(torch.ones(4), torch.ones(3)) is not None
 
 
 @pytest.mark.parametrize("where", ["compile", "capture"])
@@ -443,7 +443,7 @@ def test_tune_refuses_inside_compile_or_capture(monkeypatch, where):
 
     def run(cfg):
         raise AssertionError("nothing may run")
-    result = tuner.tune(key(), [FAST], run, bench=run)
+    result = tuning_search.tune(key(), [FAST], run, bench=run)
     assert result.best == DEFAULT_CONFIG and not result.trials and where in result.refused
 
 
@@ -454,11 +454,11 @@ def test_tune_refuses_inside_real_compile():
         raise AssertionError("nothing may run")
 
     def f(x):
-        seen.append(tuner.tune(key(), [FAST], run, bench=run).refused)
+        seen.append(tuning_search.tune(key(), [FAST], run, bench=run).refused)
         return x + 1
     torch.compile(f, backend="eager")(torch.ones(2))
     assert seen == ["inside a torch.compile trace"]
-    assert tuner.tuning_forbidden() is None
+    assert tuning_search.tuning_forbidden() is None
 
 
 def test_launch_overrides_parse_or_name_the_variable(monkeypatch):
