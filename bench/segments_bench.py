@@ -10,7 +10,7 @@ the segments' host-side torch ops land there), and the largest relative differen
 states and the gradients from the first setting's (bf16 chunk states: ~1e-3 is rounding).
 --smoke: tiny shapes on the CPU interpreter with host timers (checks the script, times nothing).
 --variant NAME:VAR=VALUE[;VAR=VALUE]: also run every setting with those environment variables (launch
-overrides read per call: GSA_MAXNREG, GSA_BACKWARD_CONFIG, GSA_FORWARD_CONFIG; repeatable), e.g.
+overrides read per call: GSA_MAXNREG, GSA_PROGRAM_WARPS, GSA_BACKWARD_CONFIG, GSA_FORWARD_CONFIG; repeatable), e.g.
     --variant base: --variant reg168:GSA_MAXNREG=output_pass=168 --variant slot8:GSA_BACKWARD_CONFIG=32,128,128,4,3,8,8
 Each row also has the forward's kernels alone (fwd_*_kernel_ms).
 """

@@ -15,7 +15,7 @@ import torch
 from . import codegen, mods, programs, programs_backward, programs_decode, segments
 from .gate_gradient import gate_backward
 from .overrides import (backward_override, call_environment, decode_override, factored_form, forward_override,
-                        maxnreg_override, subchunk_form)
+                        maxnreg_override, subchunk_form, warps_override)
 from .spec import GateLayout, Spec, TileConfig, block, cdiv, next_power_of_2
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -174,6 +174,8 @@ def _plan(sizes, dtype, device, varlen, initial_state, chunk_size, layout, confi
     launch_of = {"slot_backward": dict(launch, num_warps=slot_warps)}
     if config.key_maxnreg:
         launch_of["key_backward"] = dict(launch, maxnreg=config.key_maxnreg)
+    for name, warps in warps_override().items():
+        launch_of[name] = dict(launch_of.get(name, launch), num_warps=warps)
     for name, cap in maxnreg_override().items():
         launch_of[name] = dict(launch_of.get(name, launch), maxnreg=cap)
     return chunk_size, spec, kernel_constants(spec, config, slot_backward[1]), launch, launch_of

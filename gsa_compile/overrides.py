@@ -44,15 +44,32 @@ PROGRAM_NAMES = tuple(b.__name__ for b in programs.FORWARD_PROGRAMS + programs_b
                       + programs_backward.GATE_BACKWARD_PROGRAMS)
 
 
+def _program_items(name: str, allowed) -> dict:
+    """{program name: integer} from the variable `name` ("program=value" items, each value in `allowed`)."""
+    value, items = os.environ.get(name, "").strip(), {}
+    for item in filter(None, (x.strip() for x in value.split(","))):
+        program, _, number = item.partition("=")
+        if program not in PROGRAM_NAMES or not number.isdigit() or int(number) not in allowed:
+            raise ValueError(f"{name}={value!r}: expected program=value items, programs {PROGRAM_NAMES}, "
+                             f"values in {allowed}")
+        items[program] = int(number)
+    return items
+
+
 def maxnreg_override() -> dict:
     """{program name: register cap} from GSA_MAXNREG."""
-    value, caps = os.environ.get(MAXNREG_ENV, "").strip(), {}
-    for item in filter(None, (x.strip() for x in value.split(","))):
-        name, _, cap = item.partition("=")
-        if name not in PROGRAM_NAMES or not cap.isdigit():
-            raise ValueError(f"{MAXNREG_ENV}={value!r}: expected program=registers items, programs {PROGRAM_NAMES}")
-        caps[name] = int(cap)
-    return caps
+    return _program_items(MAXNREG_ENV, range(24, 256))
+
+
+# GSA_PROGRAM_WARPS="gate_pass=8" launches those programs with that many warps, whatever the config's (the gate
+# pass at B8 T2048 H16 K=V=128 moves its bytes at 77 % of the copy rate with 4 warps of 128 registers: session
+# 18's ncu). An experiment's knob, like GSA_MAXNREG, with which it combines.
+PROGRAM_WARPS_ENV = "GSA_PROGRAM_WARPS"
+
+
+def warps_override() -> dict:
+    """{program name: warps} from GSA_PROGRAM_WARPS."""
+    return _program_items(PROGRAM_WARPS_ENV, (1, 2, 4, 8, 16))
 
 
 def forward_override():
@@ -109,7 +126,8 @@ def factored_form() -> bool:
     return value != "0"
 
 
-CALL_ENVS = (FORWARD_CONFIG_ENV, MAXNREG_ENV, SUBCHUNK_ENV, FACTORED_ENV)  # what a forward or backward call's plan reads
+# what a forward or backward call's plan reads
+CALL_ENVS = (FORWARD_CONFIG_ENV, MAXNREG_ENV, PROGRAM_WARPS_ENV, SUBCHUNK_ENV, FACTORED_ENV)
 
 
 def call_environment() -> tuple:

@@ -462,17 +462,22 @@ def test_tune_refuses_inside_real_compile():
 
 
 def test_launch_overrides_parse_or_name_the_variable(monkeypatch):
-    """The experiment knobs (GSA_FORWARD_CONFIG, GSA_DECODE_CONFIG, GSA_MAXNREG) parse or raise naming themselves."""
+    """The experiment knobs (GSA_FORWARD_CONFIG, GSA_DECODE_CONFIG, GSA_MAXNREG, GSA_PROGRAM_WARPS) parse or raise
+    naming themselves."""
     from gsa_compile import overrides
     monkeypatch.setenv(overrides.FORWARD_CONFIG_ENV, "32,128,64,8,3")
     assert overrides.forward_override() == (32, TileConfig(BK=128, BV=64, num_warps=8, num_stages=3))
     monkeypatch.setenv(overrides.MAXNREG_ENV, "output_pass=168, slot_backward=128")
     assert overrides.maxnreg_override() == {"output_pass": 168, "slot_backward": 128}
+    monkeypatch.setenv(overrides.PROGRAM_WARPS_ENV, "gate_pass=8")
+    assert overrides.warps_override() == {"gate_pass": 8}
     parsers = {overrides.FORWARD_CONFIG_ENV: overrides.forward_override,
                overrides.MAXNREG_ENV: overrides.maxnreg_override,
+               overrides.PROGRAM_WARPS_ENV: overrides.warps_override,
                overrides.DECODE_CONFIG_ENV: overrides.decode_override}
     for name, value in ((overrides.FORWARD_CONFIG_ENV, "32,128"), (overrides.MAXNREG_ENV, "output=168"),
-                        (overrides.MAXNREG_ENV, "output_pass=lots"), (overrides.DECODE_CONFIG_ENV, "64,64")):
+                        (overrides.MAXNREG_ENV, "output_pass=lots"), (overrides.MAXNREG_ENV, "output_pass=4"),
+                        (overrides.PROGRAM_WARPS_ENV, "gate_pass=3"), (overrides.DECODE_CONFIG_ENV, "64,64")):
         monkeypatch.setenv(name, value)
         with pytest.raises(ValueError, match=f"^{name}="):
             parsers[name]()
