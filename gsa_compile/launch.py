@@ -242,10 +242,12 @@ class Call:
         dtype = torch.bfloat16 if self.spec.dtype == "bfloat16" else self.acc_dtype
         return tuple(torch.empty(*shape, device=self.device, dtype=dtype) for shape in shapes)
 
-    def run(self, builder, grid, *args, **extra):
+    def run(self, builder, grid, *args, spec: Optional[Spec] = None, **extra):
+        """Launch `builder`'s kernel for this call's Spec (or `spec`: the segmented passes' variants) with its
+        constants and launch options."""
         name = builder.__name__
-        self.wrap(codegen.kernel(builder, self.spec))[grid](*args, **self.mod_args, **extra, **self.consts[name],
-                                                            **self.launch_of.get(name, self.launch))
+        kernel = self.wrap(codegen.kernel(builder, spec or self.spec))
+        kernel[grid](*args, **self.mod_args, **extra, **self.consts[name], **self.launch_of.get(name, self.launch))
 
     def tables(self, unused):
         """(cu_seqlens, chunk offsets) pointers, `unused` where the Spec compiles them out."""

@@ -167,11 +167,6 @@ def scan(call, p: Plan, local, edge, reverse: bool):
     return out
 
 
-def _run(call, builder, spec, grid, *args, **extra):
-    call.wrap(codegen.kernel(builder, spec))[grid](*args, **call.mod_args, **extra, **call.consts[builder.__name__],
-                                                   **call.launch)
-
-
 def state_pass(p: Plan, call, k, v, w, gtot, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final):
     """launch.state_pass's state pass in three phases, after the gate pass (w, gtot): fills the chunk
     states and the final states in place."""
@@ -183,12 +178,12 @@ def state_pass(p: Plan, call, k, v, w, gtot, hk0, hv0, hk_chunks, hv_chunks, hk_
     hk_seg, hv_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
     segmented = call.spec.replaced(varlen=True, initial_state=False)
     local = segmented.replaced(chunk_states=False)  # the end states only: run 3 stores the chunks'
-    _run(call, programs.state_pass, local, grid, k, v, w, gtot, hk_chunks, hv_chunks, hk_seg, hv_seg,
-         hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
+    call.run(programs.state_pass, grid, k, v, w, gtot, hk_chunks, hv_chunks, hk_seg, hv_seg, hk_seg, hv_seg, p.cu,
+             p.boc, call.T, H, *strides, spec=local)
     p.gtot = gtot
     hk_start, hv_start = scan(call, p, (hk_seg, hv_seg), None if hk0 is None else (hk0, hv0), reverse=False)
-    _run(call, programs.state_pass, segmented.replaced(initial_state=True), grid,
-         k, v, w, gtot, hk_chunks, hv_chunks, hk_start, hv_start, hk_seg, hv_seg, p.cu, p.boc, call.T, H, *strides)
+    call.run(programs.state_pass, grid, k, v, w, gtot, hk_chunks, hv_chunks, hk_start, hv_start, hk_seg, hv_seg, p.cu,
+             p.boc, call.T, H, *strides, spec=segmented.replaced(initial_state=True))
     hk_final.copy_(hk_seg.view(N, S, *hk_seg.shape[1:])[:, -1])
     hv_final.copy_(hv_seg.view(N, S, *hv_seg.shape[1:])[:, -1])
 
@@ -205,11 +200,11 @@ def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, d
     d_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
     tail = (call.T, H, call.HQ, scale, *_strides(q), *_strides(do))
     local = spec.replaced(chunk_states=False)  # the start gradients only: run 3 stores the chunks'
-    _run(call, programs_backward.state_backward, local, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks,
-         *d_end, *d_seg, p.cu, p.boc, *tail)
+    call.run(programs_backward.state_backward, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, *d_end, *d_seg, p.cu,
+             p.boc, *tail, spec=local)
     d_end = scan(call, p, d_seg, (dhk_final, dhv_final), reverse=True)
-    _run(call, programs_backward.state_backward, spec, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks,
-         *d_end, *d_seg, p.cu, p.boc, *tail)
+    call.run(programs_backward.state_backward, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, *d_end, *d_seg, p.cu,
+             p.boc, *tail, spec=spec)
     dhk0.copy_(d_seg[0].view(N, S, *d_seg[0].shape[1:])[:, 0])
     dhv0.copy_(d_seg[1].view(N, S, *d_seg[1].shape[1:])[:, 0])
 
