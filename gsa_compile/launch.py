@@ -291,16 +291,17 @@ def gate_pass(call: Call, s, g):
     return gc, w, gtot, copies.get("mapped_s", s)
 
 
-def state_pass(call: Call, k, v, s, g, hk0, hv0):
+def state_pass(call: Call, k, v, s, g, hk0, hv0, forward_segments=None):
     """(gate cumsum, s for the later programs, chunk-start states of Hk and Hv, final states): the gate
-    pass, then the state pass (segmented where segments.plan says so)."""
+    pass, then the state pass (segmented where segments.plan says so; a backward's recomputation with its
+    forward's segments, `forward_segments`, takes their start states where their bounds fall on its chunks)."""
     H, K, V, M = call.H, call.K, call.V, call.M
     gc, w, gtot, s_read = gate_pass(call, s, g)
     call.gate_totals = gtot
     hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, H, K, M), (call.n_chunk_rows, H, M, V))
     hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
     cu, offsets = call.tables(hk_final)
-    plan = segments.plan(call, k, v)
+    plan = segments.plan(call, k, v, like=forward_segments)
     if plan is not None:  # GSA_STATE_SEGMENTS: segments of each sequence in parallel (segments.py)
         initial = (None, None) if hk0 is None else (hk0.to(call.acc_dtype), hv0.to(call.acc_dtype))
         segments.state_pass(plan, call, k, v, w, gtot, *initial, hk_chunks, hv_chunks, hk_final, hv_final)
@@ -316,10 +317,12 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0):
 
 def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, layout: GateLayout,
             config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel, mods_key: str = "",
-            mod_params: Optional[torch.Tensor] = None, keep_states: bool = False):
+            mod_params: Optional[torch.Tensor] = None, keep_states: bool = False, keep_segments: bool = False):
     """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32), and with keep_states
     what `backward(kept=...)` takes instead of recomputing the states (checkpoint_level 0), or None where the
-    backward will run at another chunk size.
+    backward will run at another chunk size; with keep_segments, the segmented state pass's plan and segment
+    start states (or None where it did not segment), which `backward(forward_segments=...)` takes to skip
+    their recomputation (a few MB: N * S start states).
 
     With mods (mods.py), q, k, v, s, g are the raw inputs the kernels map on load."""
     q, k, v, s = unit_last_stride(q, k, v, s)
@@ -338,6 +341,8 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
         backward = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key, mod_params)
         kept = (backward, call.gate_totals, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)
         return o, hk_final, hv_final, kept if backward.spec.chunk_size == call.spec.chunk_size else None
+    if keep_segments:
+        return o, hk_final, hv_final, call.segments
     return o, hk_final, hv_final
 
 
@@ -353,7 +358,7 @@ def backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size: int, layout: GateLayo
 def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int,
              layout: GateLayout, config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel,
              mods_key: str = "", mod_params: Optional[torch.Tensor] = None, slot_warps: Optional[int] = None,
-             kept=None):
+             kept=None, forward_segments=None):
     """Gradients of chunk_forward: (dq, dk, dv, ds, dg, dhk0, dhv0, d mod_params). Recomputes the forward states.
 
     With mods, the kernels' gradients w.r.t. the mapped inputs go through the mods' chain rule on the
@@ -361,7 +366,10 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     entry (tuner.TuningKey direction "backward", whose warps the slot backward uses too), else the
     forward's; `slot_warps` forces the slot backward's warps (the tuner times a backward entry so). `kept`
     (forward(keep_states=True)) replaces the recomputation: the backward's Call, made by the forward at its own
-    chunk size (so `config` and `slot_warps` do not apply), and the forward's gate totals, gc, s and states."""
+    chunk size (so `config` and `slot_warps` do not apply), and the forward's gate totals, gc, s and states.
+    `forward_segments` (forward(keep_segments=True)): the recomputation starts from the forward's segment
+    start states where it segments at bounds that fall on its chunks (bit for bit the chunk states it would
+    recompute at the forward's chunk size)."""
     q, k, v, s, do = unit_last_stride(q, k, v, s, do)
     g = gate_for_kernels(g, layout)
     if kept is not None:
@@ -372,7 +380,8 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     else:
         call = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params,
                              slot_warps)
-        gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
+        gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0,
+                                                                          forward_segments)
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
     cu, offsets = call.tables(hk_final)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)

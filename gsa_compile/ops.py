@@ -188,8 +188,10 @@ class EagerChunkForward(torch.autograd.Function):
         *inputs, keep_states = inputs  # the op's arguments, then checkpoint_level 0/1: keep the chunk states
         q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout, mods, mod_params = inputs
         output = launch.forward(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, GateLayout(gate_layout),
-                                mods_key=mods, mod_params=mod_params, keep_states=keep_states)
-        output, ctx.kept = (output[:3], output[3]) if keep_states else (output, None)
+                                mods_key=mods, mod_params=mod_params, keep_states=keep_states,
+                                keep_segments=not keep_states)
+        # the chunk states (checkpoint_level 0/1), else the segmented state pass's start states (or None)
+        output, ctx.kept, ctx.kept_states = output[:3], output[3], keep_states
         _forward_setup(ctx, inputs, output)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensors to make and read
         return output
@@ -198,7 +200,7 @@ class EagerChunkForward(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dhk_final, dhv_final):
         kept, ctx.kept = ctx.kept, None  # (once_differentiable: one backward)
-        backward = functools.partial(launch.backward, kept=kept)
+        backward = functools.partial(launch.backward, **{"kept" if ctx.kept_states else "forward_segments": kept})
         return _forward_backward(ctx, do, dhk_final, dhv_final, backward=backward) + (None,)
 
 

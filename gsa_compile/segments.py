@@ -103,49 +103,65 @@ class Plan:
     boc: torch.Tensor  # [N * S] chunk row of each segment's first chunk
     cut: torch.Tensor  # [N, S + 1] chunk rows at the segment bounds (sequence start .. sequence end)
     gtot: Optional[torch.Tensor] = None  # the gate pass's chunk totals, kept for the state backward's scan
+    unit: int = 0  # the segments' bounds are multiples of this many tokens (the chunk size they were cut at)
+    starts: Optional[tuple] = None  # (Hk, Hv) at each segment's start, f32 [N * S, H, ...], once a state pass ran
 
 
-_DENSE = {}  # (device, N, T, BT, S) -> tables of dense inputs: built once, then no launches
+def _reusable(forward: Optional[Plan], BT: int) -> bool:
+    """Whether a forward's segments (a Plan whose state pass ran) can serve a call at chunk size BT: their
+    bounds fall on its chunks' bounds."""
+    return forward is not None and forward.starts is not None and forward.unit % BT == 0
 
 
-def _dense_tables(N, T, BT, S, device):
-    """(cu, boc, cut) of N rows of T tokens, from a few aranges (sizes may be symbolic)."""
+_DENSE = {}  # (device, N, T, BT, S, r) -> tables of dense inputs: built once, then no launches
+
+
+def _dense_tables(N, T, BT, S, device, r=1):
+    """(cu, boc, cut) of N rows of T tokens, from a few aranges (sizes may be symbolic): segments of whole
+    chunks of r * BT tokens (r > 1: the bounds of segments cut at that chunk size, in chunks of BT)."""
     i64 = dict(device=device, dtype=torch.int64)
     NT = cdiv(T, BT)
-    first = (torch.arange(S + 1, **i64) * cdiv(NT, S)).clamp_(max=NT)  # each segment's first chunk
+    per = cdiv(cdiv(T, r * BT), S) * r  # chunks per segment
+    first = (torch.arange(S + 1, **i64) * per).clamp_(max=NT)  # each segment's first chunk
     cut = torch.arange(0, N * NT, NT, **i64)[:, None] + first
     bos = torch.arange(0, N * T, T, **i64)[:, None]
     cu = torch.cat([(bos + (first[:S] * BT).clamp_(max=T)).reshape(-1), bos[-1] + T])
     return cu, cut[:, :S].reshape(-1), cut
 
 
-def _varlen_tables(call, S):
+def _varlen_tables(call, S, r=1):
     cu = call.cu_seqlens.long()
     bos, eos, boc, BT = cu[:-1], cu[1:], call.offsets[:-1].long(), call.spec.chunk_size
     n_chunks = torch.div(eos - bos + BT - 1, BT, rounding_mode="floor")
-    per = torch.div(n_chunks + S - 1, S, rounding_mode="floor")  # chunks per segment, per sequence
+    n_units = torch.div(eos - bos + r * BT - 1, r * BT, rounding_mode="floor")  # chunks of r * BT tokens
+    per = torch.div(n_units + S - 1, S, rounding_mode="floor") * r  # chunks per segment, per sequence
     first = torch.minimum(torch.arange(S + 1, device=cu.device)[None] * per[:, None], n_chunks[:, None])
     seg_bos = torch.minimum(bos[:, None] + first[:, :S] * BT, eos[:, None])
     cut = boc[:, None] + first
     return torch.cat([seg_bos.reshape(-1), eos[-1:]]), cut[:, :S].reshape(-1), cut
 
 
-def plan(call, *strided) -> Optional[Plan]:
-    """The segment tables for `call`, or None where the unsegmented pass runs (off, S = 1, not packable)."""
-    S = requested(call)
+def plan(call, *strided, like: Optional[Plan] = None) -> Optional[Plan]:
+    """The segment tables for `call`, or None where the unsegmented pass runs (off, S = 1, not packable).
+    `like`: the forward's Plan of the same inputs; where its segments' bounds fall on this call's chunks, the
+    plan takes them, with their start states (a backward then skips the first run and the scan)."""
+    BT = call.spec.chunk_size
+    reuse = _reusable(like, BT)
+    S, r = (like.S, like.unit // BT) if reuse else (requested(call), 1)
     if S <= 1 or not packable(call, [x for x in strided if x is not None]):
         return None
     if call.cu_seqlens is not None:
-        return Plan(S, *_varlen_tables(call, S))
-    key = (call.device, call.N, call.T, call.spec.chunk_size, S)
-    static = all(type(x) is int for x in key[1:])  # not symbolic sizes (which do not hash)
-    tables = _DENSE.get(key) if static else None
-    if tables is None:
-        tables = _dense_tables(*key[1:], call.device)
-        if static and all(type(x) is torch.Tensor for x in tables):  # real tensors only (not a trace's)
-            from .launch import remember
-            remember(_DENSE, key, tables, 64, call.device)
-    return Plan(S, *tables)
+        tables = _varlen_tables(call, S, r)
+    else:
+        key = (call.device, call.N, call.T, BT, S, r)
+        static = all(type(x) is int for x in key[1:])  # not symbolic sizes (which do not hash)
+        tables = _DENSE.get(key) if static else None
+        if tables is None:
+            tables = _dense_tables(*key[1:5], call.device, r)
+            if static and all(type(x) is torch.Tensor for x in tables):  # real tensors only (not a trace's)
+                from .launch import remember
+                remember(_DENSE, key, tables, 64, call.device)
+    return Plan(S, *tables, unit=r * BT, starts=like.starts if reuse else None)
 
 
 SCAN_ROWS = 64  # chunk rows of gtot the scan sums per load (BR)
@@ -177,12 +193,13 @@ def state_pass(p: Plan, call, k, v, w, gtot, hk0, hv0, hk_chunks, hv_chunks, hk_
     strides = (*_strides(k), *_strides(v))
     hk_seg, hv_seg = call.f32(N * S, H, call.K, call.M), call.f32(N * S, H, call.M, call.V)
     segmented = call.spec.replaced(varlen=True, initial_state=False)
-    local = segmented.replaced(chunk_states=False)  # the end states only: run 3 stores the chunks'
-    call.run(programs.state_pass, grid, k, v, w, gtot, hk_chunks, hv_chunks, hk_seg, hv_seg, hk_seg, hv_seg, p.cu,
-             p.boc, call.T, H, *strides, spec=local)
     p.gtot = gtot
-    hk_start, hv_start = scan(call, p, (hk_seg, hv_seg), None if hk0 is None else (hk0, hv0), reverse=False)
-    call.run(programs.state_pass, grid, k, v, w, gtot, hk_chunks, hv_chunks, hk_start, hv_start, hk_seg, hv_seg, p.cu,
+    if p.starts is None:  # (a backward given its forward's segments has their start states: runs 1-2 done)
+        local = segmented.replaced(chunk_states=False)  # the end states only: run 3 stores the chunks'
+        call.run(programs.state_pass, grid, k, v, w, gtot, hk_chunks, hv_chunks, hk_seg, hv_seg, hk_seg, hv_seg,
+                 p.cu, p.boc, call.T, H, *strides, spec=local)
+        p.starts = scan(call, p, (hk_seg, hv_seg), None if hk0 is None else (hk0, hv0), reverse=False)
+    call.run(programs.state_pass, grid, k, v, w, gtot, hk_chunks, hv_chunks, *p.starts, hk_seg, hv_seg, p.cu,
              p.boc, call.T, H, *strides, spec=segmented.replaced(initial_state=True))
     hk_final.copy_(hk_seg.view(N, S, *hk_seg.shape[1:])[:, -1])
     hv_final.copy_(hv_seg.view(N, S, *hv_seg.shape[1:])[:, -1])

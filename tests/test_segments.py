@@ -94,6 +94,39 @@ def test_segmented_equals_unsegmented(layout, initial_state, rows, H, group, S, 
     assert all(e <= 1e-5 for e in differences.values()), differences
 
 
+@pytest.mark.parametrize("rows, forward_chunk, backward_chunk", [(2, 32, 16), (VARLEN, 32, 16), (VARLEN, 16, 32),
+                                                                  (2, 16, 16)])
+def test_backward_takes_the_forward_segment_starts(rows, forward_chunk, backward_chunk, monkeypatch):
+    """The eager backward recomputes the chunk states from its forward's segment start states (no first run, no
+    scan) where the forward's segment bounds fall on its chunks (the forward's chunk size a multiple of the
+    backward's), else it segments on its own; the gradients match float64 and the unsegmented call's."""
+    case = dict(_case("slot", True, rows, 2, 2, "3", seed=forward_chunk + backward_chunk), chunk_size=forward_chunk)
+    leaves, views = make_leaves(case, "cpu")
+    monkeypatch.setenv("GSA_BACKWARD_CONFIG", f"{backward_chunk},16,16,4,1,4,8")
+    scans, real_scan = [], segments.scan
+
+    def scan(call, p, *args, **kwargs):
+        scans.append(kwargs["reverse"])
+        return real_scan(call, p, *args, **kwargs)
+    monkeypatch.setattr(segments, "scan", scan)
+    first_runs, real_run = [], launch.Call.run
+
+    def run(call, builder, grid, *args, spec=None, **extra):
+        if spec is not None and builder.__name__ == "state_pass" and not spec.chunk_states:
+            first_runs.append(call.spec.chunk_size)
+        return real_run(call, builder, grid, *args, spec=spec, **extra)
+    monkeypatch.setattr(launch.Call, "run", run)
+    errors_plain, plain = _run(case, leaves, views, monkeypatch, None)
+    errors_seg, seg = _run(case, leaves, views, monkeypatch, "3")
+    reused = forward_chunk % backward_chunk == 0
+    assert first_runs == [forward_chunk] + ([] if reused else [backward_chunk])
+    assert scans == [False] + ([] if reused else [False]) + [True]
+    assert not failures(case, errors_plain), errors_plain
+    assert not failures(case, errors_seg), errors_seg
+    differences = {n: rel_err(seg[n], plain[n]) for n in plain}
+    assert all(e <= 1e-5 for e in differences.values()), differences
+
+
 @pytest.mark.parametrize("rows", [2, VARLEN])
 def test_segmented_with_stored_mapped_s(rows, monkeypatch):
     """Mods that derive s from the gate store the mapped s from the state pass: the segmented pass
@@ -135,7 +168,8 @@ def test_local_runs_store_no_chunk_states(monkeypatch):
     assert not failures(case, errors), errors
     local = [(name, all_nan) for name, chunk_states, all_nan, _ in runs if not chunk_states]
     stored = [(name, any_nan) for name, chunk_states, _, any_nan in runs if chunk_states]
-    assert local == [("state_pass", [True, True])] * 2 + [("state_backward", [True, True])]
+    # (the backward's recomputation starts from the forward's segment start states: no first run of its own)
+    assert local == [("state_pass", [True, True])] + [("state_backward", [True, True])]
     assert stored == [("state_pass", [False, False])] * 2 + [("state_backward", [False, False])]
 
 
