@@ -6,9 +6,9 @@ For each batch size: correctness of one step vs the float64 reference, then the 
 one step with `triton.testing.do_bench` (host launch overhead included) and with
 `do_bench_cudagraph` (the step captured in a CUDA graph, as a serving loop would run it).
 --splits: one row per value of NS, the programs per (sequence, kv head) of the split decode
-(GSA_DECODE_SPLITS; "auto" = launch.decode_splits' choice, 1 = the one-launch kernel).
+(GSA_DECODE_SPLITS; "auto" = launch_decode.decode_splits' choice, 1 = the one-launch kernel).
 --configs "64,64,4;128,128,8": one row per tile config BK,BV,warps of the decode kernels as well
-(GSA_DECODE_CONFIG; "default" = launch.decode_tiles' choice: 128-wide tiles and 8 warps for NS = 1,
+(GSA_DECODE_CONFIG; "default" = launch_decode.decode_tiles' choice: 128-wide tiles and 8 warps for NS = 1,
 32-wide and 4 warps for the split decode).
 State read+write floor: B*H*(K*M + M*V)*4 bytes * 2 / 4.2 TB/s; `copy_graph_ms` is what the GPU takes
 to read and write those bytes in practice (hk and hv copied into other buffers, in a CUDA graph).
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton.testing
 
 from gsa_compile import benchmark as bm
-from gsa_compile import launch, overrides, recurrent_gsa, recurrent_step
+from gsa_compile import launch_decode, overrides, recurrent_gsa, recurrent_step
 
 
 def inputs(B, H, K, V, M, dtype=torch.bfloat16):
@@ -43,7 +43,7 @@ def measure(shape, splits, fused_recurrent_gsa):
                                    initial_state=(hk.double(), hv.double()), output_final_state=True)
     hk1, hv1 = hk.clone(), hv.clone()
     o, _ = recurrent_step(q, k, v, s, g, state=(hk1, hv1), inplace=True)
-    row = dict(B=B, H=H, K=K, V=V, M=M, splits=splits, NS=launch.decode_splits(B * H, K, V, q.device),
+    row = dict(B=B, H=H, K=K, V=V, M=M, splits=splits, NS=launch_decode.decode_splits(B * H, K, V, q.device),
                o_err=bm.rel(o, ro), hk_err=bm.rel(hk1, rhk), hv_err=bm.rel(hv1, rhv))
     step = lambda: recurrent_step(q, k, v, s, g, state=(hk1, hv1), inplace=True)
     raw = lambda: torch.ops.gsa.recurrent_step_(q, k, v, s, g, K ** -0.5, hk1, hv1, "slot")
@@ -94,7 +94,7 @@ def main():
     for shape in args.shapes.split(";"):
         runs = [(c, n) for c in args.configs.split(";") for n in args.splits.split(",")]
         for n, (config, splits) in enumerate(runs):
-            set_env(launch.DECODE_SPLITS_ENV, splits)
+            set_env(launch_decode.DECODE_SPLITS_ENV, splits)
             set_env(overrides.DECODE_CONFIG_ENV, config)
             row = measure(shape, splits, fused_recurrent_gsa if n == 0 else None)
             row["config"] = config
@@ -102,7 +102,7 @@ def main():
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=1)
-    set_env(launch.DECODE_SPLITS_ENV, "auto")
+    set_env(launch_decode.DECODE_SPLITS_ENV, "auto")
     set_env(overrides.DECODE_CONFIG_ENV, "default")
     print(f"{'shape':<26} {'NS':>4} {'BK,BV,warps':>11} {'ours':>8} {'op':>8} {'graph':>8} {'fla':>8} {'fla gr':>8} "
           f"{'floor':>8} {'copy':>8}")

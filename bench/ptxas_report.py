@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gsa_compile import benchmark, codegen, launch  # noqa: E402
+from gsa_compile import benchmark, codegen, launch, launch_decode  # noqa: E402
 from gsa_compile.spec import GateLayout, TileConfig  # noqa: E402
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -64,8 +64,8 @@ def recorded_launches(shape, config, layout="slot", dtype=torch.bfloat16):
         launch.backward(torch.randn_like(o), None, None, q, k, v, s, g, K ** -0.5, None, None, None, chunk,
                         GateLayout(layout), tiles)
         states = hk.contiguous(), hv.contiguous()  # one decode token against the final states
-        launch.decode_(*(x[:, :1] for x in (q, k, v, s, g)), K ** -0.5, *states, GateLayout(layout), splits=1)
-        launch.decode_(*(x[:, :1] for x in (q, k, v, s, g)), K ** -0.5, *states, GateLayout(layout), splits=8)  # split
+        launch_decode.decode_(*(x[:, :1] for x in (q, k, v, s, g)), K ** -0.5, *states, GateLayout(layout), splits=1)
+        launch_decode.decode_(*(x[:, :1] for x in (q, k, v, s, g)), K ** -0.5, *states, GateLayout(layout), splits=8)  # split
     finally:
         codegen.kernel = real
     return launches

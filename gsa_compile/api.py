@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import launch, ops  # ops registers torch.ops.gsa.*
+from . import launch, launch_decode, ops  # ops registers torch.ops.gsa.*
 from .mods import GSAMods
 from .spec import GateLayout, StateTuple, check_chunk_size, validate_inputs
 
@@ -137,7 +137,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.T
     if ops.eager_ok(*tensors) and not any(x is not None and x.requires_grad for x in tensors):
         if not inplace:  # the op's functional form: fresh float32 states
             hk, hv = launch.float32_copies(hk, hv)
-        o = launch.decode_(q, k, v, s, g, problem.scale, hk, hv, problem.layout, mods_key=mods_key,
+        o = launch_decode.decode_(q, k, v, s, g, problem.scale, hk, hv, problem.layout, mods_key=mods_key,
                            mod_params=mod_params)  # the op's kernels without the dispatcher (ops.eager_ok)
         return o, (hk, hv)
     if inplace:

@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import launch
+from . import launch, launch_decode
 from . import mods as _mods
 from .spec import GateLayout, validate_op_inputs
 
@@ -209,7 +209,7 @@ def recurrent_step_(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale
                     gate_layout: str, mods: str = "", mod_params: Optional[Tensor] = None) -> Tensor:
     """Decode: T tokens against (hk, hv), which are updated in place; returns o [B, T, HQ, V]."""
     _validate_decode_(q, k, v, s, g, scale, hk, hv, gate_layout, mods, mod_params)
-    return launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
+    return launch_decode.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
                           mod_params=mod_params)
 
 
@@ -234,7 +234,7 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale:
     """Functional decode: returns (o, new hk, new hv) in float32; the given states are not modified."""
     _validate(q, k, v, s, g, scale, hk, hv, None, gate_layout, mods, mod_params, state_name="hk/hv")
     hk, hv = launch.float32_copies(hk, hv)
-    o = launch.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
+    o = launch_decode.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
                        mod_params=mod_params)
     return o, hk, hv
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gsa_compile import GSAMods, launch, recurrent_gsa, recurrent_step
+from gsa_compile import GSAMods, launch_decode, recurrent_gsa, recurrent_step
 
 LAYOUTS = ["slot", "head", "decay_head", "decay_slot"]
 SPLITS = [1, 2, 4]
@@ -26,7 +26,7 @@ def make(layout, B, T=2, HQ=4, H=2, K=20, V=12, M=6, seed=0):
 
 
 def run(monkeypatch, splits, inputs, state, inplace, **kwargs):
-    monkeypatch.setenv(launch.DECODE_SPLITS_ENV, str(splits))
+    monkeypatch.setenv(launch_decode.DECODE_SPLITS_ENV, str(splits))
     state = tuple(x.clone() for x in state)
     o, new = recurrent_step(*inputs, state=state, inplace=inplace, **kwargs)
     if inplace:
@@ -54,7 +54,7 @@ def test_split_equals_one_launch_and_reference(monkeypatch, layout, B):
 def test_functional_split_leaves_state(monkeypatch):
     inputs, state = make("slot", 1)
     before = tuple(x.clone() for x in state)
-    monkeypatch.setenv(launch.DECODE_SPLITS_ENV, "4")
+    monkeypatch.setenv(launch_decode.DECODE_SPLITS_ENV, "4")
     recurrent_step(*inputs, state=state)
     assert all(torch.equal(a, b) for a, b in zip(state, before))
 
@@ -78,17 +78,17 @@ def test_split_with_mods(monkeypatch):
 
 
 def test_split_count_choice(monkeypatch):
-    monkeypatch.delenv(launch.DECODE_SPLITS_ENV, raising=False)
-    monkeypatch.setattr(launch, "_sm_count", lambda device: 132)  # H200
-    assert launch.decode_splits(4, 512, 512, "cpu") == 1  # the interpreter: one launch unless forced
-    assert launch.decode_splits(4, 512, 512, "cuda") == 8  # B=1 H=4
-    assert launch.decode_splits(256, 512, 512, "cuda") == 1  # B=64 H=4: every SM busy, one launch timed best
-    assert launch.decode_splits(131, 512, 512, "cuda") == 2  # fewer heads than SMs
-    assert launch.decode_splits(64, 16, 512, "cuda") == 1  # K / 16 = 1
-    assert launch.decode_splits(48, 512, 512, "cuda") == 2
-    assert launch.decode_splits(4, 32, 64, "cuda") == 2  # at most K / 16
-    assert launch.decode_splits(4, 512, 512, "cuda", splits=3) == 3
-    assert launch.decode_tiles(1, 1, 64) == (128, 128, 8) and launch.decode_tiles(1, 4, 64) == (32, 32, 8)
-    assert launch.decode_tiles(8, 1, 64) == (32, 32, 4)
-    monkeypatch.setenv(launch.DECODE_SPLITS_ENV, "64")
-    assert launch.decode_splits(4, 20, 12, "cuda") == 12  # forced, clamped to min(K, V)
+    monkeypatch.delenv(launch_decode.DECODE_SPLITS_ENV, raising=False)
+    monkeypatch.setattr(launch_decode, "_sm_count", lambda device: 132)  # H200
+    assert launch_decode.decode_splits(4, 512, 512, "cpu") == 1  # the interpreter: one launch unless forced
+    assert launch_decode.decode_splits(4, 512, 512, "cuda") == 8  # B=1 H=4
+    assert launch_decode.decode_splits(256, 512, 512, "cuda") == 1  # B=64 H=4: every SM busy, one launch timed best
+    assert launch_decode.decode_splits(131, 512, 512, "cuda") == 2  # fewer heads than SMs
+    assert launch_decode.decode_splits(64, 16, 512, "cuda") == 1  # K / 16 = 1
+    assert launch_decode.decode_splits(48, 512, 512, "cuda") == 2
+    assert launch_decode.decode_splits(4, 32, 64, "cuda") == 2  # at most K / 16
+    assert launch_decode.decode_splits(4, 512, 512, "cuda", splits=3) == 3
+    assert launch_decode.decode_tiles(1, 1, 64) == (128, 128, 8) and launch_decode.decode_tiles(1, 4, 64) == (32, 32, 8)
+    assert launch_decode.decode_tiles(8, 1, 64) == (32, 32, 4)
+    monkeypatch.setenv(launch_decode.DECODE_SPLITS_ENV, "64")
+    assert launch_decode.decode_splits(4, 20, 12, "cuda") == 12  # forced, clamped to min(K, V)

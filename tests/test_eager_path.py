@@ -1,4 +1,4 @@
-"""Eager calls skip the dispatcher (ops.EagerChunkForward, launch.decode_ directly): the same kernels, so
+"""Eager calls skip the dispatcher (ops.EagerChunkForward, launch_decode.decode_ directly): the same kernels, so
 the same bits as the torch.library ops, and every traced or transformed call still takes the ops."""
 import pytest
 import torch
