@@ -14,6 +14,8 @@ whose "sequences" are the segments:
      chunk totals gtot): one generated kernel (programs.segment_scan), S steps per (sequence, head, tile);
   3. the state pass again from start_j: every chunk state lands on the row the unsegmented pass
      writes (the segment table's chunk offsets), the last segment's final state is the final state.
+The backward's recomputation, handed its forward's Plan (with the start states of step 2), runs step 3 only
+where the forward's segment bounds fall on its chunks (the forward's chunk size a multiple of its own).
 The state backward (programs_backward.state_backward) is the same in reverse: local gradients D_j from
 zero (no chunk gradients stored), then end_{S-1} = dH_final, end_{j-1} = A_j (.) end_j + D_j
 (programs.segment_scan_reverse), then the pass again. (Until session 9 the scan was ~25 torch operations
