@@ -30,6 +30,7 @@
 #   bench          python -m gsa_compile bench (ours, fla, SDPA)   TRITON_CACHE_AUTOTUNING=1
 #   first_call     empty caches, then bench/first_call.py           (after tune_*: no tuning at run time)
 #   decode         bench/decode_bench.py --splits auto,1,2,4,8
+#   segments_ab    bench/segments_bench.py $SEG_ARGS at the three bench shapes (segments_B{8,4,1}.json/.log)
 #   mods           bench/mods_bench.py
 #   model          bench/model_bench.py (ours vs fla layer); MODEL_ARGS="--hidden 2048" gives heads of
 #                  K = V = 512, whose fla autotuning the pack already holds (the default's 256 it does not)
@@ -64,7 +65,7 @@ quiet_gpu() {  # end background fla_warm processes before anything is timed
 step() {  # step NAME LIMIT_S COMMAND...: run it, log to $W/NAME.log, print its tail
     local name=$1 limit=$2
     shift 2
-    case $name in tune_*|bench|decode|mods|model) quiet_gpu ;; esac
+    case $name in tune_*|bench|decode|mods|model|segments_*) quiet_gpu ;; esac
     echo "[$(( $(date +%s) - start )) s] $name (limit ${limit} s)"
     timeout "$limit" "$@" > "$W/$name.log" 2>&1
     echo "  exit $? after $(( $(date +%s) - start )) s"
@@ -120,6 +121,11 @@ for name in "$@"; do
         decode) step decode 240 env PYTHONPATH="$(fla_path)" python bench/decode_bench.py --splits auto,1,2,4,8 \
                     --out "$W/decode.json" ;;
         mods) step mods 300 python bench/mods_bench.py --out "$W/mods.json" ;;
+        segments_ab)  # SEG_ARGS (e.g. --settings default,16 --variant base: --variant gw8:GSA_PROGRAM_WARPS=gate_pass=8)
+            for shape in 8,2048,16,128,64 4,4096,4,512,64 1,32768,4,512,64; do  # files named by B (no commas)
+                step "segments_B${shape%%,*}" 170 python bench/segments_bench.py --shape "$shape" ${SEG_ARGS:-} \
+                    --out "$W/segments_B${shape%%,*}.json"
+            done ;;
         model) step model 400 env PYTHONPATH="$(fla_path)" python bench/model_bench.py --budget 330 \
                    ${MODEL_ARGS:-} --out "$W/model.json" ;;
         fuzz) step fuzz 330 python bench/gpu_hardening.py --only fuzz --fuzz-seconds 240 --fuzz-jobs 8 \
