@@ -127,6 +127,25 @@ def test_backward_takes_the_forward_segment_starts(rows, forward_chunk, backward
     assert all(e <= 1e-5 for e in differences.values()), differences
 
 
+@pytest.mark.parametrize("level", [None, 0])
+def test_a_second_backward_recomputes(level, monkeypatch):
+    """What a forward keeps for its backward (the segment start states; the chunk states at checkpoint_level 0)
+    serves the first backward only: a second one through a retained graph recomputes, with the same gradients
+    bit for bit."""
+    monkeypatch.setenv(segments.ENV, "3")
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    B, T, H, K, V, M = 2, 50, 2, 8, 8, 4
+    leaves = [torch.randn(B, T, H, d, generator=gen).requires_grad_() for d in (K, K, V)]
+    leaves.append(torch.randn(B, T, H, M, generator=gen).softmax(-1).requires_grad_())
+    leaves.append((torch.nn.functional.logsigmoid(torch.randn(B, T, H, M, generator=gen)) / 16).requires_grad_())
+    o, _ = chunk_gsa(*leaves, chunk_size=16, checkpoint_level=level)
+    loss = (o * torch.randn(o.shape, generator=gen)).sum()
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    for name, a, b in zip("qkvsg", first, second):
+        assert torch.equal(a, b), f"d{name}"
+
+
 @pytest.mark.parametrize("rows", [2, VARLEN])
 def test_segmented_with_stored_mapped_s(rows, monkeypatch):
     """Mods that derive s from the gate store the mapped s from the state pass: the segmented pass
