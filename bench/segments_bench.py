@@ -53,9 +53,9 @@ def kernels(fn, prefix=""):
     if device != "cuda":
         return {}
     shares = bm.kernel_shares(fn)
-    other = sum(t for name, t in shares.items() if not name.startswith("gsa_"))
-    return {f"{prefix}{key}": value for key, value in dict(
-        {f"{name[4:]}_kernel_ms": shares.get(name, 0.0) for name in KERNELS}, other_kernel_ms=round(other, 4)).items()}
+    times = {f"{prefix}{name[4:]}_kernel_ms": shares.get(name, 0.0) for name in KERNELS}
+    times[f"{prefix}other_kernel_ms"] = round(sum(t for name, t in shares.items() if not name.startswith("gsa_")), 4)
+    return times
 
 
 KERNELS = tuple(f"gsa_{name}" for name in overrides.PROGRAM_NAMES)  # the generated kernels' names

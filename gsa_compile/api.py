@@ -138,7 +138,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.T
         if not inplace:  # the op's functional form: fresh float32 states
             hk, hv = launch.float32_copies(hk, hv)
         o = launch_decode.decode_(q, k, v, s, g, problem.scale, hk, hv, problem.layout, mods_key=mods_key,
-                           mod_params=mod_params)  # the op's kernels without the dispatcher (ops.eager_ok)
+                                  mod_params=mod_params)  # the op's kernels without the dispatcher (ops.eager_ok)
         return o, (hk, hv)
     if inplace:
         o = torch.ops.gsa.recurrent_step_(q, k, v, s, g, problem.scale, hk, hv, layout, mods_key, mod_params)

@@ -49,7 +49,7 @@ def later_totals(call, x_sum, s_ds_sum, final_terms):
     from .launch import _hint
     n_chunks = cdiv(call.T, call.spec.chunk_size)  # a dense row's; a packed batch's sequences have at most this many
     # (the tile sizes follow T's hint under a trace with a dynamic length: any size is exact, no guard is added)
-    rows = min(LATER_ROWS[1], max(LATER_ROWS[0], next_power_of_2(cdiv(_hint(call.T), call.spec.chunk_size))))
+    rows = min(LATER_ROWS[1], max(LATER_ROWS[0], next_power_of_2(_hint(n_chunks))))
     slots = min(LATER_SLOTS, call.spec.BM)
     call.wrap(codegen.kernel(programs_backward.gate_backward_later, spec))[(call.N * H, cdiv(M, slots))](
         x_sum, s_ds_sum, s_ds_sum if final_terms is None else final_terms, later,

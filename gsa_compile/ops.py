@@ -210,7 +210,7 @@ def recurrent_step_(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale
     """Decode: T tokens against (hk, hv), which are updated in place; returns o [B, T, HQ, V]."""
     _validate_decode_(q, k, v, s, g, scale, hk, hv, gate_layout, mods, mod_params)
     return launch_decode.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
-                          mod_params=mod_params)
+                                 mod_params=mod_params)
 
 
 def _validate_decode_(q, k, v, s, g, scale, hk, hv, gate_layout, mods, mod_params):
@@ -235,7 +235,7 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, s: Tensor, g: Tensor, scale:
     _validate(q, k, v, s, g, scale, hk, hv, None, gate_layout, mods, mod_params, state_name="hk/hv")
     hk, hv = launch.float32_copies(hk, hv)
     o = launch_decode.decode_(q, k, v, s, g, scale, hk, hv, GateLayout(gate_layout), wrap=_wrap, mods_key=mods,
-                       mod_params=mod_params)
+                              mod_params=mod_params)
     return o, hk, hv
 
 

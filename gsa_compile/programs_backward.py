@@ -268,8 +268,8 @@ def gate_backward_later(spec: Spec) -> Program:
     b.map("n_blocks", "tl.cdiv(eoc - boc, BR)", dtype="i64", shape=())
     with b.loop("i_r", "0", "n_blocks"):
         b.map("r0", "boc + (n_blocks - 1 - i_r) * BR", dtype="i64", shape=())
-        rows = b.map("rows", "-{0}", b.load("s_ds_rows", View("s_ds_base", "H * M", "m_left"), "r0", "eoc", ("BR", "BM"),
-                                             dtype="f64"), dtype="f64")
+        s_ds_rows = b.load("s_ds_rows", View("s_ds_base", "H * M", "m_left"), "r0", "eoc", ("BR", "BM"), dtype="f64")
+        rows = b.map("rows", "-{0}", s_ds_rows, dtype="f64")
         with b.loop("i_g", "0", "G"):
             x_rows = b.load("x_rows", View("x_sum_base + i_g * M", "HQ * M", "m_left"), "r0", "eoc", ("BR", "BM"),
                             dtype="f64")
