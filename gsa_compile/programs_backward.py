@@ -151,16 +151,23 @@ def state_backward(spec: Spec) -> Program:
     b = Builder()
     gc_view = seq_view("gc", "M")
 
-    def chunk_decay():
-        """This step's chunk and its total log2 decay (the last row of gc)."""
+    # Each chunk's total log2 decay is the last row of its gc, loaded one step ahead: a [BM] row is not
+    # pipelined by the compiler, and the rescale that waits for it is on the walk's sequential path (as
+    # in the forward's state pass). The walk's first chunk ends at eos; chunk i_c's predecessor at t0 - 1.
+    def first_decay():
+        return b.load("gc_last", gc_view, "tl.maximum(eos - 1, bos)", "eos", ("BM",))
+
+    def chunk_decay(last):
+        """This step's chunk; issues the load of the next step's decay; returns this step's."""
         b.map("i_c", "n_chunks - 1 - i_r", dtype="i32", shape=())
         b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
-        return b.load("gc_last", gc_view, last_row("t0 + BT"), "eos", ("BM",))
+        return last, b.load("gc_ahead", gc_view, "tl.maximum(t0 - 1, bos)", "eos", ("BM",))
 
     with b.when("i_t < NK"):
         dhk = b.load("dhk", View("dhk_final_base", "M", "M"), "k0", "K", ("BK", "BM"))
+        last = first_decay()
         with b.loop("i_r", "0", "n_chunks"):
-            last = chunk_decay()
+            last, ahead = chunk_decay(last)
             if spec.chunk_states:  # off in a segmented pass's local run (segments.py)
                 b.store(chunk_state("dhk"), dhk, "k0", "K")
             dhk = b.map("dhk", "{0} * tl.exp2({1})", dhk, b.expand("last_row", last, "None, :"))
@@ -168,11 +175,13 @@ def state_backward(spec: Spec) -> Program:
                 q = chunk_rows(b, "q_c", _group_view("q", "K"), "BK", "k0", "in")
                 dlw = chunk_rows(b, "dlw_c", _group_view("dl", "M", internal=True))
                 b.dot("dhk", q, dlw, trans_a=True, acc=dhk)
+            b.map("gc_last", "{0}", ahead)  # the next step's decay (the same tile name: loop-carried)
         b.store(View("dhk_init_base", "M", "M"), dhk, "k0", "K")
     with b.when("i_t >= NK"):
         dhv = b.load("dhv", View("dhv_final_base", "V", "V"), "0", "M", ("BM", "BV"), col0="v0")
+        last = first_decay()
         with b.loop("i_r", "0", "n_chunks"):
-            last = chunk_decay()
+            last, ahead = chunk_decay(last)
             if spec.chunk_states:  # off in a segmented pass's local run (segments.py)
                 b.store(chunk_state("dhv"), dhv, "0", "M", col0="v0")
             dhv = b.map("dhv", "{0} * tl.exp2({1})", dhv, b.expand("last_col", last, ":, None"))
@@ -180,6 +189,7 @@ def state_backward(spec: Spec) -> Program:
                 pw = chunk_rows(b, "pw_c", _group_view("p", "M", internal=True))
                 do = chunk_rows(b, "do_c", _group_view("do", "V"), "BV", "v0", "in")
                 b.dot("dhv", pw, do, trans_a=True, acc=dhv)
+            b.map("gc_last", "{0}", ahead)
         b.store(View("dhv_init_base", "V", "V"), dhv, "0", "M", col0="v0")
     return Program("gsa_state_backward", [gc_view], b.body).verify()
 
