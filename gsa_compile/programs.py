@@ -194,13 +194,14 @@ def _segment_scan(spec: Spec, reverse: bool) -> Program:
         with b.loop("i_j", "0", "S"):
             b.map("j", "S - 1 - i_j" if reverse else "i_j", dtype="i64", shape=())
             b.map("seg", "i_n * S + j", dtype="i64", shape=())
+            # the local state first: its load is in flight while the segment's total gate is summed
+            local = b.load(f"local_{kind}", state_view(f"local_{kind[1]}", "seg"), row0, row_end, shape, col0=col0)
             b.store(state_view(f"out_{kind[1]}", "seg"), state, row0, row_end, col0=col0)
             b.map("seg_end", "tl.load(cut_base + j + 1)", dtype="i64", shape=())
             total = b.zeros("a_j", ("BM",))
             with b.loop("r0", "tl.load(cut_base + j)", "seg_end", step="BR"):
                 rows = b.load("gtot_rows", View("gtot_base", "H * M", "M"), "r0", "seg_end", ("BR", "BM"))
                 b.map("a_j", "{0} + {1}", total, b.reduce("gtot_sum", rows, 0))
-            local = b.load(f"local_{kind}", state_view(f"local_{kind[1]}", "seg"), row0, row_end, shape, col0=col0)
             b.map(kind, "{0} * tl.exp2({1}) + {2}", state, b.expand("decay", total, decay_axes), local)
 
     with b.when("i_t < NK"):
