@@ -255,7 +255,7 @@ def sweep(device, lengths=SWEEP_LENGTHS):
             row[f"{name}_fwdbwd_ms"] = bench(_fwd_bwd(fn, args, grad))
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del inputs, do, runs
+        inputs = do = runs = None  # this length's tensors freed before the next length's
         torch.cuda.empty_cache()
     return rows
 
