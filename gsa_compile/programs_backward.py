@@ -157,17 +157,17 @@ def state_backward(spec: Spec) -> Program:
     def first_decay():
         return b.load("gc_last", gc_view, "tl.maximum(eos - 1, bos)", "eos", ("BM",))
 
-    def chunk_decay(last):
-        """This step's chunk; issues the load of the next step's decay; returns this step's."""
+    def next_decay():
+        """This step's chunk; issues the load of the next step's decay (the previous chunk's) and returns it."""
         b.map("i_c", "n_chunks - 1 - i_r", dtype="i32", shape=())
         b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
-        return last, b.load("gc_ahead", gc_view, "tl.maximum(t0 - 1, bos)", "eos", ("BM",))
+        return b.load("gc_ahead", gc_view, "tl.maximum(t0 - 1, bos)", "eos", ("BM",))
 
     with b.when("i_t < NK"):
         dhk = b.load("dhk", View("dhk_final_base", "M", "M"), "k0", "K", ("BK", "BM"))
         last = first_decay()
         with b.loop("i_r", "0", "n_chunks"):
-            last, ahead = chunk_decay(last)
+            ahead = next_decay()
             if spec.chunk_states:  # off in a segmented pass's local run (segments.py)
                 b.store(chunk_state("dhk"), dhk, "k0", "K")
             dhk = b.map("dhk", "{0} * tl.exp2({1})", dhk, b.expand("last_row", last, "None, :"))
@@ -181,7 +181,7 @@ def state_backward(spec: Spec) -> Program:
         dhv = b.load("dhv", View("dhv_final_base", "V", "V"), "0", "M", ("BM", "BV"), col0="v0")
         last = first_decay()
         with b.loop("i_r", "0", "n_chunks"):
-            last, ahead = chunk_decay(last)
+            ahead = next_decay()
             if spec.chunk_states:  # off in a segmented pass's local run (segments.py)
                 b.store(chunk_state("dhv"), dhv, "0", "M", col0="v0")
             dhv = b.map("dhv", "{0} * tl.exp2({1})", dhv, b.expand("last_col", last, ":, None"))
