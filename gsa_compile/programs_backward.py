@@ -163,13 +163,62 @@ def state_backward(spec: Spec) -> Program:
         b.map("t0", "bos + i_c * BT", dtype="i64", shape=())
         return b.load("gc_ahead", gc_view, "tl.maximum(t0 - 1, bos)", "eos", ("BM",))
 
+    def pair_decays(pair: str, hi: str, lo: str):
+        """The total decays [BM] of chunks 2 pair + 1 (0 where the segment ends before it) and 2 pair."""
+        def last_row_of(chunk_end: str) -> str:
+            return f"tl.maximum(tl.minimum(bos + ({chunk_end}) * BT, eos) - 1, bos)"
+        b_hi = b.load(hi, gc_view, last_row_of(f"2 * ({pair}) + 2"), "eos", ("BM",))
+        b_hi = b.map(hi, f"tl.where(2 * ({pair}) + 1 < n_chunks, {{0}}, 0.0)", b_hi)
+        return b_hi, b.load(lo, gc_view, last_row_of(f"2 * ({pair}) + 1"), "eos", ("BM",))
+
+    def local_walk(state, axes: str, products):
+        """A segment's local run (it stores no chunk states): two chunks a step, half the walk's sequential
+        steps (at chunk 32 they ran at 58 % of the copy rate at B1 T32768 H4 K=V=512, the forward's chunk-64
+        first run at 96 %: bench/NOTES.md, session 20). Chunks 2i + 1 then 2i in one step:
+            state <- 2^(b_hi + b_lo) state + (the pair's rows)^T (weights, chunk 2i + 1's rows times 2^b_lo).
+        Rows past the segment's end load 0. `products(weights_of, acc)` adds the pair's rows over the group."""
+        b.map("n_pairs", "tl.cdiv(n_chunks, 2)", dtype="i32", shape=())
+        b_hi, b_lo = pair_decays("n_pairs - 1", "gc_hi", "gc_lo")
+        with b.loop("i_r", "0", "n_pairs"):
+            b.map("i_p", "n_pairs - 1 - i_r", dtype="i32", shape=())
+            b.map("t0", "bos + i_p * 2 * BT", dtype="i64", shape=())
+            hi_next, lo_next = pair_decays("i_p - 1", "gc_hi_ahead", "gc_lo_ahead")  # the next step's, in flight
+            state = b.map(state.name, "{0} * tl.exp2({1} + {2})", state, b.expand("hi_decay", b_hi, axes),
+                          b.expand("lo_decay", b_lo, axes))
+            upper = b.expand("lo_row", b_lo, "None, :")
+
+            def weights_of(name, view):
+                rows = b.load(name, view, "t0", "eos", ("2 * BT", "BM"))
+                return b.map(name, "tl.where(tl.arange(0, 2 * BT)[:, None] >= BT, {0} * tl.exp2({1}), {0})",
+                              rows, upper)
+            with b.loop("i_g", "0", "G"):
+                products(weights_of, state)
+            b.map("gc_hi", "{0}", hi_next)
+            b.map("gc_lo", "{0}", lo_next)
+        return state
+
+    if not spec.chunk_states:
+        with b.when("i_t < NK"):
+            dhk = b.load("dhk", View("dhk_final_base", "M", "M"), "k0", "K", ("BK", "BM"))
+            dhk = local_walk(dhk, "None, :", lambda weights_of, acc: b.dot(
+                "dhk", b.load("q_c", _group_view("q", "K"), "t0", "eos", ("2 * BT", "BK"), col0="k0", dtype="in"),
+                weights_of("dlw_c", _group_view("dl", "M", internal=True)), trans_a=True, acc=acc))
+            b.store(View("dhk_init_base", "M", "M"), dhk, "k0", "K")
+        with b.when("i_t >= NK"):
+            dhv = b.load("dhv", View("dhv_final_base", "V", "V"), "0", "M", ("BM", "BV"), col0="v0")
+            dhv = local_walk(dhv, ":, None", lambda weights_of, acc: b.dot(
+                "dhv", weights_of("pw_c", _group_view("p", "M", internal=True)),
+                b.load("do_c", _group_view("do", "V"), "t0", "eos", ("2 * BT", "BV"), col0="v0", dtype="in"),
+                trans_a=True, acc=acc))
+            b.store(View("dhv_init_base", "V", "V"), dhv, "0", "M", col0="v0")
+        return Program("gsa_state_backward", [gc_view], b.body).verify()
+
     with b.when("i_t < NK"):
         dhk = b.load("dhk", View("dhk_final_base", "M", "M"), "k0", "K", ("BK", "BM"))
         last = first_decay()
         with b.loop("i_r", "0", "n_chunks"):
             ahead = next_decay()
-            if spec.chunk_states:  # off in a segmented pass's local run (segments.py)
-                b.store(chunk_state("dhk"), dhk, "k0", "K")
+            b.store(chunk_state("dhk"), dhk, "k0", "K")
             dhk = b.map("dhk", "{0} * tl.exp2({1})", dhk, b.expand("last_row", last, "None, :"))
             with b.loop("i_g", "0", "G"):
                 q = chunk_rows(b, "q_c", _group_view("q", "K"), "BK", "k0", "in")
@@ -182,8 +231,7 @@ def state_backward(spec: Spec) -> Program:
         last = first_decay()
         with b.loop("i_r", "0", "n_chunks"):
             ahead = next_decay()
-            if spec.chunk_states:  # off in a segmented pass's local run (segments.py)
-                b.store(chunk_state("dhv"), dhv, "0", "M", col0="v0")
+            b.store(chunk_state("dhv"), dhv, "0", "M", col0="v0")
             dhv = b.map("dhv", "{0} * tl.exp2({1})", dhv, b.expand("last_col", last, ":, None"))
             with b.loop("i_g", "0", "G"):
                 pw = chunk_rows(b, "pw_c", _group_view("p", "M", internal=True))

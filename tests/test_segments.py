@@ -5,7 +5,8 @@
    match recurrent_gsa (float64) within the project tolerances (tests/differential.py). T is never a
    multiple of the chunk size; some cases have more segments than chunks (empty segments).
    Gates are weakened (g / 16) so that states carry across segments: with logsigmoid(randn) gates a
-   state is forgotten within a chunk or two and a wrong scan would go unnoticed.
+   state is forgotten within a chunk or two and a wrong scan would go unnoticed. The state backward's
+   local runs take two chunks a step: the segments here hold odd and even numbers of chunks, and none.
 2. The scan kernel against the step-by-step recurrence with context_parallel's combine.
 3. The switch: parsing of the variable, 'auto' on CPU, the fallback for inputs that do not pack.
 """
