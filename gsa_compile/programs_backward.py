@@ -147,6 +147,12 @@ def slot_backward(spec: Spec) -> Program:
                                          dsi, aqk, adov, loff, dpoff, attd, attd_p, dsd], b.body).verify()
 
 
+# A segment's local run of the state backward takes two chunks a step up to this chunk size (steps of <= 64 rows,
+# those of the forward's first run at chunk 64, 96 % of the copy rate); above it the pairs' [2 BT, ..] tiles
+# ask more shared memory than the H200 has at 3 stages (ptxas, chunk 128: 256-360 KB).
+PAIRED_LOCAL_RUN_MAX_CHUNK = 32
+
+
 def state_backward(spec: Spec) -> Program:
     b = Builder()
     gc_view = seq_view("gc", "M")
@@ -197,7 +203,7 @@ def state_backward(spec: Spec) -> Program:
             b.map("gc_lo", "{0}", lo_next)
         return state
 
-    if not spec.chunk_states:
+    if not spec.chunk_states and spec.chunk_size <= PAIRED_LOCAL_RUN_MAX_CHUNK:
         with b.when("i_t < NK"):
             dhk = b.load("dhk", View("dhk_final_base", "M", "M"), "k0", "K", ("BK", "BM"))
             dhk = local_walk(dhk, "None, :", lambda weights_of, acc: b.dot(
@@ -218,7 +224,8 @@ def state_backward(spec: Spec) -> Program:
         last = first_decay()
         with b.loop("i_r", "0", "n_chunks"):
             ahead = next_decay()
-            b.store(chunk_state("dhk"), dhk, "k0", "K")
+            if spec.chunk_states:  # off in a segmented pass's local run (segments.py)
+                b.store(chunk_state("dhk"), dhk, "k0", "K")
             dhk = b.map("dhk", "{0} * tl.exp2({1})", dhk, b.expand("last_row", last, "None, :"))
             with b.loop("i_g", "0", "G"):
                 q = chunk_rows(b, "q_c", _group_view("q", "K"), "BK", "k0", "in")
@@ -231,7 +238,8 @@ def state_backward(spec: Spec) -> Program:
         last = first_decay()
         with b.loop("i_r", "0", "n_chunks"):
             ahead = next_decay()
-            b.store(chunk_state("dhv"), dhv, "0", "M", col0="v0")
+            if spec.chunk_states:  # off in a segmented pass's local run (segments.py)
+                b.store(chunk_state("dhv"), dhv, "0", "M", col0="v0")
             dhv = b.map("dhv", "{0} * tl.exp2({1})", dhv, b.expand("last_col", last, ":, None"))
             with b.loop("i_g", "0", "G"):
                 pw = chunk_rows(b, "pw_c", _group_view("p", "M", internal=True))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from differential import compare, failures, make_leaves, rel_err
-from gsa_compile import chunk_gsa, launch, segments
+from gsa_compile import chunk_gsa, launch, programs_backward, segments
 from gsa_compile.context_parallel.passes import combine
 from gsa_compile.spec import GateLayout
 
@@ -91,6 +91,24 @@ def test_segmented_equals_unsegmented(layout, initial_state, rows, H, group, S, 
     assert not failures(case, errors_plain), errors_plain
     assert not failures(case, errors_seg), errors_seg
     assert set(seg) == set(plain) == {"o", "hk", "hv", *("d" + n for n in leaves)}
+    differences = {n: rel_err(seg[n], plain[n]) for n in plain}
+    assert all(e <= 1e-5 for e in differences.values()), differences
+
+
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_both_walks_of_the_local_state_backward(chunk, monkeypatch):
+    """The state backward's segment-local run: two chunks a step up to PAIRED_LOCAL_RUN_MAX_CHUNK, one above;
+    both give the unsegmented call's gradients (segments of 1 and 2 chunks, a partial last chunk)."""
+    assert 32 <= programs_backward.PAIRED_LOCAL_RUN_MAX_CHUNK < 64
+    case = dict(_case("slot", True, 1, 1, 2, "3", seed=chunk), chunk_size=chunk, T=4 * chunk - 7)
+    leaves, views = make_leaves(case, "cpu")
+    leaves["g"] = (leaves["g"].detach() / 16).requires_grad_()
+    errors_plain, plain = _run(case, leaves, views, monkeypatch, None)
+    counts = _counting(monkeypatch)
+    errors_seg, seg = _run(case, leaves, views, monkeypatch, "3")
+    assert counts["state_backward"] == 1  # segmented
+    assert not failures(case, errors_plain), errors_plain
+    assert not failures(case, errors_seg), errors_seg
     differences = {n: rel_err(seg[n], plain[n]) for n in plain}
     assert all(e <= 1e-5 for e in differences.values()), differences
 
