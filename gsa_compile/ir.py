@@ -10,7 +10,8 @@ always: the gate gradient's sums over a sequence's chunks), `in` (the kernel's i
     k: [BC, BK] in = load k_view[t0 : t0+BC (< t_end), k0 : k0+BK]
     hk = dot(trans(k), w) + hk
 
-`Program.verify()` checks every node's operands exist and their shapes agree before codegen.
+`Program.verify()` checks every node's operands exist, their shapes agree and none is a stale Tile (one
+whose name was assigned again since) before codegen.
 """
 from __future__ import annotations
 
@@ -312,22 +313,35 @@ class Program:
 
 
 def _verify_block(body, env, where):
+    """env: name -> (its type, the ids of the Tile objects that may hold the name's current value here).
+
+    A name may be assigned again with the same type (loop-carried tiles are those a loop body re-assigns).
+    The generated code then has one variable, so a builder still holding a Tile of an earlier assignment
+    would read the later value: using such a stale Tile is an error (after a nested block, the assignments
+    before it and inside it are all current, as the block may run or not)."""
     for node in body:
         for tile in node.operands():
             if tile.name not in env:
                 raise IRError(f"{where}: {node.describe()} uses {tile.name} before it is defined")
-            if env[tile.name] != tile:
-                raise IRError(f"{where}: {tile.name} used as {tile} but defined as {env[tile.name]}")
+            defined_as, current = env[tile.name]
+            if defined_as != tile:
+                raise IRError(f"{where}: {tile.name} used as {tile} but defined as {defined_as}")
+            if id(tile) not in current:
+                raise IRError(f"{where}: {node.describe()} uses a {tile.name} that was assigned again since: "
+                              f"the generated code would read the later value")
         node.check()
         if isinstance(node, (For, If)):
-            _verify_block(node.body, dict(env), where)
-            # loop-carried tiles are those the body re-assigns with the same type
+            inner = dict(env)
+            _verify_block(node.body, inner, where)
+            for name, (tile, current) in inner.items():
+                if name in env and env[name][1] is not current:
+                    env[name] = (tile, env[name][1] | current)
         out = defined(node)
         if out is not None:
-            previous = env.get(out.name)
+            previous = env.get(out.name, (None, None))[0]
             if previous is not None and previous != out:
                 raise IRError(f"{where}: {out.name} redefined as {out}, was {previous}")
-            env[out.name] = out
+            env[out.name] = (out, frozenset({id(out)}))
 
 
 def _pretty(body, lines, depth):

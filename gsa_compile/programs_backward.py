@@ -269,33 +269,30 @@ def key_backward(spec: Spec) -> Program:
         mixes = {view.name: chunk_rows(b, f"mix_{n}", view, "BT") for n, view in (("dl", att_dl), ("p", att_p))}
 
     def grouped(out, view, rows, col0, block):
-        """out += sum over the query heads of the group of att_g^T rows_g[:, col0:col0+block]."""
-        def add():
+        """out + the sum over the query heads of the group of att_g^T rows_g[:, col0:col0+block]."""
+        def add(out):
             mix = mixes[view.name] if one_head else chunk_rows(b, "mix", view, "BT")
             x = chunk_rows(b, "rows_g", rows, block, col0, "in")
-            b.dot(out.name, mix, x, trans_a=True, acc=out)
+            return b.dot(out.name, mix, x, trans_a=True, acc=out)
         if one_head:
-            add()
-        else:
-            with b.loop("i_g", "0", "G"):
-                add()
+            return add(out)
+        with b.loop("i_g", "0", "G"):
+            return add(out)
 
     ds = b.zeros("ds_c", ("BT", "BM"))
     with b.loop("k0", "0", "K", step="BK"):
         dhk = b.load("dhk_t", chunk_state("dhk"), "k0", "K", ("BK", "BM"))
-        out = b.dot("dk_c", w_end, dhk, trans_b=True)
-        grouped(out, att_dl, q, "k0", "BK")
+        out = grouped(b.dot("dk_c", w_end, dhk, trans_b=True), att_dl, q, "k0", "BK")
         b.store(dk, out, "t0", "eos", col0="k0")
-        b.dot("ds_c", chunk_rows(b, "k_c", k, "BK", "k0", "in"), dhk, acc=ds)
+        ds = b.dot("ds_c", chunk_rows(b, "k_c", k, "BK", "k0", "in"), dhk, acc=ds)
     with b.loop("v0", "0", "V", step="BV"):
         dhv = b.load("dhv_t", chunk_state("dhv"), "0", "M", ("BM", "BV"), col0="v0")
-        out = b.dot("dv_c", w_end, dhv)
-        grouped(out, att_p, do, "v0", "BV")
+        out = grouped(b.dot("dv_c", w_end, dhv), att_p, do, "v0", "BV")
         b.store(dv, out, "t0", "eos", col0="v0")
-        b.dot("ds_c", chunk_rows(b, "v_c", v, "BV", "v0", "in"), dhv, trans_b=True, acc=ds)
+        ds = b.dot("ds_c", chunk_rows(b, "v_c", v, "BV", "v0", "in"), dhv, trans_b=True, acc=ds)
     ds = b.map("ds_c", "{0} * {1}", ds, to_end)
     with b.loop("i_g", "0", "G"):
-        b.map("ds_c", "{0} + {1}", ds, chunk_rows(b, "dsi_g", dsi))
+        ds = b.map("ds_c", "{0} + {1}", ds, chunk_rows(b, "dsi_g", dsi))
     b.store(ds_view, ds, "t0", "eos")
     b.store(chunk_row("s_ds_sum"), b.reduce("s_ds", b.map("s_times_ds", "{0} * {1}", s_c, ds), 0), "t0", "eos")
     return Program("gsa_key_backward", [k, v, dk, dv, ds_view, q, do, att_dl, att_p, dsi], b.body).verify()
