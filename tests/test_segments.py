@@ -77,6 +77,14 @@ def _run(case, leaves, views, monkeypatch, S):
     return errors, kept
 
 
+def _assert_both_match(case, errors_plain, plain, errors_seg, seg):
+    """Both calls match float64 within the project tolerances, and each other within 1e-5 (float32)."""
+    assert not failures(case, errors_plain), errors_plain
+    assert not failures(case, errors_seg), errors_seg
+    differences = {n: rel_err(seg[n], plain[n]) for n in plain}
+    assert all(e <= 1e-5 for e in differences.values()), differences
+
+
 @pytest.mark.parametrize("layout, initial_state, rows, H, group, S", CASES)
 def test_segmented_equals_unsegmented(layout, initial_state, rows, H, group, S, monkeypatch):
     case = _case(layout, initial_state, rows, H, group, S, seed=len(layout) * 7 + initial_state)
@@ -88,11 +96,8 @@ def test_segmented_equals_unsegmented(layout, initial_state, rows, H, group, S, 
     assert counts == {"state_pass": 0, "state_backward": 0}
     errors_seg, seg = _run(case, leaves, views, monkeypatch, S)
     assert counts == {"state_pass": 2, "state_backward": 1}  # forward, the backward's recompute, state backward
-    assert not failures(case, errors_plain), errors_plain
-    assert not failures(case, errors_seg), errors_seg
     assert set(seg) == set(plain) == {"o", "hk", "hv", *("d" + n for n in leaves)}
-    differences = {n: rel_err(seg[n], plain[n]) for n in plain}
-    assert all(e <= 1e-5 for e in differences.values()), differences
+    _assert_both_match(case, errors_plain, plain, errors_seg, seg)
 
 
 @pytest.mark.parametrize("chunk", [32, 64])
@@ -107,10 +112,7 @@ def test_both_walks_of_the_local_state_backward(chunk, monkeypatch):
     counts = _counting(monkeypatch)
     errors_seg, seg = _run(case, leaves, views, monkeypatch, "3")
     assert counts["state_backward"] == 1  # segmented
-    assert not failures(case, errors_plain), errors_plain
-    assert not failures(case, errors_seg), errors_seg
-    differences = {n: rel_err(seg[n], plain[n]) for n in plain}
-    assert all(e <= 1e-5 for e in differences.values()), differences
+    _assert_both_match(case, errors_plain, plain, errors_seg, seg)
 
 
 @pytest.mark.parametrize("rows, forward_chunk, backward_chunk", [(2, 32, 16), (VARLEN, 32, 16), (VARLEN, 16, 32),
@@ -140,10 +142,7 @@ def test_backward_takes_the_forward_segment_starts(rows, forward_chunk, backward
     reused = forward_chunk % backward_chunk == 0
     assert first_runs == [forward_chunk] + ([] if reused else [backward_chunk])
     assert scans == [False] + ([] if reused else [False]) + [True]
-    assert not failures(case, errors_plain), errors_plain
-    assert not failures(case, errors_seg), errors_seg
-    differences = {n: rel_err(seg[n], plain[n]) for n in plain}
-    assert all(e <= 1e-5 for e in differences.values()), differences
+    _assert_both_match(case, errors_plain, plain, errors_seg, seg)
 
 
 @pytest.mark.parametrize("level", [None, 0])
@@ -175,10 +174,7 @@ def test_segmented_with_stored_mapped_s(rows, monkeypatch):
     errors_plain, plain = _run(case, leaves, views, monkeypatch, None)
     errors_seg, seg = _run(case, leaves, views, monkeypatch, "3")
     assert counts == {"state_pass": 2, "state_backward": 1}
-    assert not failures(case, errors_plain), errors_plain
-    assert not failures(case, errors_seg), errors_seg
-    differences = {n: rel_err(seg[n], plain[n]) for n in plain}
-    assert all(e <= 1e-5 for e in differences.values()), differences
+    _assert_both_match(case, errors_plain, plain, errors_seg, seg)
 
 
 def test_local_runs_store_no_chunk_states(monkeypatch):
