@@ -58,7 +58,8 @@ def kernels(fn, prefix=""):
     return times
 
 
-KERNELS = tuple(f"gsa_{name}" for name in overrides.PROGRAM_NAMES)  # the generated kernels' names
+KERNELS = tuple(f"gsa_{name}" for name in overrides.PROGRAM_NAMES  # the generated kernels' names
+                + ("segment_scan", "segment_scan_reverse"))
 
 
 torch.manual_seed(0)

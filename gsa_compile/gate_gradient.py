@@ -10,8 +10,9 @@ from .spec import GateLayout, cdiv, next_power_of_2
 
 # gate_backward_later's tiles: up to LATER_ROWS[1] chunk rows a step (BR: the next power of two of a sequence's
 # chunks, at least LATER_ROWS[0]) by LATER_SLOTS slots a program (BM). Session 17's 64 rows by all M slots walked
-# the 1024 chunk rows of B1 T32768 (chunk 32) in 16 steps with 4 programs: 0.048 ms, bound by the steps' latency.
-LATER_ROWS, LATER_SLOTS = (16, 256), 16
+# the 1024 chunk rows of B1 T32768 (chunk 32) in 16 steps with 4 programs: 0.048 ms, bound by the steps' latency;
+# 256 rows by 16 slots (4 steps, 16 programs): 0.015 ms; 1024 by 4 (session 21): one step, 64 programs.
+LATER_ROWS, LATER_SLOTS = (16, 1024), 4
 
 
 def gate_backward(call, x, s_read, ds, chunk_sums, final_terms, s_dtype, g_dtype, layout: GateLayout):

@@ -180,8 +180,17 @@ def _segment_scan(spec: Spec, reverse: bool) -> Program:
     for each segment j in order (reverse: last to first) store state as j's start state (reverse: the
     gradient at j's end) and step: state = 2^(a_j) (.) state + local_j, where local_j is the segment's
     own pass from zero and a_j its total log2 gate, the sum of its chunks' rows of gtot, read BR rows at a
-    time. a_j <= 0: no factor exceeds 1."""
+    time. a_j <= 0: no factor exceeds 1. The S + 1 segment bounds are one vector load before the walk, so a
+    step's loads (local_j and its gtot rows) go out together and wait once: the walk is a chain of S such
+    waits (session 21: with a bound's scalar load in front of the rows', and the rows in 64-row blocks, a
+    step waited for three in turn, 16-22 us at S = 8)."""
     b = Builder()
+    bounds = b.map("bounds", "tl.load(cut_base + tl.arange(0, SP), mask=tl.arange(0, SP) <= S, other=0)",
+                   dtype="i64", shape=("SP",))
+
+    def bound(name: str, index: str):  # element `index` of the bounds, without a load
+        return b.reduce(name, b.map(name + "_of", f"tl.where(tl.arange(0, SP) == {index}, {{0}}, 0)", bounds,
+                                    dtype="i64"), 0)
 
     def walk(kind: str, shape, size: str, width: str, row0: str, row_end: str, col0: str, decay_axes: str):
         def state_view(tensor: str, index: str) -> View:  # the [K, M] or [M, V] state `index`, head i_h
@@ -194,15 +203,14 @@ def _segment_scan(spec: Spec, reverse: bool) -> Program:
         with b.loop("i_j", "0", "S"):
             b.map("j", "S - 1 - i_j" if reverse else "i_j", dtype="i64", shape=())
             b.map("seg", "i_n * S + j", dtype="i64", shape=())
-            # the local state first: its load is in flight while the segment's total gate is summed
+            seg_start, seg_end = bound("seg_start", "j"), bound("seg_end", "j + 1")
             local = b.load(f"local_{kind}", state_view(f"local_{kind[1]}", "seg"), row0, row_end, shape, col0=col0)
             b.store(state_view(f"out_{kind[1]}", "seg"), state, row0, row_end, col0=col0)
-            b.map("seg_end", "tl.load(cut_base + j + 1)", dtype="i64", shape=())
             total = b.zeros("a_j", ("BM",))
-            with b.loop("r0", "tl.load(cut_base + j)", "seg_end", step="BR"):
-                rows = b.load("gtot_rows", View("gtot_base", "H * M", "M"), "r0", "seg_end", ("BR", "BM"))
+            with b.loop("r0", seg_start.name, seg_end.name, step="BR"):
+                rows = b.load("gtot_rows", View("gtot_base", "H * M", "M"), "r0", seg_end.name, ("BR", "BM"))
                 b.map("a_j", "{0} + {1}", total, b.reduce("gtot_sum", rows, 0))
-            b.map(kind, "{0} * tl.exp2({1}) + {2}", state, b.expand("decay", total, decay_axes), local)
+            state = b.map(kind, "{0} * tl.exp2({1}) + {2}", state, b.expand("decay", total, decay_axes), local)
 
     with b.when("i_t < NK"):
         walk("hk", ("BK", "BM"), "K * M", "M", "k0", "K", "0", "None, :")

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from . import codegen, programs, programs_backward
-from .spec import cdiv
+from .spec import cdiv, next_power_of_2
 
 ENV = "GSA_STATE_SEGMENTS"
 DEFAULT_MIN_SEGMENTS = 4  # unset variable: segment only where it at least quadruples the programs
@@ -167,7 +167,18 @@ def plan(call, *strided, like: Optional[Plan] = None) -> Optional[Plan]:
     return Plan(S, *tables, unit=r * BT, starts=like.starts if reuse else None)
 
 
-SCAN_ROWS = 64  # chunk rows of gtot the scan sums per load (BR)
+# The scan's tiles: SCAN_ROWS chunk rows of gtot per load (BR: a whole segment's at B1 T32768 in chunks of 32 or
+# 64 with S = 8) and SCAN_TILE rows of Hk (columns of Hv) a program, so that a state of K = V = 512 spreads over
+# 32 programs per (sequence, kv head) rather than the state pass's 8: the walk is a chain of load waits, and
+# more programs wait side by side.
+SCAN_ROWS, SCAN_TILE = 128, 32
+
+
+def scan_constants(state_pass: dict, S: int) -> dict:
+    """The scan's constexprs, from the state pass's (`state_pass`: K, V, M, BK, BV, BM) and S segments."""
+    BK, BV = min(SCAN_TILE, state_pass["BK"]), min(SCAN_TILE, state_pass["BV"])
+    return dict(K=state_pass["K"], V=state_pass["V"], M=state_pass["M"], NK=cdiv(state_pass["K"], BK), BK=BK, BV=BV,
+                BM=state_pass["BM"], BR=SCAN_ROWS, SP=next_power_of_2(S + 1))
 
 
 def scan(call, p: Plan, local, edge, reverse: bool):
@@ -180,9 +191,10 @@ def scan(call, p: Plan, local, edge, reverse: bool):
     spec = call.spec.replaced(varlen=False, initial_state=edge is not None, mods="")
     edge = local if edge is None else tuple(e.to(local[0].dtype).contiguous() for e in edge)  # (unused if None)
     builder = programs.segment_scan_reverse if reverse else programs.segment_scan
-    consts = {n: call.consts["state_pass"][n] for n in ("K", "V", "M", "NK", "BK", "BV", "BM")}
-    call.wrap(codegen.kernel(builder, spec))[(call.tiles() * call.N * call.H,)](
-        *local, *edge, *out, p.gtot, p.cut, call.H, p.S, **consts, BR=SCAN_ROWS, num_warps=4)
+    consts = scan_constants(call.consts["state_pass"], p.S)
+    tiles = consts["NK"] + cdiv(consts["V"], consts["BV"])
+    call.wrap(codegen.kernel(builder, spec))[(tiles * call.N * call.H,)](
+        *local, *edge, *out, p.gtot, p.cut, call.H, p.S, **consts, num_warps=4)
     return out
 
 

@@ -19,9 +19,8 @@ out = {}
 for builder in programs.FORWARD_PROGRAMS + programs_backward.BACKWARD_PROGRAMS:
     fp = resources.footprint(builder, spec, consts[builder.__name__])
     out[builder.__name__] = [fp.shared_bytes, fp.fits]
-scan = {n: consts["state_pass"][n] for n in ("K", "V", "M", "NK", "BK", "BV", "BM")}
 for builder in (programs.segment_scan, programs.segment_scan_reverse):  # segments.scan's launch constants
-    fp = resources.footprint(builder, spec, dict(scan, BR=segments.SCAN_ROWS))
+    fp = resources.footprint(builder, spec, segments.scan_constants(consts["state_pass"], 8))
     out[builder.__name__] = [fp.shared_bytes, fp.fits]
 print(json.dumps(out))
 """
