@@ -234,6 +234,16 @@ class Call:
                 remember(_ZEROS, key, zeros, MAX_SHARED_ZEROS[0], self.device)
         return zeros
 
+    def operand_rows(self, n: int, *shape):
+        """n buffers of rows that the kernels that read them use only as tensor-core operands (the slot backward's
+        p and dl weights for the state backward, its attention matrices for the key backward): bf16 when the
+        inputs are bf16, as the products would round them (half the bytes, session 21), else `f32s`."""
+        if self.spec.dtype != "bfloat16":
+            return self.f32s(n, *shape)
+        if not self.plain_tensors:
+            return tuple(torch.empty(*shape, device=self.device, dtype=torch.bfloat16) for _ in range(n))
+        return torch.empty(n, *shape, device=self.device, dtype=torch.bfloat16).unbind(0)
+
     def chunk_states(self, *shapes):
         """Buffers of per-chunk states (or state gradients). The kernels only use them as bf16 operands
         of tensor-core products when the inputs are bf16, so they are stored in bf16 then (half the
@@ -384,9 +394,11 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
     cu, offsets = call.tables(hk_final)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    p, dl, x, dsi, loff, dpoff, dsd = call.f32s(7, B, T, HQ, M)
+    x, dsi, loff, dpoff, dsd = call.f32s(5, B, T, HQ, M)
+    p, dl = call.operand_rows(2, B, T, HQ, M)
     x_sum, s_ds_sum = call.f32(call.n_chunk_rows, HQ, M), call.f32(call.n_chunk_rows, H, M)  # the gate's chunk totals
-    att_dl, att_p, aqk, adov, attd, attd_p = call.f32s(6, B, T, HQ, call.spec.chunk_size)
+    att_dl, att_p = call.operand_rows(2, B, T, HQ, call.spec.chunk_size)
+    aqk, adov, attd, attd_p = call.f32s(4, B, T, HQ, call.spec.chunk_size)
     grid, chunk_seq, chunk_idx = call.chunk_grid(HQ, hk_final)
     n_terms = len(call.mods.slot_leaves) if call.mods is not None else 0
     terms = {"mod_terms": call.f32(B, T, HQ, n_terms, M)} if n_terms else {}  # slot_mod parameter terms

@@ -39,7 +39,7 @@ from .spec import Spec
 
 def _group_view(name: str, cols: str, internal: bool = False) -> View:
     """Rows of query head i_h * G + i_g (loops over the query heads of kv head i_h)."""
-    if internal:  # contiguous f32 [B, T, HQ, cols] buffers of the backward (cols M or BT)
+    if internal:  # contiguous [B, T, HQ, cols] buffers of the backward (cols M or BT; f32 or launch.operand_rows)
         stride = "stride_pt" if cols == "M" else "stride_at"
         return View(f"({name} + (i_b * T * HQ + i_h * G + i_g) * {cols})", stride, cols)
     return View(f"({name} + i_b * stride_{name}b + (i_h * G + i_g) * stride_{name}h)", f"stride_{name}t", cols,
@@ -62,8 +62,10 @@ def slot_backward(spec: Spec) -> Program:
     aqk, adov, loff, dpoff, attd, attd_p, dsd = (scratch_view(n, c) for n, c in (
         ("aqk", "BT"), ("adov", "BT"), ("loff", "M"), ("dpoff", "M"), ("attd", "BT"), ("attd_p", "BT"), ("dsd", "M")))
     gates = ChunkGates(b, s_view, gc_view)
-    xl, qk = chunk_products(b, "l_", q, k, chunk_state("hk"), "K", "BK")
+    # V's products first, then K's, whose tiles (k and the chunk's Hk) dq reads again, last tile first: the K
+    # loop's tiles are then the most recently read when dq asks for them again (L2 rather than DRAM)
     xdp, dov = chunk_products(b, "dp_", do, v, chunk_state("hv", transposed=True), "V", "BV")
+    xl, qk = chunk_products(b, "l_", q, k, chunk_state("hk"), "K", "BK")
 
     def finish(probs, dls, mix_dl, mix_p, ds):
         """Store the key backward's rows and the state backward's weights; dq per K tile."""
@@ -72,7 +74,8 @@ def slot_backward(spec: Spec) -> Program:
         weights = b.map("dlw_c", "{0} * tl.exp2({1})", dls, gates.gc)
         b.store(dl_view, weights, "t0", "eos")  # the state backward's dlw and pw
         b.store(p_view, b.map("pw_c", "{0} * tl.exp2({1})", probs, gates.gc), "t0", "eos")
-        with b.loop("k0", "0", "K", step="BK"):
+        with b.loop("i_k", "0", "tl.cdiv(K, BK)"):
+            b.map("k0", "(tl.cdiv(K, BK) - 1 - i_k) * BK", dtype="i32", shape=())
             hk_t = b.load("hk_t", chunk_state("hk", transposed=True), "0", "M", ("BM", "BK"), col0="k0")
             out = b.dot("dq_c", weights, hk_t)
             out = b.dot("dq_c", mix_dl, chunk_rows(b, "k_c", k, "BK", "k0", "in"), acc=out)
@@ -111,15 +114,18 @@ def slot_backward(spec: Spec) -> Program:
             probs = softmax_slots(b, acc)
             dp = b.map("dp_i", "{0} + {1}", sub.rows(dpoff, "dp_off_i"), dp_diag)
             dl = slot_gradients(acc, probs, dp, CHUNK_ROWS, "ts")
-            b.store(p_view, probs, "ts", "eos")
-            b.store(dl_view, dl, "ts", "eos")
+            # p and dl in f32 for phase C, over the rows of loff and dpoff this sub-chunk has read (p and dl
+            # themselves may be half precision): every thread's reads are done at the barrier
+            b.barrier()
+            b.store(loff, probs, "ts", "eos")
+            b.store(dpoff, dl, "ts", "eos")
             dls = b.map("dls_i", "{0} * scale", dl)
             sub.store_mixes(attention=[("q_", dls, attd), ("v_", probs, attd_p)],
                             key_scores=("ds", dsd, [("qk", aqk, dls), ("dov", adov, probs)]))
         b.barrier()
         store_x_sum(chunk_rows(b, "x_c", x_view))  # (rows past eos load 0)
-        probs = chunk_rows(b, "p_c", p_view)
-        dls = b.map("dls_c", "{0} * scale", chunk_rows(b, "dl_c", dl_view))
+        probs = chunk_rows(b, "p_c", loff)
+        dls = b.map("dls_c", "{0} * scale", chunk_rows(b, "dl_c", dpoff))
         mix_dl, mix_p = diagonal_blocks(b, "att_dl_c", attd), diagonal_blocks(b, "att_p_c", attd_p)
         qk_c, dov_c = chunk_rows(b, "qk_c", aqk, "BT"), chunk_rows(b, "dov_c", adov, "BT")
         ds = chunk_rows(b, "ds_c", dsd)
@@ -177,45 +183,63 @@ def state_backward(spec: Spec) -> Program:
         b_hi = b.map(hi, f"tl.where(2 * ({pair}) + 1 < n_chunks, {{0}}, 0.0)", b_hi)
         return b_hi, b.load(lo, gc_view, last_row_of(f"2 * ({pair}) + 1"), "eos", ("BM",))
 
-    def local_walk(state, axes: str, products):
-        """A segment's local run (it stores no chunk states): two chunks a step, half the walk's sequential
-        steps (at chunk 32 they ran at 58 % of the copy rate at B1 T32768 H4 K=V=512, the forward's chunk-64
-        first run at 96 %: bench/NOTES.md, session 20). Chunks 2i + 1 then 2i in one step:
-            state <- 2^(b_hi + b_lo) state + (the pair's rows)^T (weights, chunk 2i + 1's rows times 2^b_lo).
-        Rows past the segment's end load 0. `products(weights_of, acc)` adds the pair's rows over the group."""
+    def paired_walk(state, axes: str, pair_rows, weights_first: bool, store):
+        """Two chunks a step (half the sequential steps), chunks 2i + 1 then 2i, from the gradient X at chunk
+        2i + 1's end:
+            X_mid = 2^(b_hi) X + (chunk 2i + 1's rows)^T weights          (the gradient at chunk 2i's end)
+            X    <- 2^(b_hi + b_lo) X + (the pair's rows)^T (weights, chunk 2i + 1's rows times 2^b_lo)
+        X_mid only feeds the stores (spec.chunk_states: X at chunk 2i + 1's row where that chunk exists, X_mid
+        at chunk 2i's), so each step's chain is one product. Rows past the end load 0; an absent chunk 2i + 1
+        has decay 0. pair_rows(): (rows, weights) [2 BT, ..] for query head i_g; the product is rows^T weights
+        (dHk) or weights^T rows (dHv, weights_first); store(tile, condition) at chunk row i_c."""
+        name = state.name
         b.map("n_pairs", "tl.cdiv(n_chunks, 2)", dtype="i32", shape=())
         b_hi, b_lo = pair_decays("n_pairs - 1", "gc_hi", "gc_lo")
         with b.loop("i_r", "0", "n_pairs"):
             b.map("i_p", "n_pairs - 1 - i_r", dtype="i32", shape=())
             b.map("t0", "bos + i_p * 2 * BT", dtype="i64", shape=())
             hi_next, lo_next = pair_decays("i_p - 1", "gc_hi_ahead", "gc_lo_ahead")  # the next step's, in flight
-            state = b.map(state.name, "{0} * tl.exp2({1} + {2})", state, b.expand("hi_decay", b_hi, axes),
-                          b.expand("lo_decay", b_lo, axes))
-            upper = b.expand("lo_row", b_lo, "None, :")
-
-            def weights_of(name, view):
-                rows = b.load(name, view, "t0", "eos", ("2 * BT", "BM"))
-                return b.map(name, "tl.where(tl.arange(0, 2 * BT)[:, None] >= BT, {0} * tl.exp2({1}), {0})",
-                              rows, upper)
+            hi_decay = b.expand("hi_decay", b_hi, axes)
+            middle = None
+            if spec.chunk_states:
+                b.map("i_c", "2 * i_p + 1", dtype="i32", shape=())
+                store(state, "i_c < n_chunks")
+                middle = b.map(name + "_mid", "{0} * tl.exp2({1})", state, hi_decay)
+            state = b.map(name, "{0} * tl.exp2({1} + {2})", state, hi_decay, b.expand("lo_decay", b_lo, axes))
+            lo_row = b.expand("lo_row", b_lo, "None, :")
             with b.loop("i_g", "0", "G"):
-                products(weights_of, state)
+                rows, weights = pair_rows()
+                if middle is not None:  # (before `scaled`, which takes the weights' name)
+                    upper = b.map(weights.name + "_hi", "tl.where(tl.arange(0, 2 * BT)[:, None] >= BT, {0}, 0.0)",
+                                  weights)
+                    middle = b.dot(middle.name, *((upper, rows) if weights_first else (rows, upper)), trans_a=True,
+                                   acc=middle)
+                scaled = b.map(weights.name, "tl.where(tl.arange(0, 2 * BT)[:, None] >= BT, {0} * tl.exp2({1}), {0})",
+                               weights, lo_row)
+                state = b.dot(name, *((scaled, rows) if weights_first else (rows, scaled)), trans_a=True, acc=state)
+            if middle is not None:
+                b.map("i_c", "2 * i_p", dtype="i32", shape=())
+                store(middle, "")
             b.map("gc_hi", "{0}", hi_next)
             b.map("gc_lo", "{0}", lo_next)
         return state
 
-    if not spec.chunk_states and spec.chunk_size <= PAIRED_LOCAL_RUN_MAX_CHUNK:
+    def pair_load(name, view, cols, col0="0", dtype="f32"):
+        return b.load(name, view, "t0", "eos", ("2 * BT", cols), col0=col0, dtype=dtype)
+
+    if spec.chunk_size <= PAIRED_LOCAL_RUN_MAX_CHUNK:
         with b.when("i_t < NK"):
             dhk = b.load("dhk", View("dhk_final_base", "M", "M"), "k0", "K", ("BK", "BM"))
-            dhk = local_walk(dhk, "None, :", lambda weights_of, acc: b.dot(
-                "dhk", b.load("q_c", _group_view("q", "K"), "t0", "eos", ("2 * BT", "BK"), col0="k0", dtype="in"),
-                weights_of("dlw_c", _group_view("dl", "M", internal=True)), trans_a=True, acc=acc))
+            dhk = paired_walk(dhk, "None, :", lambda: (pair_load("q_c", _group_view("q", "K"), "BK", "k0", "in"),
+                                                       pair_load("dlw_c", _group_view("dl", "M", internal=True), "BM")),
+                              False, lambda x, when: b.store(chunk_state("dhk"), x, "k0", "K", when=when))
             b.store(View("dhk_init_base", "M", "M"), dhk, "k0", "K")
         with b.when("i_t >= NK"):
             dhv = b.load("dhv", View("dhv_final_base", "V", "V"), "0", "M", ("BM", "BV"), col0="v0")
-            dhv = local_walk(dhv, ":, None", lambda weights_of, acc: b.dot(
-                "dhv", weights_of("pw_c", _group_view("p", "M", internal=True)),
-                b.load("do_c", _group_view("do", "V"), "t0", "eos", ("2 * BT", "BV"), col0="v0", dtype="in"),
-                trans_a=True, acc=acc))
+            dhv = paired_walk(dhv, ":, None", lambda: tuple(reversed((
+                pair_load("pw_c", _group_view("p", "M", internal=True), "BM"),
+                pair_load("do_c", _group_view("do", "V"), "BV", "v0", "in")))), True,
+                lambda x, when: b.store(chunk_state("dhv"), x, "0", "M", col0="v0", when=when))
             b.store(View("dhv_init_base", "V", "V"), dhv, "0", "M", col0="v0")
         return Program("gsa_state_backward", [gc_view], b.body).verify()
 
