@@ -7,7 +7,7 @@ inside a triton_op, so Inductor sees the kernels).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -210,6 +210,7 @@ class Call:
         self.n_chunk_rows, self.offsets, self.chunk_seq, self.chunk_idx = chunk_layout(cu_seqlens, self.B, self.T, chunk_size)
         self.segments = None  # the segment tables of a segmented state pass (segments.py), once it ran
         self.gate_totals = None  # the gate pass's chunk totals, once it ran (a kept forward's serve its backward)
+        self.gates = None  # (gc, w, gtot, s as the kernels read it) of the gate pass, once it ran
 
     def f32(self, *shape):
         """An accumulator-precision buffer: float32, or float64 for float64 inputs."""
@@ -300,12 +301,13 @@ def gate_pass(call: Call, s, g):
     return gc, w, gtot, copies.get("mapped_s", s)
 
 
-def state_pass(call: Call, k, v, s, g, hk0, hv0, forward_segments=None):
+def state_pass(call: Call, k, v, s, g, hk0, hv0, forward_segments=None, gates=None):
     """(gate cumsum, s for the later programs, chunk-start states of Hk and Hv, final states): the gate
-    pass, then the state pass (segmented where segments.plan says so; a backward's recomputation with its
-    forward's segments, `forward_segments`, takes their start states where their bounds fall on its chunks)."""
+    pass (unless `gates`, its outputs from a forward at this chunk size), then the state pass (segmented where
+    segments.plan says so; a backward's recomputation with its forward's segments, `forward_segments`, takes
+    their start states where their bounds fall on its chunks)."""
     H, K, V, M = call.H, call.K, call.V, call.M
-    gc, w, gtot, s_read = gate_pass(call, s, g)
+    call.gates = gc, w, gtot, s_read = gates if gates is not None else gate_pass(call, s, g)
     call.gate_totals = gtot
     hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, H, K, M), (call.n_chunk_rows, H, M, V))
     hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
@@ -329,9 +331,8 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
             mod_params: Optional[torch.Tensor] = None, keep_states: bool = False, keep_segments: bool = False):
     """Run the forward; returns (o, hk_final [N,H,K,M] f32, hv_final [N,H,M,V] f32), and with keep_states
     what `backward(kept=...)` takes instead of recomputing the states (checkpoint_level 0), or None where the
-    backward will run at another chunk size; with keep_segments, the segmented state pass's plan and segment
-    start states (or None where it did not segment), which `backward(forward_segments=...)` takes to skip
-    their recomputation (a few MB: N * S start states).
+    backward will run at another chunk size; with keep_segments, a ForwardRecord, which
+    `backward(forward_record=...)` takes to skip what it holds.
 
     With mods (mods.py), q, k, v, s, g are the raw inputs the kernels map on load."""
     q, k, v, s = unit_last_stride(q, k, v, s)
@@ -351,8 +352,21 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
         kept = (backward, call.gate_totals, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)
         return o, hk_final, hv_final, kept if backward.spec.chunk_size == call.spec.chunk_size else None
     if keep_segments:
-        return o, hk_final, hv_final, call.segments
+        backward = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key, mod_params)
+        gates = call.gates if backward.spec.chunk_size == call.spec.chunk_size else None
+        return o, hk_final, hv_final, ForwardRecord(backward, call.segments, gates)
     return o, hk_final, hv_final
+
+
+class ForwardRecord(NamedTuple):
+    """What forward(keep_segments=True) leaves its backward, which then recomputes less: the backward's Call
+    (made here rather than there), the segmented state pass's plan with its start states (or None), and the
+    gate pass's outputs where the backward runs at the forward's chunk size (else None). Held from forward to
+    backward: N * S start states, and then gc (f32) and w (as the chunk states), B T H M each (shape 3: 50 MB);
+    the backward skips its gate pass (session 21: ~0.03 ms at B1 T32768 H4 K=V=512)."""
+    backward: Call
+    plan: Optional[segments.Plan]
+    gates: Optional[tuple]
 
 
 def backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size: int, layout: GateLayout, config, wrap, mods_key,
@@ -367,7 +381,7 @@ def backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size: int, layout: GateLayo
 def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int,
              layout: GateLayout, config: Optional[TileConfig] = None, wrap: Callable = lambda kernel: kernel,
              mods_key: str = "", mod_params: Optional[torch.Tensor] = None, slot_warps: Optional[int] = None,
-             kept=None, forward_segments=None):
+             kept=None, forward_record: Optional["ForwardRecord"] = None):
     """Gradients of chunk_forward: (dq, dk, dv, ds, dg, dhk0, dhv0, d mod_params). Recomputes the forward states.
 
     With mods, the kernels' gradients w.r.t. the mapped inputs go through the mods' chain rule on the
@@ -376,9 +390,10 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
     forward's; `slot_warps` forces the slot backward's warps (the tuner times a backward entry so). `kept`
     (forward(keep_states=True)) replaces the recomputation: the backward's Call, made by the forward at its own
     chunk size (so `config` and `slot_warps` do not apply), and the forward's gate totals, gc, s and states.
-    `forward_segments` (forward(keep_segments=True)): the recomputation starts from the forward's segment
-    start states where it segments at bounds that fall on its chunks (bit for bit the chunk states it would
-    recompute at the forward's chunk size)."""
+    `forward_record` (forward(keep_segments=True)): its backward Call (so `config` and `slot_warps` do not
+    apply) and its gate pass's outputs where they are at that Call's chunk size; the recomputation starts from
+    the forward's segment start states where it segments at bounds that fall on its chunks (bit for bit the
+    chunk states it would recompute at the forward's chunk size)."""
     q, k, v, s, do = unit_last_stride(q, k, v, s, do)
     g = gate_for_kernels(g, layout)
     if kept is not None:
@@ -386,11 +401,14 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
         call.segments = segments.plan(call, k, v)  # the state backward's segments (its tiles may differ)
         if call.segments is not None:
             call.segments.gtot = gate_totals
+    elif forward_record is not None:
+        call = forward_record.backward
+        gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0,
+                                                                          forward_record.plan, forward_record.gates)
     else:
         call = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params,
                              slot_warps)
-        gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0,
-                                                                          forward_segments)
+        gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
     cu, offsets = call.tables(hk_final)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)

@@ -187,11 +187,12 @@ class EagerChunkForward(torch.autograd.Function):
     def forward(ctx, *inputs):  # ctx first, no setup_context: apply() then binds no signature (host time)
         *inputs, keep_states = inputs  # the op's arguments, then checkpoint_level 0/1: keep the chunk states
         q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, gate_layout, mods, mod_params = inputs
+        training = any(ctx.needs_input_grad)  # (inference keeps nothing, and makes no backward Call)
         output = launch.forward(q, k, v, s, g, scale, hk0, hv0, cu_seqlens, chunk_size, GateLayout(gate_layout),
-                                mods_key=mods, mod_params=mod_params, keep_states=keep_states,
-                                keep_segments=not keep_states)
-        # the chunk states (checkpoint_level 0/1), else the segmented state pass's start states (or None)
-        output, ctx.kept, ctx.kept_states = output[:3], output[3], keep_states
+                                mods_key=mods, mod_params=mod_params, keep_states=keep_states and training,
+                                keep_segments=training and not keep_states)
+        # the chunk states (checkpoint_level 0/1), else a launch.ForwardRecord; None in inference
+        output, ctx.kept, ctx.kept_states = output[:3], output[3] if training else None, keep_states
         _forward_setup(ctx, inputs, output)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensors to make and read
         return output
@@ -200,7 +201,7 @@ class EagerChunkForward(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dhk_final, dhv_final):
         kept, ctx.kept = ctx.kept, None  # (once_differentiable: one backward)
-        backward = functools.partial(launch.backward, **{"kept" if ctx.kept_states else "forward_segments": kept})
+        backward = functools.partial(launch.backward, **{"kept" if ctx.kept_states else "forward_record": kept})
         return _forward_backward(ctx, do, dhk_final, dhv_final, backward=backward) + (None,)
 
 

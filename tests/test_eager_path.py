@@ -65,3 +65,19 @@ def test_eager_decode_is_bitwise_the_op(monkeypatch, inplace):
         results.append([o, *new])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_eager_backward_takes_the_forward_gate_pass(monkeypatch):
+    """At the forward's chunk size the eager backward reuses its gate pass (launch.ForwardRecord); the op recomputes."""
+    from gsa_compile import launch
+    real, passes = launch.gate_pass, []
+    monkeypatch.setattr(launch, "gate_pass", lambda *args: passes.append(1) or real(*args))
+    for eager, expected in ((True, 1), (False, 2)):
+        passes.clear()
+        run(inputs(torch.seed() % 2**31), eager, monkeypatch)
+        assert len(passes) == expected, (eager, len(passes))
+    passes.clear()
+    with torch.no_grad():  # inference: no record, one gate pass
+        q, k, v, s, g, _, _ = inputs(0)
+        chunk_gsa(q, k, v, s, g, chunk_size=16)
+    assert len(passes) == 1

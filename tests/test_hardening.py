@@ -343,7 +343,9 @@ def test_strided_inputs_match_contiguous(memory, monkeypatch):
     copied = memory == "strided_last"  # a last-dimension stride of 2: copied to unit stride
     for name in ("q", "k", "v", "s", "g"):
         assert (args[name].data_ptr() in forward) != copied, f"{name} ({memory}) in the forward launches"
-        assert (args[name].data_ptr() in backward) != copied, f"{name} ({memory}) in the backward launches"
+        if name != "g":  # (the backward takes the forward's gate pass, launch.ForwardRecord: no kernel of it reads g)
+            assert (args[name].data_ptr() in backward) != copied, f"{name} ({memory}) in the backward launches"
+    assert args["g"].data_ptr() not in backward
 
 
 @pytest.mark.parametrize("layout", ["head", "decay_head"])
