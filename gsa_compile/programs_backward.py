@@ -153,10 +153,10 @@ def slot_backward(spec: Spec) -> Program:
                                          dsi, aqk, adov, loff, dpoff, attd, attd_p, dsd], b.body).verify()
 
 
-# A segment's local run of the state backward takes two chunks a step up to this chunk size (steps of <= 64 rows,
-# those of the forward's first run at chunk 64, 96 % of the copy rate); above it the pairs' [2 BT, ..] tiles
-# ask more shared memory than the H200 has at 3 stages (ptxas, chunk 128: 256-360 KB).
-PAIRED_LOCAL_RUN_MAX_CHUNK = 32
+# The state backward's walks (a segment's local run and the chunk-storing one) take two chunks a step up to this
+# chunk size (steps of <= 64 rows, those of the forward's first run at chunk 64, 96 % of the copy rate); above it
+# the pairs' [2 BT, ..] tiles ask more shared memory than the H200 has at 3 stages (ptxas, chunk 128: 256-360 KB).
+PAIRED_WALK_MAX_CHUNK = 32
 
 
 def state_backward(spec: Spec) -> Program:
@@ -227,7 +227,7 @@ def state_backward(spec: Spec) -> Program:
     def pair_load(name, view, cols, col0="0", dtype="f32"):
         return b.load(name, view, "t0", "eos", ("2 * BT", cols), col0=col0, dtype=dtype)
 
-    if spec.chunk_size <= PAIRED_LOCAL_RUN_MAX_CHUNK:
+    if spec.chunk_size <= PAIRED_WALK_MAX_CHUNK:
         with b.when("i_t < NK"):
             dhk = b.load("dhk", View("dhk_final_base", "M", "M"), "k0", "K", ("BK", "BM"))
             dhk = paired_walk(dhk, "None, :", lambda: (pair_load("q_c", _group_view("q", "K"), "BK", "k0", "in"),

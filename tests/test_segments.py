@@ -102,9 +102,10 @@ def test_segmented_equals_unsegmented(layout, initial_state, rows, H, group, S, 
 
 @pytest.mark.parametrize("chunk", [32, 64])
 def test_both_walks_of_the_local_state_backward(chunk, monkeypatch):
-    """The state backward's segment-local run: two chunks a step up to PAIRED_LOCAL_RUN_MAX_CHUNK, one above;
-    both give the unsegmented call's gradients (segments of 1 and 2 chunks, a partial last chunk)."""
-    assert 32 <= programs_backward.PAIRED_LOCAL_RUN_MAX_CHUNK < 64
+    """The state backward's walks: two chunks a step up to PAIRED_WALK_MAX_CHUNK, one above; the segmented
+    call (local run, then the chunk-storing run) gives the unsegmented call's gradients (segments of 1 and 2
+    chunks, a partial last chunk)."""
+    assert 32 <= programs_backward.PAIRED_WALK_MAX_CHUNK < 64
     case = dict(_case("slot", True, 1, 1, 2, "3", seed=chunk), chunk_size=chunk, T=4 * chunk - 7)
     leaves, views = make_leaves(case, "cpu")
     leaves["g"] = (leaves["g"].detach() / 16).requires_grad_()
