@@ -310,14 +310,14 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0, forward_segments=None, gates=No
     call.gates = gc, w, gtot, s_read = gates if gates is not None else gate_pass(call, s, g)
     call.gate_totals = gtot
     hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, H, K, M), (call.n_chunk_rows, H, M, V))
-    hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
-    cu, offsets = call.tables(hk_final)
     plan = segments.plan(call, k, v, like=forward_segments)
     if plan is not None:  # GSA_STATE_SEGMENTS: segments of each sequence in parallel (segments.py)
         initial = (None, None) if hk0 is None else (hk0.to(call.acc_dtype), hv0.to(call.acc_dtype))
-        segments.state_pass(plan, call, k, v, w, gtot, *initial, hk_chunks, hv_chunks, hk_final, hv_final)
+        hk_final, hv_final = segments.state_pass(plan, call, k, v, w, gtot, *initial, hk_chunks, hv_chunks)
         call.segments = plan
         return gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final
+    hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
+    cu, offsets = call.tables(hk_final)
     hk0 = hk0.to(call.acc_dtype).contiguous() if hk0 is not None else hk_final  # unused when the Spec has none
     hv0 = hv0.to(call.acc_dtype).contiguous() if hv0 is not None else hv_final
     call.run(programs.state_pass, call.tile_grid(),

@@ -198,9 +198,10 @@ def scan(call, p: Plan, local, edge, reverse: bool):
     return out
 
 
-def state_pass(p: Plan, call, k, v, w, gtot, hk0, hv0, hk_chunks, hv_chunks, hk_final, hv_final):
-    """launch.state_pass's state pass in three phases, after the gate pass (w, gtot): fills the chunk
-    states and the final states in place."""
+def state_pass(p: Plan, call, k, v, w, gtot, hk0, hv0, hk_chunks, hv_chunks):
+    """launch.state_pass's state pass in three phases, after the gate pass (w, gtot): fills the chunk states in
+    place and returns the final states, the last segment's end states (for one sequence a view of them: no
+    copy, session 21's 9 us and two launches at B1 T32768)."""
     from .launch import _strides
 
     N, S, H = call.N, p.S, call.H
@@ -216,8 +217,7 @@ def state_pass(p: Plan, call, k, v, w, gtot, hk0, hv0, hk_chunks, hv_chunks, hk_
         p.starts = scan(call, p, (hk_seg, hv_seg), None if hk0 is None else (hk0, hv0), reverse=False)
     call.run(programs.state_pass, grid, k, v, w, gtot, hk_chunks, hv_chunks, *p.starts, hk_seg, hv_seg, p.cu,
              p.boc, call.T, H, *strides, spec=segmented.replaced(initial_state=True))
-    hk_final.copy_(hk_seg.view(N, S, *hk_seg.shape[1:])[:, -1])
-    hv_final.copy_(hv_seg.view(N, S, *hv_seg.shape[1:])[:, -1])
+    return tuple(x.view(N, S, *x.shape[1:])[:, -1].contiguous() for x in (hk_seg, hv_seg))
 
 
 def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final, dhk0, dhv0,
