@@ -11,10 +11,10 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import codegen, mods, programs, programs_backward, segments
+from . import codegen, mods, programs, programs_backward, programs_fused, segments
 from .gate_gradient import gate_backward
-from .overrides import (backward_override, call_environment, factored_form, forward_override, maxnreg_override,
-                        subchunk_form, warps_override)
+from .overrides import (backward_override, call_environment, factored_form, forward_override, fused_forward_requested,
+                        maxnreg_override, subchunk_form, warps_override)
 from .spec import GateLayout, Spec, TileConfig, cdiv
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -98,6 +98,7 @@ def kernel_constants(spec: Spec, config: TileConfig, slot_bc: int = SLOT_BACKWAR
         "gate_pass": dict(M=spec.M, BT=spec.chunk_size, BM=spec.BM),
         "state_pass": dict(NK=cdiv(spec.K, BK), **common),
         "output_pass": per_chunk,
+        "fused_pass": dict(per_chunk, BK=spec.kv_tile(spec.K, programs_fused.FUSED_MAX_DIM)),  # (BV: the config's)
         "slot_backward": dict(per_chunk, BC=min(slot_bc, spec.chunk_size)),
         "state_backward": dict(G=spec.group, NK=cdiv(spec.K, BK), **common),
         "key_backward": per_chunk,
@@ -338,15 +339,26 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     q, k, v, s = unit_last_stride(q, k, v, s)
     g = gate_for_kernels(g, layout)
     call = Call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params)
-    gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     o = torch.empty(call.B, call.T, call.HQ, call.V, device=q.device, dtype=q.dtype)
-    cu, offsets = call.tables(hk_final)
-    grid, chunk_seq, chunk_idx = call.chunk_grid(call.HQ, hk_final)
     loff, pd = call.f32s(2, call.B, call.T, call.HQ, call.M)  # the exact form's scratch rows
     aqk, attd = call.f32s(2, call.B, call.T, call.HQ, call.spec.chunk_size)
-    call.run(programs.output_pass, grid,
-             q, k, v, s_read, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
-             call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
+    if not keep_states and programs_fused.eligible(call.spec) and fused_forward_requested():
+        gc, w, gtot, s_read = call.gates = gate_pass(call, s, g)
+        hk_final, hv_final = call.f32(call.N, call.H, call.K, call.M), call.f32(call.N, call.H, call.M, call.V)
+        initial = (hk_final, hv_final) if hk0 is None else (hk0.to(call.acc_dtype).contiguous(),
+                                                             hv0.to(call.acc_dtype).contiguous())
+        cu, offsets = call.tables(hk_final)
+        grid = (call.N * call.H * cdiv(call.V, call.consts["fused_pass"]["BV"]),)
+        call.run(programs_fused.fused_pass, grid, q, k, v, s_read, gc, w, gtot, *initial, hk_final,
+                 hv_final, o, aqk, loff, pd, attd, cu, offsets, call.T, call.H, call.HQ, scale * LOG2E,
+                 *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
+    else:
+        gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
+        cu, offsets = call.tables(hk_final)
+        grid, chunk_seq, chunk_idx = call.chunk_grid(call.HQ, hk_final)
+        call.run(programs.output_pass, grid,
+                 q, k, v, s_read, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
+                 call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
     if keep_states:  # the backward's Call with the states, where it runs at this chunk size (else none kept)
         backward = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key, mod_params)
         kept = (backward, call.gate_totals, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)
