@@ -98,6 +98,7 @@ def kernel_constants(spec: Spec, config: TileConfig, slot_bc: int = SLOT_BACKWAR
         "gate_pass": dict(M=spec.M, BT=spec.chunk_size, BM=spec.BM),
         "state_pass": dict(NK=cdiv(spec.K, BK), **common),
         "output_pass": per_chunk,
+        "output_pass_exact": per_chunk,
         "fused_pass": dict(per_chunk, BK=spec.kv_tile(spec.K, programs_fused.FUSED_MAX_DIM)),  # (BV: the config's)
         "slot_backward": dict(per_chunk, BC=min(slot_bc, spec.chunk_size)),
         "state_backward": dict(G=spec.group, NK=cdiv(spec.K, BK), **common),
@@ -347,18 +348,22 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
         hk_final, hv_final = call.f32(call.N, call.H, call.K, call.M), call.f32(call.N, call.H, call.M, call.V)
         initial = (hk_final, hv_final) if hk0 is None else (hk0.to(call.acc_dtype).contiguous(),
                                                              hv0.to(call.acc_dtype).contiguous())
+        hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, call.H, call.K, call.M),
+                                                 (call.n_chunk_rows, call.H, call.M, call.V))  # (rarely written)
         cu, offsets = call.tables(hk_final)
         grid = (call.N * call.H * cdiv(call.V, call.consts["fused_pass"]["BV"]),)
-        call.run(programs_fused.fused_pass, grid, q, k, v, s_read, gc, w, gtot, *initial, hk_final,
-                 hv_final, o, aqk, loff, pd, attd, cu, offsets, call.T, call.H, call.HQ, scale * LOG2E,
+        call.run(programs_fused.fused_pass, grid, q, k, v, s_read, gc, w, gtot, *initial, hk_final, hv_final,
+                 hk_chunks, hv_chunks, o, cu, offsets, call.T, call.H, call.HQ, scale * LOG2E,
                  *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
+        output = programs.output_pass_exact  # the chunks that do not factor
     else:
         gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
         cu, offsets = call.tables(hk_final)
-        grid, chunk_seq, chunk_idx = call.chunk_grid(call.HQ, hk_final)
-        call.run(programs.output_pass, grid,
-                 q, k, v, s_read, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
-                 call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
+        output = programs.output_pass
+    grid, chunk_seq, chunk_idx = call.chunk_grid(call.HQ, hk_final)
+    call.run(output, grid,
+             q, k, v, s_read, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
+             call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
     if keep_states:  # the backward's Call with the states, where it runs at this chunk size (else none kept)
         backward = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key, mod_params)
         kept = (backward, call.gate_totals, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)

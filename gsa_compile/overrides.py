@@ -41,7 +41,7 @@ def _env_ints(name: str, fields: str):
 # ~260 bytes per thread). An experiment's knob for eager calls, like the two above.
 MAXNREG_ENV = "GSA_MAXNREG"
 PROGRAM_NAMES = tuple(b.__name__ for b in programs.FORWARD_PROGRAMS + programs_backward.BACKWARD_PROGRAMS
-                      + programs_backward.GATE_BACKWARD_PROGRAMS) + ("fused_pass",)
+                      + programs_backward.GATE_BACKWARD_PROGRAMS) + ("fused_pass", "output_pass_exact")
 
 
 def _program_items(name: str, allowed) -> dict:

@@ -140,6 +140,21 @@ def output_pass(spec: Spec) -> Program:
     return Program("gsa_output_pass", views.all(), b.body).verify()
 
 
+def output_pass_exact(spec: Spec) -> Program:
+    """The output pass for the chunks whose gates do not factor only (its other programs end after the test):
+    o there after the fused forward (programs_fused), which stores those chunks' states instead."""
+    b = Builder()
+    views = OutputViews(spec)
+    gates = ChunkGates(b, views.s, views.gc)
+    x, a = chunk_products(b, "l_", views.q, views.k, chunk_state("hk"), "K", "BK")
+    chunk_output(b, spec, views, gates, x, a,
+                 lambda: b.load("hv_tile", chunk_state("hv"), "0", "M", ("BM", "BV"), col0="v0"), factored=False)
+    return Program("gsa_output_pass_exact", views.all(), b.body).verify()
+
+
+output_pass_exact.template = "output_pass"
+
+
 class OutputViews:
     """The views of a program that writes o (the output pass; programs_fused.fused_pass)."""
 
@@ -153,10 +168,12 @@ class OutputViews:
         return [self.q, self.k, self.v, self.s, self.gc, self.o, self.aqk, self.loff, self.pd, self.attd]
 
 
-def chunk_output(b: Builder, spec: Spec, views: OutputViews, gates: ChunkGates, x, a, hv_tile, v_range=("0", "V")):
+def chunk_output(b: Builder, spec: Spec, views: OutputViews, gates: ChunkGates, x, a, hv_tile, v_range=("0", "V"),
+                 factored=True, exact=None):
     """o for the chunk at t0 from x = q Hk_c [BT, BM] and a = q k^T [BT, BT], in the form the chunk's gates
     allow (see output_pass), for o's columns in v_range; hv_tile() gives Hv_c's columns v0:v0+BV [BM, BV]
-    inside the loop over them."""
+    inside the loop over them. factored=False: nothing where the gates factor; `exact`: what to do instead of
+    the exact form where they do not."""
     aqk, loff, pd, attd, s_view, gc_view = views.aqk, views.loff, views.pd, views.attd, views.s, views.gc
 
     def write_output(probs, att):
@@ -191,7 +208,7 @@ def chunk_output(b: Builder, spec: Spec, views: OutputViews, gates: ChunkGates, 
         probs = softmax_slots(b, logits, ALL_CHUNK_ROWS)
         write_output(probs, factored.attention("att_all", probs, up, s_down))
 
-    per_chunk_form(b, spec, gates, factored_form, exact_form)
+    per_chunk_form(b, spec, gates, factored_form if factored else None, exact or exact_form)
 
 
 def _segment_scan(spec: Spec, reverse: bool) -> Program:

@@ -10,11 +10,15 @@ from gsa_compile import chunk_gsa, codegen, overrides
 KERNEL = codegen.kernel  # (each run wraps the original)
 
 
-def _inputs(seed, B, T, HQ, H, K, V, M, layout):
+def _inputs(seed, B, T, HQ, H, K, V, M, layout, strong=False):
+    """strong: gates of -120 (floored to spec.GATE_FLOOR, -40) at tokens 18-21, so that chunk 1 (of 16 rows)
+    takes the exact form (a spread of 4 * 40 log2(e) > blocks.FACTOR_SPREAD_MAX), the others not."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     g = {"slot": lambda: F.logsigmoid(r(B, T, H, M)) / 4, "head": lambda: F.logsigmoid(r(B, T, H)) / 4,
          "decay_slot": lambda: -torch.rand(H, M, generator=gen) / 4}[layout]()
+    if strong:
+        g[:, 18:22] = -120.0
     xs = [r(B, T, HQ, K), r(B, T, H, K), r(B, T, H, V), torch.rand(B, T, H, M, generator=gen), g]
     return [x.requires_grad_() for x in xs]
 
@@ -31,23 +35,24 @@ def _run(xs, fused, monkeypatch, states=None, **kwargs):
     return [o, hk, hv, *torch.autograd.grad(loss, leaves)], launched
 
 
-@pytest.mark.parametrize("layout, varlen, initial, factored, V", [
-    ("slot", False, False, "1", 20), ("slot", True, True, "1", 40), ("head", False, True, "0", 40),
-    ("decay_slot", True, False, "0", 20),
+@pytest.mark.parametrize("layout, varlen, initial, factored, V, strong", [
+    ("slot", False, False, "1", 20, False), ("slot", True, True, "1", 40, True), ("head", False, True, "1", 40, True),
+    ("head", False, False, "0", 20, False), ("decay_slot", True, False, "0", 20, False),
 ])
-def test_fused_forward_is_bitwise_the_three_passes(layout, varlen, initial, factored, V, monkeypatch):
-    """V = 40 in tiles of 16: three programs per head, each with its columns of Hv and o (the last partial)."""
+def test_fused_forward_is_bitwise_the_three_passes(layout, varlen, initial, factored, V, strong, monkeypatch):
+    """V = 40 in tiles of 16: three programs per head, each with its columns of Hv and o (the last partial).
+    strong: one chunk's gates do not factor (its o from output_pass_exact); factored "0": no chunk's do."""
     monkeypatch.setenv(overrides.FACTORED_ENV, factored)  # "0": every chunk in the exact form
     monkeypatch.setenv(overrides.FORWARD_CONFIG_ENV, "16,32,16,4,2")
     seed = torch.seed() % 2**31
     B, T, H, K, M = (1, 45, 2, 24, 8) if varlen else (2, 37, 2, 24, 8)
-    xs = _inputs(seed, B, T, H, H, K, V, M, layout)
+    xs = _inputs(seed, B, T, H, H, K, V, M, layout, strong)
     kwargs = dict(cu_seqlens=torch.tensor([0, 13, 45])) if varlen else {}
     N = 2 if varlen else B
     states = tuple(torch.randn(N, H, *shape).requires_grad_() for shape in ((K, M), (M, V))) if initial else None
     plain, launched_plain = _run(xs, False, monkeypatch, states, **kwargs)
     fused, launched_fused = _run(xs, True, monkeypatch, states, **kwargs)
-    assert "fused_pass" in launched_fused and "output_pass" not in launched_fused
+    assert launched_fused[:3] == ["gate_pass", "fused_pass", "output_pass_exact"]
     assert "fused_pass" not in launched_plain
     for i, (a, b) in enumerate(zip(fused, plain)):
         assert torch.equal(a, b), f"output {i} differs (seed {seed})"

@@ -67,7 +67,7 @@ def test_every_program_verifies(layout):
                 programs.segment_scan_reverse, programs_backward.slot_backward, programs_backward.state_backward,
                 programs_backward.key_backward, programs_backward.gate_backward, programs_backward.gate_backward_later,
                 programs_decode.decode_step, programs_decode.decode_keys, programs_decode.decode_values,
-                programs_fused.fused_pass)
+                programs_fused.fused_pass, programs.output_pass_exact)
     for chunk, init, varlen, factored, states, subchunk, group in itertools.product(
             [16, 32, 64, 128], [False, True], [False, True], [True, False], [True, False], ["sweep", "pairwise"],
             [1, 2]):
