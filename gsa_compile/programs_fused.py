@@ -11,8 +11,8 @@ pass, then q, k, v, s, gc, w read once and o written): bench/NOTES.md, session 2
 products, as the bf16 chunk states are), so with one K tile the outputs do too, bit for bit
 (tests/test_fused.py). The rare chunks whose gates do not factor (blocks.FactoredChunk) are not done here:
 the program stores their start states, and programs.output_pass_exact writes their o (the exact form's
-registers counted for the whole kernel: ptxas, sm_90a, K=V=128 M64 bf16, chunk 32, 8 warps: 568 B of spills
-with it inside, 60 without). The time is not measured yet.
+registers counted for the whole kernel: ptxas, sm_90a, K=V=128 M64 bf16, chunk 32, 8 warps, 1 stage: 568 B
+of spills with it inside, 208 with the stores instead). The time is not measured yet.
 """
 from __future__ import annotations
 
