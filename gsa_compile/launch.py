@@ -211,7 +211,6 @@ class Call:
         self.acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.n_chunk_rows, self.offsets, self.chunk_seq, self.chunk_idx = chunk_layout(cu_seqlens, self.B, self.T, chunk_size)
         self.segments = None  # the segment tables of a segmented state pass (segments.py), once it ran
-        self.gate_totals = None  # the gate pass's chunk totals, once it ran (a kept forward's serve its backward)
         self.gates = None  # (gc, w, gtot, s as the kernels read it) of the gate pass, once it ran
 
     def f32(self, *shape):
@@ -246,6 +245,14 @@ class Call:
         if not self.plain_tensors:
             return tuple(torch.empty(*shape, device=self.device, dtype=torch.bfloat16) for _ in range(n))
         return torch.empty(n, *shape, device=self.device, dtype=torch.bfloat16).unbind(0)
+
+    def final_states(self):
+        """Accumulator-type buffers of the per-sequence states (or their gradients): [N, H, K, M], [N, H, M, V]."""
+        return self.f32(self.N, self.H, self.K, self.M), self.f32(self.N, self.H, self.M, self.V)
+
+    def chunk_state_buffers(self):
+        """chunk_states of Hk and Hv (or their gradients): [chunk rows, H, K, M], [chunk rows, H, M, V]."""
+        return self.chunk_states((self.n_chunk_rows, self.H, self.K, self.M), (self.n_chunk_rows, self.H, self.M, self.V))
 
     def chunk_states(self, *shapes):
         """Buffers of per-chunk states (or state gradients). The kernels only use them as bf16 operands
@@ -308,23 +315,21 @@ def state_pass(call: Call, k, v, s, g, hk0, hv0, forward_segments=None, gates=No
     pass (unless `gates`, its outputs from a forward at this chunk size), then the state pass (segmented where
     segments.plan says so; a backward's recomputation with its forward's segments, `forward_segments`, takes
     their start states where their bounds fall on its chunks)."""
-    H, K, V, M = call.H, call.K, call.V, call.M
     call.gates = gc, w, gtot, s_read = gates if gates is not None else gate_pass(call, s, g)
-    call.gate_totals = gtot
-    hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, H, K, M), (call.n_chunk_rows, H, M, V))
+    hk_chunks, hv_chunks = call.chunk_state_buffers()
     plan = segments.plan(call, k, v, like=forward_segments)
     if plan is not None:  # GSA_STATE_SEGMENTS: segments of each sequence in parallel (segments.py)
         initial = (None, None) if hk0 is None else (hk0.to(call.acc_dtype), hv0.to(call.acc_dtype))
         hk_final, hv_final = segments.state_pass(plan, call, k, v, w, gtot, *initial, hk_chunks, hv_chunks)
         call.segments = plan
         return gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final
-    hk_final, hv_final = call.f32(call.N, H, K, M), call.f32(call.N, H, M, V)
+    hk_final, hv_final = call.final_states()
     cu, offsets = call.tables(hk_final)
     hk0 = hk0.to(call.acc_dtype).contiguous() if hk0 is not None else hk_final  # unused when the Spec has none
     hv0 = hv0.to(call.acc_dtype).contiguous() if hv0 is not None else hv_final
     call.run(programs.state_pass, call.tile_grid(),
              k, v, w, gtot, hk_chunks, hv_chunks, hk0, hv0, hk_final, hv_final, cu, offsets,
-             call.T, H, *_strides(k), *_strides(v))
+             call.T, call.H, *_strides(k), *_strides(v))
     return gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final
 
 
@@ -343,14 +348,13 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     o = torch.empty(call.B, call.T, call.HQ, call.V, device=q.device, dtype=q.dtype)
     loff, pd = call.f32s(2, call.B, call.T, call.HQ, call.M)  # the exact form's scratch rows
     aqk, attd = call.f32s(2, call.B, call.T, call.HQ, call.spec.chunk_size)
+    cu, offsets = call.tables(o)
     if not keep_states and programs_fused.eligible(call.spec) and fused_forward_requested():
         gc, w, gtot, s_read = call.gates = gate_pass(call, s, g)
-        hk_final, hv_final = call.f32(call.N, call.H, call.K, call.M), call.f32(call.N, call.H, call.M, call.V)
+        hk_final, hv_final = call.final_states()
         initial = (hk_final, hv_final) if hk0 is None else (hk0.to(call.acc_dtype).contiguous(),
                                                              hv0.to(call.acc_dtype).contiguous())
-        hk_chunks, hv_chunks = call.chunk_states((call.n_chunk_rows, call.H, call.K, call.M),
-                                                 (call.n_chunk_rows, call.H, call.M, call.V))  # (rarely written)
-        cu, offsets = call.tables(hk_final)
+        hk_chunks, hv_chunks = call.chunk_state_buffers()  # (written only for the chunks that do not factor)
         grid = (call.N * call.H * cdiv(call.V, call.consts["fused_pass"]["BV"]),)
         call.run(programs_fused.fused_pass, grid, q, k, v, s_read, gc, w, gtot, *initial, hk_final, hv_final,
                  hk_chunks, hv_chunks, o, cu, offsets, call.T, call.H, call.HQ, scale * LOG2E,
@@ -358,7 +362,6 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
         output = programs.output_pass_exact  # the chunks that do not factor
     else:
         gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
-        cu, offsets = call.tables(hk_final)
         output = programs.output_pass
     grid, chunk_seq, chunk_idx = call.chunk_grid(call.HQ, hk_final)
     call.run(output, grid,
@@ -366,7 +369,7 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
              call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
     if keep_states:  # the backward's Call with the states, where it runs at this chunk size (else none kept)
         backward = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key, mod_params)
-        kept = (backward, call.gate_totals, gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)
+        kept = (backward, call.gates[2], gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)
         return o, hk_final, hv_final, kept if backward.spec.chunk_size == call.spec.chunk_size else None
     if keep_segments:
         backward = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key, mod_params)
@@ -426,7 +429,7 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
         call = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, config, wrap, mods_key, mod_params,
                              slot_warps)
         gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
-    B, T, HQ, H, K, V, M, N = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M, call.N
+    B, T, HQ, H, K, V, M = call.B, call.T, call.HQ, call.H, call.K, call.V, call.M
     cu, offsets = call.tables(hk_final)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     x, dsi, loff, dpoff, dsd = call.f32s(5, B, T, HQ, M)
@@ -444,7 +447,7 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
              *_strides(do), **terms)
 
     dhk_chunks, dhv_chunks = torch.empty_like(hk_chunks), torch.empty_like(hv_chunks)
-    dhk0, dhv0 = call.f32(N, H, K, M), call.f32(N, H, M, V)
+    dhk0, dhv0 = call.final_states()
     given = dhk_final is not None, dhv_final is not None  # autograd passes None for an unused final state
     dhk_final = dhk_final.to(call.acc_dtype).contiguous() if given[0] else call.read_only_zeros(*hk_final.shape)
     dhv_final = dhv_final.to(call.acc_dtype).contiguous() if given[1] else call.read_only_zeros(*hv_final.shape)

@@ -131,25 +131,24 @@ def output_pass(spec: Spec) -> Program:
          over the sub-chunk's rows, or pairwise: spec.subchunk, blocks.SubChunk);
       C. att = those blocks + the off-diagonal blocks.
     Both end in o = (p 2^b) Hv_c + att v per V tile."""
-    b = Builder()
-    views = OutputViews(spec)
-    gates = ChunkGates(b, views.s, views.gc)
-    x, a = chunk_products(b, "l_", views.q, views.k, chunk_state("hk"), "K", "BK")
-    chunk_output(b, spec, views, gates, x, a,
-                 lambda: b.load("hv_tile", chunk_state("hv"), "0", "M", ("BM", "BV"), col0="v0"))
-    return Program("gsa_output_pass", views.all(), b.body).verify()
+    return _per_chunk_output(spec, "gsa_output_pass", factored=True)
 
 
 def output_pass_exact(spec: Spec) -> Program:
     """The output pass for the chunks whose gates do not factor only (its other programs end after the test):
     o there after the fused forward (programs_fused), which stores those chunks' states instead."""
+    return _per_chunk_output(spec, "gsa_output_pass_exact", factored=False)
+
+
+def _per_chunk_output(spec: Spec, name: str, factored: bool) -> Program:
+    """A program per (chunk, query head) reading the chunk states: x and a over K tiles, then chunk_output."""
     b = Builder()
     views = OutputViews(spec)
     gates = ChunkGates(b, views.s, views.gc)
     x, a = chunk_products(b, "l_", views.q, views.k, chunk_state("hk"), "K", "BK")
     chunk_output(b, spec, views, gates, x, a,
-                 lambda: b.load("hv_tile", chunk_state("hv"), "0", "M", ("BM", "BV"), col0="v0"), factored=False)
-    return Program("gsa_output_pass_exact", views.all(), b.body).verify()
+                 lambda: b.load("hv_tile", chunk_state("hv"), "0", "M", ("BM", "BV"), col0="v0"), factored=factored)
+    return Program(name, views.all(), b.body).verify()
 
 
 output_pass_exact.template = "output_pass"

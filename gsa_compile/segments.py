@@ -17,7 +17,7 @@ whose "sequences" are the segments:
 The backward's recomputation, handed its forward's Plan (with the start states of step 2), runs step 3 only
 where the forward's segment bounds fall on its chunks (the forward's chunk size a multiple of its own).
 The state backward (programs_backward.state_backward) is the same in reverse: local gradients D_j from
-zero (no chunk gradients stored; up to chunk 32 two chunks a step: state_backward's local_walk), then
+zero (no chunk gradients stored; up to chunk 32 two chunks a step: state_backward's paired_walk), then
 end_{S-1} = dH_final, end_{j-1} = A_j (.) end_j + D_j (programs.segment_scan_reverse), then the pass again.
 (Until session 9 the scan was ~25 torch operations in float64, which cost ~1.3 ms of host time per forward on
 the H200 machine: bench/NOTES.md "Session 9".)
