@@ -327,15 +327,14 @@ FACTOR_SPREAD_MAX = 128.0
 
 def per_chunk_form(b: Builder, spec, gates: "ChunkGates", factored_form, exact_form):
     """Emit the intra-chunk terms of a program in the form each chunk allows: `factored_form(FactoredChunk)`
-    where the chunk's gates factor (none where factored_form is None) and `exact_form()` elsewhere, or
-    `exact_form()` for every chunk where spec.factored is False (GSA_FACTORED=0)."""
+    where the chunk's gates factor and `exact_form()` elsewhere, or `exact_form()` for every chunk where
+    spec.factored is False (GSA_FACTORED=0)."""
     if not spec.factored:
         exact_form()
         return
     chunk = FactoredChunk(b, gates)
-    if factored_form is not None:
-        with b.when(chunk.condition):
-            factored_form(chunk)
+    with b.when(chunk.condition):
+        factored_form(chunk)
     with b.when(chunk.otherwise):
         exact_form()
 

@@ -11,9 +11,9 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import codegen, mods, programs, programs_backward, programs_fused, segments
+from . import codegen, mods, programs, programs_backward, segments
 from .gate_gradient import gate_backward
-from .overrides import (backward_override, call_environment, factored_form, forward_override, fused_forward_requested,
+from .overrides import (backward_override, call_environment, factored_form, forward_override,
                         maxnreg_override, subchunk_form, warps_override)
 from .spec import GateLayout, Spec, TileConfig, cdiv
 
@@ -98,8 +98,6 @@ def kernel_constants(spec: Spec, config: TileConfig, slot_bc: int = SLOT_BACKWAR
         "gate_pass": dict(M=spec.M, BT=spec.chunk_size, BM=spec.BM),
         "state_pass": dict(NK=cdiv(spec.K, BK), **common),
         "output_pass": per_chunk,
-        "output_pass_exact": per_chunk,
-        "fused_pass": dict(per_chunk, BK=spec.kv_tile(spec.K, programs_fused.FUSED_MAX_DIM)),  # (BV: the config's)
         "slot_backward": dict(per_chunk, BC=min(slot_bc, spec.chunk_size)),
         "state_backward": dict(G=spec.group, NK=cdiv(spec.K, BK), **common),
         "key_backward": per_chunk,
@@ -349,22 +347,9 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     loff, pd = call.f32s(2, call.B, call.T, call.HQ, call.M)  # the exact form's scratch rows
     aqk, attd = call.f32s(2, call.B, call.T, call.HQ, call.spec.chunk_size)
     cu, offsets = call.tables(o)
-    if not keep_states and programs_fused.eligible(call.spec) and fused_forward_requested():
-        gc, w, gtot, s_read = call.gates = gate_pass(call, s, g)
-        hk_final, hv_final = call.final_states()
-        initial = (hk_final, hv_final) if hk0 is None else (hk0.to(call.acc_dtype).contiguous(),
-                                                             hv0.to(call.acc_dtype).contiguous())
-        hk_chunks, hv_chunks = call.chunk_state_buffers()  # (written only for the chunks that do not factor)
-        grid = (call.N * call.H * cdiv(call.V, call.consts["fused_pass"]["BV"]),)
-        call.run(programs_fused.fused_pass, grid, q, k, v, s_read, gc, w, gtot, *initial, hk_final, hv_final,
-                 hk_chunks, hv_chunks, o, cu, offsets, call.T, call.H, call.HQ, scale * LOG2E,
-                 *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
-        output = programs.output_pass_exact  # the chunks that do not factor
-    else:
-        gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
-        output = programs.output_pass
+    gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final = state_pass(call, k, v, s, g, hk0, hv0)
     grid, chunk_seq, chunk_idx = call.chunk_grid(call.HQ, hk_final)
-    call.run(output, grid,
+    call.run(programs.output_pass, grid,
              q, k, v, s_read, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
              call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
     if keep_states:  # the backward's Call with the states, where it runs at this chunk size (else none kept)

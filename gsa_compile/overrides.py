@@ -41,7 +41,7 @@ def _env_ints(name: str, fields: str):
 # ~260 bytes per thread). An experiment's knob for eager calls, like the two above.
 MAXNREG_ENV = "GSA_MAXNREG"
 PROGRAM_NAMES = tuple(b.__name__ for b in programs.FORWARD_PROGRAMS + programs_backward.BACKWARD_PROGRAMS
-                      + programs_backward.GATE_BACKWARD_PROGRAMS) + ("fused_pass", "output_pass_exact")
+                      + programs_backward.GATE_BACKWARD_PROGRAMS)
 
 
 def _program_items(name: str, allowed) -> dict:
@@ -111,15 +111,6 @@ def subchunk_form(device) -> str:
     if value:
         raise ValueError(f"{SUBCHUNK_ENV}={value!r}: expected one of {SUBCHUNK_FORMS}")
     return "sweep" if device.type == "cuda" else "pairwise"
-
-
-# GSA_FUSED_FORWARD=1 runs the forward as the gate pass and programs_fused.fused_pass where it is eligible (K, V <= 128,
-# no GQA, no mods; opt-in until timed on the GPU), for eager calls and the op alike.
-FUSED_ENV = "GSA_FUSED_FORWARD"
-
-
-def fused_forward_requested() -> bool:
-    return os.environ.get(FUSED_ENV, "").strip() == "1"
 
 
 # GSA_FACTORED=0 turns the output pass's factored form off (spec.Spec.factored): every chunk then runs the exact

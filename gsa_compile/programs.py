@@ -131,56 +131,19 @@ def output_pass(spec: Spec) -> Program:
          over the sub-chunk's rows, or pairwise: spec.subchunk, blocks.SubChunk);
       C. att = those blocks + the off-diagonal blocks.
     Both end in o = (p 2^b) Hv_c + att v per V tile."""
-    return _per_chunk_output(spec, "gsa_output_pass", factored=True)
-
-
-def output_pass_exact(spec: Spec) -> Program:
-    """The output pass for the chunks whose gates do not factor only (its other programs end after the test):
-    o there after the fused forward (programs_fused), which stores those chunks' states instead."""
-    return _per_chunk_output(spec, "gsa_output_pass_exact", factored=False)
-
-
-def _per_chunk_output(spec: Spec, name: str, factored: bool) -> Program:
-    """A program per (chunk, query head) reading the chunk states: x and a over K tiles, then chunk_output."""
     b = Builder()
-    views = OutputViews(spec)
-    gates = ChunkGates(b, views.s, views.gc)
-    x, a = chunk_products(b, "l_", views.q, views.k, chunk_state("hk"), "K", "BK")
-    chunk_output(b, spec, views, gates, x, a,
-                 lambda: b.load("hv_tile", chunk_state("hv"), "0", "M", ("BM", "BV"), col0="v0"), factored=factored)
-    return Program(name, views.all(), b.body).verify()
-
-
-output_pass_exact.template = "output_pass"
-
-
-class OutputViews:
-    """The views of a program that writes o (the output pass; programs_fused.fused_pass)."""
-
-    def __init__(self, spec: Spec):
-        self.q, self.k, self.v, self.o = (seq_view(n, c) for n, c in (("q", "K"), ("k", "K"), ("v", "V"), ("o", "V")))
-        self.s, self.gc = input_view(spec, "s", "M"), seq_view("gc", "M")
-        self.aqk, self.loff, self.pd, self.attd = (scratch_view(n, c) for n, c in (
-            ("aqk", "BT"), ("loff", "M"), ("pd", "M"), ("attd", "BT")))
-
-    def all(self):
-        return [self.q, self.k, self.v, self.s, self.gc, self.o, self.aqk, self.loff, self.pd, self.attd]
-
-
-def chunk_output(b: Builder, spec: Spec, views: OutputViews, gates: ChunkGates, x, a, hv_tile, v_range=("0", "V"),
-                 factored=True, exact=None):
-    """o for the chunk at t0 from x = q Hk_c [BT, BM] and a = q k^T [BT, BT], in the form the chunk's gates
-    allow (see output_pass), for o's columns in v_range; hv_tile() gives Hv_c's columns v0:v0+BV [BM, BV]
-    inside the loop over them. factored=False: nothing where the gates factor; `exact`: what to do instead of
-    the exact form where they do not."""
-    aqk, loff, pd, attd, s_view, gc_view = views.aqk, views.loff, views.pd, views.attd, views.s, views.gc
+    q, k, v, o = seq_view("q", "K"), seq_view("k", "K"), seq_view("v", "V"), seq_view("o", "V")
+    s_view, gc_view = input_view(spec, "s", "M"), seq_view("gc", "M")
+    aqk, loff, pd, attd = (scratch_view(n, c) for n, c in (("aqk", "BT"), ("loff", "M"), ("pd", "M"), ("attd", "BT")))
+    gates = ChunkGates(b, s_view, gc_view)
+    x, a = chunk_products(b, "l_", q, k, chunk_state("hk"), "K", "BK")
 
     def write_output(probs, att):
         weights = b.map("pw_c", "{0} * tl.exp2({1})", probs, gates.gc)
-        with b.loop("v0", *v_range, step="BV"):
-            out = b.dot("o_c", weights, hv_tile())
-            out = b.dot("o_c", att, chunk_rows(b, "v_c", views.v, "BV", "v0", "in"), acc=out)
-            b.store(views.o, out, "t0", "eos", col0="v0")
+        with b.loop("v0", "0", "V", step="BV"):
+            out = b.dot("o_c", weights, b.load("hv_tile", chunk_state("hv"), "0", "M", ("BM", "BV"), col0="v0"))
+            out = b.dot("o_c", att, chunk_rows(b, "v_c", v, "BV", "v0", "in"), acc=out)
+            b.store(o, out, "t0", "eos", col0="v0")
 
     def exact_form():
         logits = b.map("l_off", "{0} * tl.exp2({1})", x, gates.gc)
@@ -207,7 +170,8 @@ def chunk_output(b: Builder, spec: Spec, views: OutputViews, gates: ChunkGates, 
         probs = softmax_slots(b, logits, ALL_CHUNK_ROWS)
         write_output(probs, factored.attention("att_all", probs, up, s_down))
 
-    per_chunk_form(b, spec, gates, factored_form if factored else None, exact or exact_form)
+    per_chunk_form(b, spec, gates, factored_form, exact_form)
+    return Program("gsa_output_pass", [q, k, v, s_view, gc_view, o, aqk, loff, pd, attd], b.body).verify()
 
 
 def _segment_scan(spec: Spec, reverse: bool) -> Program:

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from gsa_compile import ir, programs, programs_backward, programs_decode, programs_fused
+from gsa_compile import ir, programs, programs_backward, programs_decode
 from gsa_compile.spec import GateLayout, Spec
 
 ROWS = ir.View("x_base", "stride_xt", "BM")
@@ -66,8 +66,7 @@ def test_every_program_verifies(layout):
     builders = (programs.gate_pass, programs.state_pass, programs.output_pass, programs.segment_scan,
                 programs.segment_scan_reverse, programs_backward.slot_backward, programs_backward.state_backward,
                 programs_backward.key_backward, programs_backward.gate_backward, programs_backward.gate_backward_later,
-                programs_decode.decode_step, programs_decode.decode_keys, programs_decode.decode_values,
-                programs_fused.fused_pass, programs.output_pass_exact)
+                programs_decode.decode_step, programs_decode.decode_keys, programs_decode.decode_values)
     for chunk, init, varlen, factored, states, subchunk, group in itertools.product(
             [16, 32, 64, 128], [False, True], [False, True], [True, False], [True, False], ["sweep", "pairwise"],
             [1, 2]):
