@@ -432,14 +432,14 @@ def backward(do, dhk_final, dhv_final, q, k, v, s, g, scale: float, hk0, hv0, cu
              *_strides(do), **terms)
 
     dhk_chunks, dhv_chunks = torch.empty_like(hk_chunks), torch.empty_like(hv_chunks)
-    dhk0, dhv0 = call.final_states()
     given = dhk_final is not None, dhv_final is not None  # autograd passes None for an unused final state
     dhk_final = dhk_final.to(call.acc_dtype).contiguous() if given[0] else call.read_only_zeros(*hk_final.shape)
     dhv_final = dhv_final.to(call.acc_dtype).contiguous() if given[1] else call.read_only_zeros(*hv_final.shape)
     if call.segments is not None and segments.packable(call, (q, do)):  # the recomputed forward's segments
-        segments.state_backward(call.segments, call, q, do, gc, p, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final,
-                                dhk0, dhv0, scale)
+        dhk0, dhv0 = segments.state_backward(call.segments, call, q, do, gc, p, dl, dhk_chunks, dhv_chunks,
+                                             dhk_final, dhv_final, scale)
     else:
+        dhk0, dhv0 = call.final_states()
         call.run(programs_backward.state_backward, call.tile_grid(),
                  q, do, gc, p, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final, dhk0, dhv0, cu, offsets,
                  T, H, HQ, scale, *_strides(q), *_strides(do))

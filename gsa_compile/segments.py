@@ -220,9 +220,10 @@ def state_pass(p: Plan, call, k, v, w, gtot, hk0, hv0, hk_chunks, hv_chunks):
     return tuple(x.view(N, S, *x.shape[1:])[:, -1].contiguous() for x in (hk_seg, hv_seg))
 
 
-def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final, dhk0, dhv0,
-                   scale):
-    """launch's state backward in three phases (reverse scan): fills the chunk gradients and dhk0, dhv0."""
+def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final, scale):
+    """launch's state backward in three phases (reverse scan): fills the chunk gradients and returns the initial
+    states' gradients, the first segment's start gradients (for one sequence a view of them: no copy kernels,
+    two launches fewer per backward, as the forward's final states)."""
     from .launch import _strides
 
     N, S, H = call.N, p.S, call.H
@@ -237,6 +238,5 @@ def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, d
     d_end = scan(call, p, d_seg, (dhk_final, dhv_final), reverse=True)
     call.run(programs_backward.state_backward, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, *d_end, *d_seg, p.cu,
              p.boc, *tail, spec=spec)
-    dhk0.copy_(d_seg[0].view(N, S, *d_seg[0].shape[1:])[:, 0])
-    dhv0.copy_(d_seg[1].view(N, S, *d_seg[1].shape[1:])[:, 0])
+    return tuple(x.view(N, S, *x.shape[1:])[:, 0].contiguous() for x in d_seg)
 
