@@ -237,7 +237,9 @@ SWEEP_SHAPE = (1, 4, 512, 64)  # B, H, K = V, M
 
 
 def sweep(device, lengths=SWEEP_LENGTHS):
-    """Forward and forward+backward times against T: ours, fla's and causal SDPA's (same width)."""
+    """Forward and forward+backward times against T: ours, fla's and causal SDPA's (same width), each as an
+    eager call (do_bench: the host's launch path included) and replayed from a CUDA graph (`*_graph_ms`: the
+    kernels alone, where the eager call is host bound); fla's graph replays last (see time_shapes)."""
     from . import chunk_gsa
     fla = fla_chunk_gsa()
     B, H, D, M = SWEEP_SHAPE
@@ -253,6 +255,10 @@ def sweep(device, lengths=SWEEP_LENGTHS):
         for name, (fn, args, grad) in runs.items():
             row[f"{name}_fwd_ms"] = bench(fn)
             row[f"{name}_fwdbwd_ms"] = bench(_fwd_bwd(fn, args, grad))
+        for name in sorted(runs, key=lambda n: n == "fla"):
+            fn, args, grad = runs[name]
+            row[f"{name}_fwd_graph_ms"] = bench_graph(fn)
+            row[f"{name}_fwdbwd_graph_ms"] = bench_graph(_fwd_bwd(fn, args, grad))
         print(json.dumps(row), flush=True)
         rows.append(row)
         inputs = do = runs = None  # this length's tensors freed before the next length's
@@ -261,16 +267,22 @@ def sweep(device, lengths=SWEEP_LENGTHS):
 
 
 def plot_sweep(rows, path):
-    """Time against T (log-log), forward and forward+backward side by side, as a PNG."""
+    """Time against T (log-log), forward and forward+backward side by side, as a PNG: eager calls solid, CUDA
+    graph replays (where timed) dashed in the same colour."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, kind, title in zip(axes, ("fwd", "fwdbwd"), ("forward", "forward + backward")):
         for name in ("ours", "fla", "sdpa"):
+            label = {"ours": "gsa_compile", "sdpa": "SDPA causal"}.get(name, name)
             points = [(r["T"], r[f"{name}_{kind}_ms"]) for r in rows if f"{name}_{kind}_ms" in r]
             if points:
-                ax.plot(*zip(*points), marker="o", label={"ours": "gsa_compile", "sdpa": "SDPA causal"}.get(name, name))
+                line, = ax.plot(*zip(*points), marker="o", label=label + " (eager)")
+                replays = [(r["T"], r[f"{name}_{kind}_graph_ms"]) for r in rows if r.get(f"{name}_{kind}_graph_ms")]
+                if replays:
+                    ax.plot(*zip(*replays), marker="x", linestyle="--", color=line.get_color(),
+                            label=label + " (CUDA graph)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("T (tokens)")
@@ -363,11 +375,12 @@ def print_table(result):
               f"{'fla f+b':>9} {'x':>5}")
         for r in result["timing"]:
             print(f"{_row_label(r)} | {_ours_vs_fla(r, '{n}_{kind}_graph_ms')}")
-    if result.get("sweep"):
-        print(f"{'T':>6} | " + " ".join(f"{n + ' ' + k:>12}" for n in ("ours", "fla", "sdpa") for k in ("fwd", "f+b")))
+    for suffix, title in (("", "eager"), ("_graph", "CUDA graph replay")) if result.get("sweep") else ():
+        print(f"{'T (' + title + ')':>24} | " + " ".join(f"{n + ' ' + k:>12}" for n in ("ours", "fla", "sdpa")
+                                                      for k in ("fwd", "f+b")))
         for r in result["sweep"]:
-            print(f"{r['T']:>6} | " + " ".join(f"{r.get(f'{n}_{k}_ms', float('nan')):12.3f}"
-                                            for n in ("ours", "fla", "sdpa") for k in ("fwd", "fwdbwd")))
+            print(f"{r['T']:>24} | " + " ".join(f"{r.get(f'{n}_{k}{suffix}_ms') or float('nan'):12.3f}"
+                                              for n in ("ours", "fla", "sdpa") for k in ("fwd", "fwdbwd")))
     return not bad and result["compile"]["ok"]
 
 
