@@ -216,11 +216,15 @@ class Call:
         return torch.empty(*shape, device=self.device, dtype=self.acc_dtype)
 
     def f32s(self, n: int, *shape):
-        """n accumulator-precision buffers of `shape`: one allocation for an eager call (n contiguous views; host
-        time), n in a trace (whose kernels' mutations are tracked per tensor)."""
+        """n accumulator-precision buffers of `shape` (see `buffers`)."""
+        return self.buffers(n, shape, self.acc_dtype)
+
+    def buffers(self, n: int, shape, dtype):
+        """n buffers of `shape` and `dtype`: one allocation for an eager call (n contiguous views; host time), n
+        in a trace (whose kernels' mutations are tracked per tensor)."""
         if not self.plain_tensors:
-            return tuple(self.f32(*shape) for _ in range(n))
-        return torch.empty(n, *shape, device=self.device, dtype=self.acc_dtype).unbind(0)
+            return tuple(torch.empty(*shape, device=self.device, dtype=dtype) for _ in range(n))
+        return torch.empty(n, *shape, device=self.device, dtype=dtype).unbind(0)
 
     def read_only_zeros(self, *shape):
         """Zeros in the accumulator type that the kernels only read (an absent final-state gradient). Eager calls
@@ -238,11 +242,7 @@ class Call:
         """n buffers of rows that the kernels that read them use only as tensor-core operands (the slot backward's
         p and dl weights for the state backward, its attention matrices for the key backward): bf16 when the
         inputs are bf16, as the products would round them (half the bytes, session 21), else `f32s`."""
-        if self.spec.dtype != "bfloat16":
-            return self.f32s(n, *shape)
-        if not self.plain_tensors:
-            return tuple(torch.empty(*shape, device=self.device, dtype=torch.bfloat16) for _ in range(n))
-        return torch.empty(n, *shape, device=self.device, dtype=torch.bfloat16).unbind(0)
+        return self.buffers(n, shape, torch.bfloat16 if self.spec.dtype == "bfloat16" else self.acc_dtype)
 
     def final_states(self):
         """Accumulator-type buffers of the per-sequence states (or their gradients): [N, H, K, M], [N, H, M, V]."""
@@ -352,15 +352,14 @@ def forward(q, k, v, s, g, scale: float, hk0, hv0, cu_seqlens, chunk_size: int, 
     call.run(programs.output_pass, grid,
              q, k, v, s_read, gc, hk_chunks, hv_chunks, o, aqk, loff, pd, attd, cu, offsets, chunk_seq, chunk_idx,
              call.T, call.H, call.HQ, scale * LOG2E, *_strides(q), *_strides(k), *_strides(v), *_strides(s_read))
+    if not (keep_states or keep_segments):
+        return o, hk_final, hv_final
+    backward = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key, mod_params)
+    same_chunks = backward.spec.chunk_size == call.spec.chunk_size
     if keep_states:  # the backward's Call with the states, where it runs at this chunk size (else none kept)
-        backward = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key, mod_params)
         kept = (backward, call.gates[2], gc, s_read, hk_chunks, hv_chunks, hk_final, hv_final)
-        return o, hk_final, hv_final, kept if backward.spec.chunk_size == call.spec.chunk_size else None
-    if keep_segments:
-        backward = backward_call(q, k, v, s, hk0, cu_seqlens, chunk_size, layout, None, wrap, mods_key, mod_params)
-        gates = call.gates if backward.spec.chunk_size == call.spec.chunk_size else None
-        return o, hk_final, hv_final, ForwardRecord(backward, call.segments, gates)
-    return o, hk_final, hv_final
+        return o, hk_final, hv_final, kept if same_chunks else None
+    return o, hk_final, hv_final, ForwardRecord(backward, call.segments, call.gates if same_chunks else None)
 
 
 class ForwardRecord(NamedTuple):

@@ -217,7 +217,7 @@ def state_pass(p: Plan, call, k, v, w, gtot, hk0, hv0, hk_chunks, hv_chunks):
         p.starts = scan(call, p, (hk_seg, hv_seg), None if hk0 is None else (hk0, hv0), reverse=False)
     call.run(programs.state_pass, grid, k, v, w, gtot, hk_chunks, hv_chunks, *p.starts, hk_seg, hv_seg, p.cu,
              p.boc, call.T, H, *strides, spec=segmented.replaced(initial_state=True))
-    return tuple(x.view(N, S, *x.shape[1:])[:, -1].contiguous() for x in (hk_seg, hv_seg))
+    return _of_each_sequence((hk_seg, hv_seg), N, S, -1)
 
 
 def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, dhk_final, dhv_final, scale):
@@ -238,5 +238,11 @@ def state_backward(p: Plan, call, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, d
     d_end = scan(call, p, d_seg, (dhk_final, dhv_final), reverse=True)
     call.run(programs_backward.state_backward, grid, q, do, gc, prob, dl, dhk_chunks, dhv_chunks, *d_end, *d_seg, p.cu,
              p.boc, *tail, spec=spec)
-    return tuple(x.view(N, S, *x.shape[1:])[:, 0].contiguous() for x in d_seg)
+    return _of_each_sequence(d_seg, N, S, 0)
+
+
+def _of_each_sequence(states, N: int, S: int, segment: int):
+    """Segment `segment` of each sequence's states [N * S, ...] -> [N, ...]: a view for one sequence (no copy
+    kernel), else a contiguous copy."""
+    return tuple(x.view(N, S, *x.shape[1:])[:, segment].contiguous() for x in states)
 
